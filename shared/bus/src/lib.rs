@@ -1,0 +1,74 @@
+//! The Millrace bus: JetStream plumbing shared by every service.
+//!
+//! - [`topology`]: the declarative stream/consumer layout, provisioned idempotently.
+//! - [`publisher`]: deduplicating publishes (`Nats-Msg-Id = <request_id>/<stage>`) whose PubAcks
+//!   are pipelined through a bounded window.
+//! - [`consumer`]: a durable pull consumer feeding a bounded worker pool, acking after the effect.
+//! - [`dlq`]: dead-lettering of poison messages and of max-deliveries advisories.
+//! - [`trace`]: W3C trace context in message headers.
+
+pub mod consumer;
+pub mod dlq;
+pub mod metrics;
+pub mod publisher;
+pub mod settings;
+pub mod topology;
+pub mod trace;
+
+use std::time::Duration;
+
+pub use consumer::{Delivery, Handler, StageConsumer, StageError};
+pub use publisher::{Publisher, Published};
+pub use settings::BusSettings;
+pub use topology::{Edge, Topology};
+
+/// Errors at the bus boundary, classified by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The stream refused the message because it is at its limits (discard-new): back off.
+    #[error("stream full: {0}")]
+    StreamFull(String),
+    /// NATS cannot be reached or did not answer in time.
+    #[error("NATS unavailable: {0}")]
+    Unavailable(String),
+    /// The topology could not be provisioned (conflicting existing config, bad settings).
+    #[error("provisioning {what}: {detail}")]
+    Provision { what: String, detail: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Connects to NATS with reconnects on, returning the client.
+pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(timeout)
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("connect {url}: {e}")))
+}
+
+/// The request id inside a `Nats-Msg-Id` of the form `<request_id>/<stage>`.
+pub fn request_id_from_msg_id(msg_id: &str) -> Option<&str> {
+    msg_id.rsplit_once('/').map(|(rid, _)| rid).filter(|rid| !rid.is_empty())
+}
+
+/// The dedup id of a stage's output for a request.
+pub fn msg_id(request_id: &str, stage: &str) -> String {
+    format!("{request_id}/{stage}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msg_id_round_trips_request_id() {
+        let id = msg_id("0190-abc", "ingest");
+        assert_eq!(id, "0190-abc/ingest");
+        assert_eq!(request_id_from_msg_id(&id), Some("0190-abc"));
+        assert_eq!(request_id_from_msg_id("no-stage"), None);
+        assert_eq!(request_id_from_msg_id("/stage"), None);
+    }
+}

@@ -1,0 +1,258 @@
+//! The mesh's streams and durable consumers, declared once and provisioned idempotently by
+//! whichever service starts first (ARCHITECTURE.md §1).
+//!
+//! Every edge is its own stream with interest retention: a message stays until every consumer
+//! declared on it has acked, so the stream's depth is the edge's backlog and its limits
+//! (discard new) turn overload into a refusal at the publisher rather than unbounded memory.
+//! All consumers of the whole mesh are declared here, not by the service that reads them, so a
+//! message published before its reader first starts is kept, whatever the start-up order.
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+    stream::{self, DiscardPolicy, RetentionPolicy},
+};
+
+use crate::{BusError, BusSettings};
+
+/// One edge of the stage graph: a stream and the subjects it captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edge {
+    pub stream: &'static str,
+    /// Subject prefix; edges keyed by request or model append `.<token>`.
+    pub subject: &'static str,
+    /// Whether subjects carry a trailing `.<token>` (request id or model).
+    pub keyed: bool,
+}
+
+impl Edge {
+    pub const QUERIES: Edge = Edge { stream: "MR_QUERIES", subject: "mr.v1.queries", keyed: false };
+    pub const CLEAN: Edge = Edge { stream: "MR_CLEAN", subject: "mr.v1.clean", keyed: false };
+    pub const ADMITTED: Edge = Edge { stream: "MR_ADMITTED", subject: "mr.v1.admitted", keyed: false };
+    pub const PROMPTS: Edge = Edge { stream: "MR_PROMPTS", subject: "mr.v1.prompts", keyed: true };
+    pub const BATCHES: Edge = Edge { stream: "MR_BATCHES", subject: "mr.v1.batches", keyed: true };
+    pub const COMPLETIONS: Edge =
+        Edge { stream: "MR_COMPLETIONS", subject: "mr.v1.completions", keyed: false };
+    pub const RESULTS: Edge = Edge { stream: "MR_RESULTS", subject: "mr.v1.results", keyed: true };
+    pub const DLQ: Edge = Edge { stream: "MR_DLQ", subject: "mr.v1.dlq", keyed: true };
+
+    pub const ALL: [Edge; 8] = [
+        Self::QUERIES,
+        Self::CLEAN,
+        Self::ADMITTED,
+        Self::PROMPTS,
+        Self::BATCHES,
+        Self::COMPLETIONS,
+        Self::RESULTS,
+        Self::DLQ,
+    ];
+
+    /// The subject to publish on; `key` is the request id or model for keyed edges.
+    pub fn subject_for(&self, key: &str) -> String {
+        if self.keyed { format!("{}.{key}", self.subject) } else { self.subject.to_owned() }
+    }
+
+    /// The subject filter capturing the whole edge.
+    pub fn filter(&self) -> String {
+        if self.keyed { format!("{}.>", self.subject) } else { self.subject.to_owned() }
+    }
+}
+
+/// Core-NATS subjects for what needs no persistence.
+pub mod ephemeral {
+    /// Token stream of one request.
+    pub fn tokens(request_id: &str) -> String {
+        format!("mr.v1.tokens.{request_id}")
+    }
+    /// Cancellation of one request.
+    pub fn cancel(request_id: &str) -> String {
+        format!("mr.v1.cancel.{request_id}")
+    }
+    pub const CANCEL_ALL: &str = "mr.v1.cancel.*";
+}
+
+/// A durable pull consumer: `durable` is named after the consuming service (and edge where a
+/// service reads several).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    pub edge: Edge,
+    pub durable: &'static str,
+}
+
+impl ConsumerSpec {
+    pub const PREPROCESS: ConsumerSpec = ConsumerSpec { edge: Edge::QUERIES, durable: "preprocess" };
+    pub const MODERATION_INPUT: ConsumerSpec =
+        ConsumerSpec { edge: Edge::CLEAN, durable: "moderation-input" };
+    pub const SESSION: ConsumerSpec = ConsumerSpec { edge: Edge::ADMITTED, durable: "session" };
+    pub const BATCHER: ConsumerSpec = ConsumerSpec { edge: Edge::PROMPTS, durable: "batcher" };
+    pub const INFERENCE: ConsumerSpec = ConsumerSpec { edge: Edge::BATCHES, durable: "inference" };
+    pub const MODERATION_OUTPUT: ConsumerSpec =
+        ConsumerSpec { edge: Edge::COMPLETIONS, durable: "moderation-output" };
+    pub const SESSION_RESULTS: ConsumerSpec =
+        ConsumerSpec { edge: Edge::RESULTS, durable: "session-results" };
+    pub const SINK_RESULTS: ConsumerSpec = ConsumerSpec { edge: Edge::RESULTS, durable: "sink-results" };
+    pub const SINK_DLQ: ConsumerSpec = ConsumerSpec { edge: Edge::DLQ, durable: "sink-dlq" };
+
+    pub const ALL: [ConsumerSpec; 9] = [
+        Self::PREPROCESS,
+        Self::MODERATION_INPUT,
+        Self::SESSION,
+        Self::BATCHER,
+        Self::INFERENCE,
+        Self::MODERATION_OUTPUT,
+        Self::SESSION_RESULTS,
+        Self::SINK_RESULTS,
+        Self::SINK_DLQ,
+    ];
+}
+
+/// The declared layout with its limits.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub streams: Vec<stream::Config>,
+    pub consumers: Vec<(String, pull::Config)>,
+}
+
+impl Topology {
+    /// The whole mesh under the given settings.
+    pub fn mesh(settings: &BusSettings) -> Self {
+        Self::new(settings, &Edge::ALL, &ConsumerSpec::ALL)
+    }
+
+    pub fn new(settings: &BusSettings, edges: &[Edge], consumers: &[ConsumerSpec]) -> Self {
+        let streams = edges
+            .iter()
+            .map(|edge| stream::Config {
+                name: edge.stream.to_owned(),
+                subjects: vec![edge.filter()],
+                retention: RetentionPolicy::Interest,
+                discard: DiscardPolicy::New,
+                max_messages: settings.stream_max_msgs,
+                max_bytes: settings.stream_max_bytes,
+                max_age: Duration::from_secs(settings.stream_max_age_s),
+                storage: settings.storage(),
+                duplicate_window: Duration::from_secs(settings.duplicate_window_s),
+                allow_direct: true,
+                ..Default::default()
+            })
+            .collect();
+        let consumers = consumers
+            .iter()
+            .map(|spec| (spec.edge.stream.to_owned(), consumer_config(settings, spec.durable)))
+            .collect();
+        Self { streams, consumers }
+    }
+
+    /// Creates what is missing and brings what exists up to the declared config. Safe to run
+    /// concurrently from several services: a lost creation race is resolved by updating.
+    pub async fn provision(&self, js: &jetstream::Context) -> Result<(), BusError> {
+        for config in &self.streams {
+            provision_stream(js, config).await?;
+        }
+        for (stream_name, config) in &self.consumers {
+            provision_consumer(js, stream_name, config).await?;
+        }
+        Ok(())
+    }
+}
+
+fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Config {
+    // Redelivery after a missed ack backs off: ack_wait, 2×, 4×, … (one entry per delivery).
+    let backoff = (0..settings.max_deliver.clamp(1, 16))
+        .map(|i| settings.ack_wait() * 2u32.pow(i as u32))
+        .collect();
+    pull::Config {
+        durable_name: Some(durable.to_owned()),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: settings.ack_wait(),
+        max_deliver: settings.max_deliver,
+        max_ack_pending: settings.max_ack_pending,
+        backoff,
+        ..Default::default()
+    }
+}
+
+async fn provision_stream(js: &jetstream::Context, config: &stream::Config) -> Result<(), BusError> {
+    let err = |e: &dyn std::fmt::Display| BusError::Provision {
+        what: format!("stream {}", config.name),
+        detail: e.to_string(),
+    };
+    for _ in 0..3 {
+        match js.get_stream(&config.name).await {
+            Ok(mut existing) => {
+                let info = existing.info().await.map_err(|e| err(&e))?;
+                if !stream_matches(&info.config, config) {
+                    js.update_stream(config).await.map_err(|e| err(&e))?;
+                }
+                return Ok(());
+            }
+            Err(_) => match js.create_stream(config.clone()).await {
+                Ok(_) => return Ok(()),
+                // Another service created it between our get and create: go round and update.
+                Err(e) if e.to_string().contains("already in use") => continue,
+                Err(e) => return Err(err(&e)),
+            },
+        }
+    }
+    Err(err(&"stream kept changing while provisioning"))
+}
+
+fn stream_matches(have: &stream::Config, want: &stream::Config) -> bool {
+    have.subjects == want.subjects
+        && have.max_messages == want.max_messages
+        && have.max_bytes == want.max_bytes
+        && have.max_age == want.max_age
+        && have.duplicate_window == want.duplicate_window
+        && have.discard == want.discard
+}
+
+async fn provision_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    config: &pull::Config,
+) -> Result<(), BusError> {
+    let durable = config.durable_name.clone().unwrap_or_default();
+    let err = |e: &dyn std::fmt::Display| BusError::Provision {
+        what: format!("consumer {stream_name}/{durable}"),
+        detail: e.to_string(),
+    };
+    let stream = js.get_stream(stream_name).await.map_err(|e| err(&e))?;
+    // create_consumer is create-or-update on the server for durables with the same name.
+    stream.create_consumer(config.clone()).await.map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_consumer_reads_a_declared_edge_and_names_are_unique() {
+        let t = Topology::mesh(&BusSettings::default());
+        let streams: Vec<_> = t.streams.iter().map(|s| s.name.as_str()).collect();
+        let mut durables: Vec<_> =
+            t.consumers.iter().map(|(_, c)| c.durable_name.clone().unwrap()).collect();
+        for (stream, _) in &t.consumers {
+            assert!(streams.contains(&stream.as_str()), "{stream} not declared");
+        }
+        durables.sort();
+        durables.dedup();
+        assert_eq!(durables.len(), t.consumers.len());
+    }
+
+    #[test]
+    fn keyed_edges_capture_their_keyed_subjects() {
+        assert_eq!(Edge::RESULTS.subject_for("r1"), "mr.v1.results.r1");
+        assert_eq!(Edge::RESULTS.filter(), "mr.v1.results.>");
+        assert_eq!(Edge::QUERIES.subject_for("ignored"), "mr.v1.queries");
+    }
+
+    #[test]
+    fn backoff_has_one_step_per_delivery() {
+        let s = BusSettings { max_deliver: 4, ack_wait_s: 2, ..Default::default() };
+        let c = consumer_config(&s, "x");
+        assert_eq!(c.backoff, [2, 4, 8, 16].map(Duration::from_secs));
+    }
+}

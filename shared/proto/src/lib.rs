@@ -1,0 +1,44 @@
+//! The Millrace contracts (`proto/millrace/v1`), generated at build time, plus small helpers
+//! every stage needs on them.
+
+pub mod v1 {
+    tonic::include_proto!("millrace.v1");
+}
+
+pub use prost::Message;
+use v1::{StageTiming, TerminalStatus, Timings};
+
+/// Microseconds since the unix epoch.
+pub fn now_unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+/// Milliseconds since the unix epoch.
+pub fn now_unix_ms() -> i64 {
+    now_unix_us() / 1000
+}
+
+impl Timings {
+    /// Records that `stage` handled the message from `received_unix_us` until now.
+    pub fn record(&mut self, stage: &str, received_unix_us: i64) {
+        self.stages.push(StageTiming {
+            stage: stage.to_owned(),
+            received_unix_us,
+            finished_unix_us: now_unix_us(),
+        });
+    }
+}
+
+impl TerminalStatus {
+    /// The upper-case name used in the database and the HTTP API (`COMPLETED`, ...).
+    pub fn name(self) -> &'static str {
+        self.as_str_name()
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::from_str_name(&name.to_ascii_uppercase())
+    }
+}
