@@ -1,0 +1,30 @@
+//! Running API servers as supervised children: ready once bound, graceful stop on drain.
+use std::net::SocketAddr;
+
+use tonic::transport::server::{Router, TcpIncoming};
+
+use crate::supervisor::ChildContext;
+
+/// Runs an actix-web server until it fails or the process drains.
+pub async fn serve_http(ctx: ChildContext, server: actix_web::dev::Server) -> anyhow::Result<()> {
+    let handle = server.handle();
+    ctx.set_ready();
+    tokio::select! {
+        result = server => Ok(result?),
+        _ = ctx.shutdown.cancelled() => {
+            handle.stop(true).await;
+            Ok(())
+        }
+    }
+}
+
+/// Runs a tonic router (the shell's `grpc.health.v1` already added) until it fails or the
+/// process drains.
+pub async fn serve_grpc(ctx: ChildContext, addr: SocketAddr, router: Router) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    ctx.set_ready();
+    router
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), ctx.shutdown.cancelled())
+        .await?;
+    Ok(())
+}
