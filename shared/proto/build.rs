@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Stored as JSON by the sink and returned by its HTTP API.
+        .type_attribute("millrace.v1.Verdict", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .type_attribute("millrace.v1.StageTiming", "#[derive(serde::Serialize, serde::Deserialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

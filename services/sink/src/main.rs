@@ -1,1 +1,67 @@
-fn main() {}
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use actix_web::{App, HttpServer, web};
+use clap::Parser;
+use millrace_bus::StageConsumer;
+use millrace_bus::topology::ConsumerSpec;
+use millrace_proto::v1::results_server::ResultsServer;
+use millrace_runtime::{ChildSpec, Service, serve_grpc, serve_http};
+use millrace_sink::config::SinkConfig;
+use millrace_sink::consume::{DeadLetterStage, ResultsStage};
+use millrace_sink::grpc::ResultsApi;
+use millrace_sink::store::Store;
+use millrace_sink::{http, writer};
+
+fn main() -> ExitCode {
+    let config = SinkConfig::parse();
+    Service::new("sink", config.shell.clone(), SinkConfig::ADMIN_PORT).run(|setup| async move {
+        let publisher = setup.connect_bus().await?;
+        let store = Store::open(&config.database_url).await?;
+        let bus = config.shell.bus.clone();
+        let (writer, queue) = writer::channel(config.batch_rows * 4);
+        let results = Arc::new(StageConsumer::new(
+            "sink-results",
+            ConsumerSpec::SINK_RESULTS,
+            Arc::new(ResultsStage { writer: writer.clone() }),
+            publisher.clone(),
+            bus.clone(),
+        ));
+        let dead_letters = Arc::new(StageConsumer::new(
+            "sink-dlq",
+            ConsumerSpec::SINK_DLQ,
+            Arc::new(DeadLetterStage { writer }),
+            publisher,
+            bus,
+        ));
+        let grpc = setup.grpc_router().add_service(ResultsServer::new(ResultsApi { store: store.clone() }));
+        let (policy, http_addr, grpc_addr) = (config.batch_policy(), config.http_addr, config.grpc_addr);
+        let writer_store = store.clone();
+        Ok(vec![
+            ChildSpec::new("writer", move |ctx| {
+                ctx.set_ready();
+                writer::run(queue.clone(), writer_store.clone(), policy.clone(), ctx.shutdown.clone())
+            }),
+            ChildSpec::new("results-consumer", move |ctx| {
+                let consumer = results.clone();
+                async move { Ok(consumer.run(ctx.shutdown.clone(), || ctx.set_ready()).await?) }
+            }),
+            ChildSpec::new("dlq-consumer", move |ctx| {
+                let consumer = dead_letters.clone();
+                async move { Ok(consumer.run(ctx.shutdown.clone(), || ctx.set_ready()).await?) }
+            }),
+            ChildSpec::new("http-api", move |ctx| {
+                let store = web::Data::new(store.clone());
+                async move {
+                    let server = HttpServer::new(move || App::new().app_data(store.clone()).configure(http::routes))
+                        .workers(2)
+                        .disable_signals()
+                        .bind(http_addr)?
+                        .run();
+                    serve_http(ctx, server).await
+                }
+            }),
+            ChildSpec::new("grpc-api", move |ctx| serve_grpc(ctx, grpc_addr, grpc.clone())),
+        ])
+    })
+}

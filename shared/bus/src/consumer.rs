@@ -139,6 +139,7 @@ impl<H: Handler> StageConsumer<H> {
         let mut advisories = std::pin::pin!(advisories.run(shutdown.clone()));
         let slots = Arc::new(Semaphore::new(workers));
         let mut running = JoinSet::new();
+        let mut delivered = 0u64;
         info!(stage = self.stage, consumer = self.spec.durable, workers, "consuming");
         on_ready();
         loop {
@@ -162,7 +163,9 @@ impl<H: Handler> StageConsumer<H> {
                         }
                         None => return Err(unavailable(&"message stream ended")),
                     };
-                    let job = Job { stage: self.stage, handler: self.handler.clone(), publisher: self.publisher.clone(), progress_every: self.settings.ack_wait() / 3 };
+                    delivered += 1;
+                    let inject_panic = self.settings.fault_panic_every > 0 && delivered % self.settings.fault_panic_every == 0;
+                    let job = Job { stage: self.stage, handler: self.handler.clone(), publisher: self.publisher.clone(), progress_every: self.settings.ack_wait() / 3, inject_panic };
                     running.spawn(async move { job.process(message).await; drop(slot); });
                 }
             }
@@ -195,6 +198,7 @@ struct Job<H> {
     handler: Arc<H>,
     publisher: Publisher,
     progress_every: Duration,
+    inject_panic: bool,
 }
 
 impl<H: Handler> Job<H> {
@@ -248,6 +252,9 @@ impl<H: Handler> Job<H> {
     /// Runs the handler, telling the server the work is still in progress every
     /// `progress_every` so long work is not redelivered to another worker meanwhile.
     async fn with_progress(&self, message: &jetstream::Message, delivery: &Delivery) -> Result<(), StageError> {
+        if self.inject_panic && delivery.deliveries == 1 {
+            panic!("injected fault (--fault-panic-every) in stage {}", self.stage);
+        }
         let work = self.handler.handle(delivery);
         let mut work = std::pin::pin!(work);
         let period = self.progress_every.max(Duration::from_millis(100));

@@ -41,6 +41,10 @@ pub struct BusSettings {
     /// Concurrent workers per stage consumer.
     #[arg(long, env = "MILLRACE_WORKERS", default_value_t = 64)]
     pub workers: usize,
+    /// Fault injection for supervision tests: panic in the worker on the first delivery of every
+    /// Nth message (0 = never). The message is handed back and redelivered.
+    #[arg(long, env = "MILLRACE_FAULT_PANIC_EVERY", default_value_t = 0, hide = true)]
+    pub fault_panic_every: u64,
 }
 
 /// The defaults (and any `MILLRACE_…` env overrides), as a service would start with no flags.

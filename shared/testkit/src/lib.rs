@@ -130,6 +130,7 @@ pub struct ServiceProcess {
     child: Option<Child>,
     pub admin: SocketAddr,
     log: PathBuf,
+    exited: Option<ExitStatus>,
 }
 
 /// The path of a workspace binary built into the same target folder as the running test.
@@ -158,7 +159,7 @@ impl ServiceProcess {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        Ok(Self { name: name.to_owned(), child: Some(child), admin, log })
+        Ok(Self { name: name.to_owned(), child: Some(child), admin, log, exited: None })
     }
 
     /// Waits until `/readyz` answers 200.
@@ -185,13 +186,17 @@ impl ServiceProcess {
         self.wait_exit(timeout).await
     }
 
-    /// Waits for the process to exit by itself.
+    /// Waits for the process to exit by itself (at once if it already has).
     pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Ok(status);
+        }
         let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().context("already reaped")?;
+        let child = self.child.as_mut().context("never started")?;
         loop {
             if let Some(status) = child.try_wait()? {
                 self.child = None;
+                self.exited = Some(status);
                 return Ok(status);
             }
             if Instant::now() > deadline {

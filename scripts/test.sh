@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, starts a real PostgreSQL for the PostgreSQL
+# tests, builds every binary (the tests run them as child processes) and runs all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+if pg_env=$(scripts/postgres.sh start); then
+    eval "$pg_env"
+    trap 'scripts/postgres.sh stop "$PG_TEST_DIR"' EXIT
+    echo "[test] PostgreSQL at $MILLRACE_TEST_POSTGRES_URL"
+else
+    echo "[test] PostgreSQL could not be started: the PostgreSQL tests will say SKIPPED" >&2
+fi
+
+cargo build --workspace --bins --locked
+cargo test --workspace --locked -- "$@"
