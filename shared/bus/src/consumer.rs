@@ -2,13 +2,14 @@
 //! acked only after its effect, naked with a delay on transient errors, kept alive with
 //! in-progress acks while it runs long, and dead-lettered then termed when it can never succeed.
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use prometheus::IntCounterVec;
 use millrace_proto::v1::{Envelope, RequestContext, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_us};
 use tokio::sync::Semaphore;
@@ -165,7 +166,7 @@ impl<H: Handler> StageConsumer<H> {
                     };
                     delivered += 1;
                     let inject_panic = self.settings.fault_panic_every > 0 && delivered % self.settings.fault_panic_every == 0;
-                    let job = Job { stage: self.stage, handler: self.handler.clone(), publisher: self.publisher.clone(), progress_every: self.settings.ack_wait() / 3, inject_panic };
+                    let job = Job { stage: self.stage, handler: self.handler.clone(), publisher: self.publisher.clone(), progress_every: self.settings.ack_wait() / 3, max_deliver: self.settings.max_deliver.max(1) as u64, inject_panic };
                     running.spawn(async move { job.process(message).await; drop(slot); });
                 }
             }
@@ -198,6 +199,7 @@ struct Job<H> {
     handler: Arc<H>,
     publisher: Publisher,
     progress_every: Duration,
+    max_deliver: u64,
     inject_panic: bool,
 }
 
@@ -226,20 +228,18 @@ impl<H: Handler> Job<H> {
         };
         let (kind, counter) = match result {
             Ok(()) => (AckKind::Ack, &metrics::ACKS),
+            // The server will not deliver it again: dead-letter it now rather than rely on
+            // the advisory (which the server does not send for a nak on the last delivery).
+            Err(StageError::Transient { detail, .. }) if delivery.deliveries >= self.max_deliver => {
+                let detail = format!("gave up after {} deliveries: {detail}", delivery.deliveries);
+                self.dead_letter(&span, &delivery, TerminalStatus::Failed, "max_deliveries", &detail, None).await
+            }
             Err(StageError::Transient { detail, delay }) => {
                 debug!(parent: &span, stage, %detail, ?delay, "transient failure: nak");
                 (AckKind::Nak(Some(delay)), &metrics::NAKS)
             }
             Err(StageError::Permanent { status, reason, detail, ctx }) => {
-                warn!(parent: &span, stage, %reason, %detail, "poison message: dead-lettering");
-                match dlq::dead_letter(&self.publisher, stage, &delivery, status, &reason, &detail, ctx).await {
-                    Ok(()) => (AckKind::Term, &metrics::TERMS),
-                    // The DLQ is not reachable: keep the message rather than lose it.
-                    Err(e) => {
-                        warn!(parent: &span, stage, error = %e, "dead-lettering failed: nak");
-                        (AckKind::Nak(Some(Duration::from_secs(1))), &metrics::NAKS)
-                    }
-                }
+                self.dead_letter(&span, &delivery, status, &reason, &detail, ctx).await
             }
         };
         if let Err(e) = message.ack_with(kind).await {
@@ -247,6 +247,27 @@ impl<H: Handler> Job<H> {
         }
         counter.with_label_values(&[stage]).inc();
         metrics::STAGE_LATENCY.with_label_values(&[stage]).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// DLQ record + terminal result, then term; if the DLQ cannot be reached, keep the message.
+    async fn dead_letter(
+        &self,
+        span: &tracing::Span,
+        delivery: &Delivery,
+        status: TerminalStatus,
+        reason: &str,
+        detail: &str,
+        ctx: Option<RequestContext>,
+    ) -> (AckKind, &'static LazyLock<IntCounterVec>) {
+        let stage = self.stage;
+        warn!(parent: span, stage, %reason, %detail, "dead-lettering");
+        match dlq::dead_letter(&self.publisher, stage, delivery, status, reason, detail, ctx).await {
+            Ok(()) => (AckKind::Term, &metrics::TERMS),
+            Err(e) => {
+                warn!(parent: span, stage, error = %e, "dead-lettering failed: nak");
+                (AckKind::Nak(Some(Duration::from_secs(1))), &metrics::NAKS)
+            }
+        }
     }
 
     /// Runs the handler, telling the server the work is still in progress every

@@ -1,0 +1,190 @@
+//! The bus against a real nats-server: dedup, ack after effect, nak and redelivery, DLQ on
+//! max deliveries.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use millrace_bus::publisher::Outbound;
+use async_nats::jetstream::consumer::PullConsumer;
+use millrace_bus::dlq::MaxDeliveriesListener;
+use millrace_bus::topology::{ConsumerSpec, Edge};
+use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, Topology, msg_id};
+use millrace_proto::Message as _;
+use millrace_proto::v1::{DlqRecord, Query, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+async fn setup(nats: &NatsServer, settings: BusSettings) -> Publisher {
+    let settings = BusSettings { nats_url: nats.url(), ..settings };
+    let client = millrace_bus::connect(&nats.url(), "bus-test", Duration::from_secs(5)).await.unwrap();
+    let publisher = Publisher::new(client, &settings);
+    Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+    publisher
+}
+
+fn query(request_id: &str) -> Outbound {
+    let q = Query { ctx: Some(RequestContext { request_id: request_id.into(), ..Default::default() }), text: "hi".into(), ..Default::default() };
+    Outbound { subject: Edge::QUERIES.subject_for(""), msg_id: msg_id(request_id, "ingest"), payload: q.encode_to_vec().into() }
+}
+
+async fn stream_messages(publisher: &Publisher, stream: &str) -> u64 {
+    let mut s = publisher.jetstream().get_stream(stream).await.unwrap();
+    s.info().await.unwrap().state.messages
+}
+
+#[tokio::test]
+async fn the_same_msg_id_twice_is_stored_once() {
+    let nats = NatsServer::start().await.unwrap();
+    let publisher = setup(&nats, BusSettings::default()).await;
+    let first = publisher.publish(query("r1")).await.unwrap();
+    let second = publisher.publish(query("r1")).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(first.sequence, second.sequence);
+    assert_eq!(stream_messages(&publisher, "MR_QUERIES").await, 1);
+}
+
+#[tokio::test]
+async fn provisioning_twice_and_concurrently_is_idempotent() {
+    let nats = NatsServer::start().await.unwrap();
+    let publisher = setup(&nats, BusSettings::default()).await;
+    let topology = Topology::mesh(&BusSettings { nats_url: nats.url(), ..Default::default() });
+    let (a, b) = tokio::join!(topology.provision(publisher.jetstream()), topology.provision(publisher.jetstream()));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(publisher.jetstream().stream_names().count().await, Edge::ALL.len());
+}
+
+/// Forwards queries to CLEAN, failing transiently on each message's first delivery.
+struct FlakyRelay {
+    publisher: Publisher,
+    calls: AtomicU32,
+}
+
+impl Handler for FlakyRelay {
+    async fn handle(&self, d: &Delivery) -> Result<(), StageError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if d.deliveries == 1 {
+            return Err(StageError::transient("first try fails", Duration::from_millis(50)));
+        }
+        let q: Query = d.decode()?;
+        let id = q.ctx.unwrap().request_id;
+        self.publisher
+            .publish(Outbound { subject: Edge::CLEAN.subject_for(""), msg_id: msg_id(&id, "relay"), payload: d.payload.clone() })
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn transient_failures_are_naked_redelivered_and_acked_after_the_effect() {
+    let nats = NatsServer::start().await.unwrap();
+    let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
+    let publisher = setup(&nats, settings.clone()).await;
+    let relay = Arc::new(FlakyRelay { publisher: publisher.clone(), calls: AtomicU32::new(0) });
+    let consumer = StageConsumer::new("relay", ConsumerSpec::PREPROCESS, relay.clone(), publisher.clone(), settings);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { consumer.run(stop, || ()).await }
+    });
+    let outs: Vec<_> = (0..20).map(|i| query(&format!("q{i}"))).collect();
+    publisher.publish_all(outs).await.unwrap();
+    for _ in 0..200 {
+        if stream_messages(&publisher, "MR_CLEAN").await == 20 && stream_messages(&publisher, "MR_QUERIES").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stream_messages(&publisher, "MR_CLEAN").await, 20);
+    // Interest retention: acked inputs leave the stream.
+    assert_eq!(stream_messages(&publisher, "MR_QUERIES").await, 0);
+    assert_eq!(relay.calls.load(Ordering::SeqCst), 40, "each message once naked, once handled");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+struct AlwaysFails;
+
+impl Handler for AlwaysFails {
+    async fn handle(&self, _: &Delivery) -> Result<(), StageError> {
+        Err(StageError::transient("never works", Duration::from_millis(10)))
+    }
+}
+
+#[tokio::test]
+async fn a_message_out_of_deliveries_is_dead_lettered_with_a_failed_result() {
+    let nats = NatsServer::start().await.unwrap();
+    let settings = BusSettings { nats_url: nats.url(), max_deliver: 3, ack_wait_s: 1, ..Default::default() };
+    let publisher = setup(&nats, settings.clone()).await;
+    let consumer = StageConsumer::new("preprocess", ConsumerSpec::PREPROCESS, Arc::new(AlwaysFails), publisher.clone(), settings);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { consumer.run(stop, || ()).await }
+    });
+    // Give the advisory subscription a moment before the message can exhaust its deliveries.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publisher.publish(query("doomed")).await.unwrap();
+
+    let record = expect_dead_letter(&publisher, "doomed").await;
+    assert_eq!(record.deliveries, 3);
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// Waits for the DLQ record and the FAILED result of `request_id`.
+async fn expect_dead_letter(publisher: &Publisher, request_id: &str) -> DlqRecord {
+    let js = publisher.jetstream();
+    let dlq = js.get_stream("MR_DLQ").await.unwrap();
+    let mut seen = None;
+    for _ in 0..150 {
+        if let Ok(m) = dlq.get_last_raw_message_by_subject("mr.v1.dlq.preprocess").await {
+            seen = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let record = DlqRecord::decode(seen.expect("a DLQ record").payload).unwrap();
+    assert_eq!(record.request_id, request_id);
+    assert_eq!(record.reason, "max_deliveries");
+    let results = js.get_stream("MR_RESULTS").await.unwrap();
+    let subject = Edge::RESULTS.subject_for(request_id);
+    let result = TerminalResult::decode(results.get_last_raw_message_by_subject(&subject).await.unwrap().payload).unwrap();
+    assert_eq!(result.status, TerminalStatus::Failed as i32);
+    assert_eq!(result.ctx.unwrap().request_id, request_id);
+    record
+}
+
+#[tokio::test]
+async fn a_message_whose_workers_keep_dying_is_dead_lettered_from_the_advisory() {
+    let nats = NatsServer::start().await.unwrap();
+    let settings = BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, ..Default::default() };
+    let publisher = setup(&nats, settings).await;
+    let stop = CancellationToken::new();
+    let listener = MaxDeliveriesListener::new("preprocess", ConsumerSpec::PREPROCESS, publisher.clone());
+    let listening = tokio::spawn(listener.run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publisher.publish(query("orphan")).await.unwrap();
+    // A worker that takes the message and dies without acking, every time.
+    let consumer: PullConsumer = publisher.jetstream().get_stream("MR_QUERIES").await.unwrap().get_consumer("preprocess").await.unwrap();
+    let mut taken = 0;
+    for _ in 0..6 {
+        let mut batch = consumer.fetch().max_messages(1).expires(Duration::from_secs(2)).messages().await.unwrap();
+        while let Some(m) = batch.next().await {
+            m.unwrap();
+            taken += 1;
+        }
+        if taken == 2 {
+            break;
+        }
+    }
+    assert_eq!(taken, 2);
+    // Keep a pull waiting so the server tries a third delivery and gives up.
+    let _ = consumer.fetch().max_messages(1).expires(Duration::from_secs(3)).messages().await.unwrap().next().await;
+    let record = expect_dead_letter(&publisher, "orphan").await;
+    assert_eq!(record.deliveries, 2);
+    stop.cancel();
+    listening.await.unwrap().unwrap();
+}
