@@ -82,7 +82,9 @@ impl Publisher {
             .publish_with_headers(out.subject, headers, out.payload)
             .await
             .map_err(map_publish_error)?;
-        Ok(async move {
+        // The PubAck is awaited by its own task so the window slot frees when the ack arrives,
+        // whether or not the caller has polled for it yet.
+        let resolved = tokio::spawn(async move {
             let ack = ack.await.map_err(map_publish_error);
             drop(permit);
             let ack = ack?;
@@ -95,7 +97,8 @@ impl Publisher {
                 metrics::MESSAGES_OUT.with_label_values(&[&ack.stream]).inc();
             }
             Ok(Published { stream: ack.stream, sequence: ack.sequence, duplicate: ack.duplicate })
-        })
+        });
+        Ok(async move { resolved.await.map_err(|e| BusError::Other(format!("PubAck task: {e}")))? })
     }
 
     /// Publishes one message and waits for its PubAck.
