@@ -28,9 +28,13 @@ impl Extractor for Extract<'_> {
 
 /// Writes the current span's context into `headers` (nothing when no trace is active).
 pub fn inject_current(headers: &mut HeaderMap) {
-    let cx = tracing::Span::current().context();
+    inject(&tracing::Span::current().context(), headers);
+}
+
+/// Writes `cx` into `headers` (nothing when it holds no valid span).
+pub fn inject(cx: &Context, headers: &mut HeaderMap) {
     if cx.span().span_context().is_valid() {
-        global::get_text_map_propagator(|p| p.inject_context(&cx, &mut Inject(headers)));
+        global::get_text_map_propagator(|p| p.inject_context(cx, &mut Inject(headers)));
     }
 }
 
@@ -39,5 +43,26 @@ pub fn extract(headers: Option<&HeaderMap>) -> Context {
     match headers {
         Some(h) => global::get_text_map_propagator(|p| p.extract(&Extract(h))),
         None => Context::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TraceContextExt;
+
+    use super::*;
+
+    #[test]
+    fn trace_context_survives_a_hop_through_headers() {
+        global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut incoming = HeaderMap::new();
+        incoming.insert("traceparent", traceparent);
+        let cx = extract(Some(&incoming));
+        assert_eq!(cx.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let mut outgoing = HeaderMap::new();
+        inject(&cx, &mut outgoing);
+        assert_eq!(outgoing.get("traceparent").map(|v| v.as_str()), Some(traceparent));
+        assert!(!extract(None).span().span_context().is_valid());
     }
 }
