@@ -1,0 +1,112 @@
+//! Every way an ingest API call can fail, mapped once to a machine-readable code, an HTTP status
+//! and a gRPC code; the HTTP error body and the gRPC status are built here for both APIs.
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpResponse, ResponseError};
+use millrace_bus::BusError;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+use crate::submit::SubmitError;
+
+/// gRPC metadata key carrying the machine-readable code, as `error.code` does over HTTP.
+pub const GRPC_CODE_METADATA: &str = "x-millrace-code";
+/// How long an overloaded client should wait before retrying, seconds (`Retry-After`).
+const RETRY_AFTER_S: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Invalid(#[from] SubmitError),
+    #[error("{0:?} is not a request id (a UUID)")]
+    InvalidRequestId(String),
+    /// The stream is at its limits (discard new): back-pressure reaches the client as 429.
+    #[error("ingest is at capacity; retry after {RETRY_AFTER_S} s")]
+    Overloaded(#[source] BusError),
+    #[error("the message bus is unavailable; retry later")]
+    Unavailable(#[source] BusError),
+    #[error("the results store cannot be reached: {0}")]
+    ResultsUnavailable(String),
+    #[error("internal error")]
+    Internal(#[source] BusError),
+}
+
+impl From<BusError> for ApiError {
+    fn from(e: BusError) -> Self {
+        match e {
+            BusError::StreamFull(_) => Self::Overloaded(e),
+            BusError::Unavailable(_) => Self::Unavailable(e),
+            _ => Self::Internal(e),
+        }
+    }
+}
+
+impl ApiError {
+    fn class(&self) -> (&'static str, StatusCode, Code) {
+        match self {
+            Self::Invalid(e) => (e.code(), e.http_status(), Code::InvalidArgument),
+            Self::InvalidRequestId(_) => ("invalid_request_id", StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            Self::Overloaded(_) => ("overloaded", StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted),
+            Self::Unavailable(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            Self::ResultsUnavailable(_) => ("results_unavailable", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            Self::Internal(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.class().0
+    }
+}
+
+/// `{"error": {"code": "...", "message": "..."}}` with the class's status.
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.class().1
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, Self::Overloaded(_)) {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_S));
+        }
+        response.json(serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } }))
+    }
+}
+
+/// The code leads the message (`"empty_text: ..."`) and rides in `x-millrace-code` metadata.
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        let (code, _, grpc_code) = e.class();
+        let mut status = tonic::Status::new(grpc_code, format!("{code}: {e}"));
+        status.metadata_mut().insert(GRPC_CODE_METADATA, MetadataValue::from_static(code));
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_errors_become_overload_or_unavailability() {
+        assert_eq!(ApiError::from(BusError::StreamFull("max msgs".into())).code(), "overloaded");
+        assert_eq!(ApiError::from(BusError::Unavailable("down".into())).code(), "unavailable");
+        assert_eq!(ApiError::from(BusError::Other("?".into())).code(), "internal");
+    }
+
+    #[test]
+    fn grpc_status_carries_the_code_twice() {
+        let status = tonic::Status::from(ApiError::from(SubmitError::EmptyText));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("empty_text: "), "{}", status.message());
+        assert_eq!(status.metadata().get(GRPC_CODE_METADATA).unwrap(), "empty_text");
+        let status = tonic::Status::from(ApiError::from(BusError::StreamFull("full".into())));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn overload_says_when_to_retry() {
+        let response = ApiError::from(BusError::StreamFull("full".into())).error_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
+    }
+}

@@ -1,0 +1,110 @@
+//! What both APIs do once a call is decoded: validate, publish, and wait for the stream's PubAck
+//! before answering, so "accepted" means durably on `QUERIES` (ARCHITECTURE.md §2, invariant 1).
+use std::sync::Arc;
+
+use millrace_bus::publisher::Outbound;
+use millrace_bus::topology::ephemeral;
+use millrace_bus::{Edge, Publisher, msg_id};
+use millrace_proto::v1::{RequestContext, Result as TerminalResult, TerminalStatus, Timings};
+use millrace_proto::{Message, now_unix_us};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::config::SubmitPolicy;
+use crate::error::ApiError;
+use crate::submit::{STAGE, Submission};
+
+/// Terminal reason of a request cancelled through the API.
+const CANCELLED_BY_CLIENT: &str = "cancelled_by_client";
+/// Dedup stage of the cancel's terminal result: a repeated DELETE publishes it once.
+const CANCEL_STAGE: &str = "ingest.cancel";
+
+/// The outcome of an accepted submit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub request_id: String,
+    /// False when the stream already held this request (an idempotent retry): nothing new was
+    /// published.
+    pub created: bool,
+}
+
+#[derive(Clone)]
+pub struct Gateway {
+    publisher: Publisher,
+    policy: Arc<SubmitPolicy>,
+}
+
+impl Gateway {
+    pub fn new(publisher: Publisher, policy: SubmitPolicy) -> Self {
+        Self { publisher, policy: Arc::new(policy) }
+    }
+
+    /// Validates the submit and publishes its `Query`, deduplicated on `<request_id>/ingest`.
+    pub async fn submit(&self, submission: Submission, received_unix_us: i64) -> Result<Accepted, ApiError> {
+        let query = submission.into_query(&self.policy, received_unix_us)?;
+        let request_id = query.ctx.as_ref().expect("into_query sets the context").request_id.clone();
+        let published = self
+            .publisher
+            .publish(Outbound {
+                subject: Edge::QUERIES.subject_for(""),
+                msg_id: msg_id(&request_id, STAGE),
+                payload: query.encode_to_vec().into(),
+            })
+            .await
+            .inspect_err(|e| warn!(request_id, error = %e, "submit not published"))?;
+        Ok(Accepted { request_id, created: !published.duplicate })
+    }
+
+    /// Cancels a request: its terminal CANCELLED result first, then the core-NATS notice that
+    /// tells stages to drop the request's work. In that order because a stage may drop a
+    /// cancelled request silently: the notice must never go out without the terminal row that
+    /// accounts for the request. The sink keeps the first terminal row, so cancelling a request
+    /// that already finished changes nothing.
+    pub async fn cancel(&self, request_id: &str) -> Result<(), ApiError> {
+        let received_unix_us = now_unix_us();
+        let mut timings = Timings::default();
+        timings.record(STAGE, received_unix_us);
+        let result = TerminalResult {
+            ctx: Some(RequestContext { request_id: request_id.to_owned(), ..Default::default() }),
+            timings: Some(timings),
+            status: TerminalStatus::Cancelled.into(),
+            reason: CANCELLED_BY_CLIENT.to_owned(),
+            detail: "cancelled by the client".to_owned(),
+            stage: STAGE.to_owned(),
+            ..Default::default()
+        };
+        self.publisher
+            .publish(Outbound {
+                subject: Edge::RESULTS.subject_for(request_id),
+                msg_id: msg_id(request_id, CANCEL_STAGE),
+                payload: result.encode_to_vec().into(),
+            })
+            .await
+            .inspect_err(|e| warn!(request_id, error = %e, "cancel not published"))?;
+        // Core NATS: best effort by design; the terminal row above is what counts.
+        if let Err(e) = self.publisher.client().publish(ephemeral::cancel(request_id), Default::default()).await {
+            warn!(request_id, error = %e, "cancel notice not sent");
+        }
+        Ok(())
+    }
+}
+
+/// A request id in its canonical form (lower-case hyphenated, as ingest issues them), so any
+/// UUID spelling a client uses names the same request and is a safe subject token.
+pub fn parse_request_id(id: &str) -> Result<String, ApiError> {
+    Uuid::parse_str(id).map(|uuid| uuid.hyphenated().to_string()).map_err(|_| ApiError::InvalidRequestId(id.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_canonicalized() {
+        let id = "0190A5B2-7C3D-7E4F-8A1B-2C3D4E5F6A7B";
+        assert_eq!(parse_request_id(id).unwrap(), id.to_lowercase());
+        assert_eq!(parse_request_id("0190a5b27c3d7e4f8a1b2c3d4e5f6a7b").unwrap(), id.to_lowercase());
+        assert_eq!(parse_request_id("not-a-uuid").unwrap_err().code(), "invalid_request_id");
+        assert_eq!(parse_request_id("a.b.>").unwrap_err().code(), "invalid_request_id");
+    }
+}

@@ -1,0 +1,114 @@
+//! The HTTP API: `POST /v1/queries`, `GET /v1/queries/{id}`, `DELETE /v1/queries/{id}`.
+//!
+//! The submit body is read raw (not through `web::Json`) so that size, encoding, syntax and
+//! each field get their own error code and every error has the same JSON body.
+use std::net::SocketAddr;
+
+use actix_web::dev::Server;
+use actix_web::http::header::{self, ContentType, HeaderName, ToStrError};
+use actix_web::{App, HttpMessage, HttpRequest, HttpResponse, HttpServer, mime, web};
+use bytes::Bytes;
+use millrace_proto::now_unix_us;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::gateway::{Gateway, parse_request_id};
+use crate::json::decode_submission;
+use crate::results::ResultsClient;
+use crate::submit::{Submission, SubmitError};
+
+const TENANT: HeaderName = HeaderName::from_static("x-tenant");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What the handlers share; each worker gets a clone.
+#[derive(Clone)]
+pub struct HttpApi {
+    pub gateway: Gateway,
+    pub results: ResultsClient,
+    pub max_body_bytes: usize,
+}
+
+/// The server, bound; run it with `millrace_runtime::serve_http`.
+pub fn server(api: HttpApi, addr: SocketAddr) -> std::io::Result<Server> {
+    Ok(HttpServer::new(move || App::new().app_data(web::Data::new(api.clone())).configure(routes))
+        // The shell owns SIGTERM and drains every child; an in-flight submit waits at most one
+        // PubAck timeout (5 s by default).
+        .disable_signals()
+        .shutdown_timeout(10)
+        .bind(addr)?
+        .run())
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/queries", web::post().to(submit))
+        .route("/v1/queries/{id}", web::get().to(status))
+        .route("/v1/queries/{id}", web::delete().to(cancel));
+}
+
+/// 202 `{"request_id", "status": "ACCEPTED"}` once the query is on the stream; 200 with status
+/// `DUPLICATE` for a retry of an earlier submit with the same `Idempotency-Key`.
+async fn submit(req: HttpRequest, body: web::Payload, api: web::Data<HttpApi>) -> Result<HttpResponse, ApiError> {
+    let received_unix_us = now_unix_us();
+    check_content_type(&req)?;
+    let tenant = header(&req, TENANT).map_err(|_| SubmitError::BadIdentifier { field: "tenant" })?;
+    let idempotency_key =
+        header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
+    let body = read_body(body, api.max_body_bytes).await?;
+    let submission = decode_submission(&body)?;
+    let accepted = api.gateway.submit(Submission { tenant, idempotency_key, ..submission }, received_unix_us).await?;
+    let (mut response, status) =
+        if accepted.created { (HttpResponse::Accepted(), "ACCEPTED") } else { (HttpResponse::Ok(), "DUPLICATE") };
+    Ok(response
+        .insert_header((REQUEST_ID, accepted.request_id.as_str()))
+        .json(json!({ "request_id": accepted.request_id, "status": status })))
+}
+
+/// The sink's terminal row, or `{"request_id", "status": "PENDING"}` while there is none. An id
+/// ingest never issued also reads as pending: the sink cannot tell the two apart.
+async fn status(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpResponse, ApiError> {
+    let request_id = parse_request_id(&id)?;
+    Ok(match api.results.get(&request_id).await? {
+        Some(row) => HttpResponse::Ok().content_type(ContentType::json()).body(row),
+        None => HttpResponse::Ok().json(json!({ "request_id": request_id, "status": "PENDING" })),
+    })
+}
+
+/// 202 `{"request_id", "status": "CANCELLING"}`: the terminal CANCELLED result is on the stream
+/// (unless the request already has a terminal result, which then stands).
+async fn cancel(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpResponse, ApiError> {
+    let request_id = parse_request_id(&id)?;
+    api.gateway.cancel(&request_id).await?;
+    Ok(HttpResponse::Accepted().json(json!({ "request_id": request_id, "status": "CANCELLING" })))
+}
+
+/// `application/json` or any `application/*+json`.
+fn check_content_type(req: &HttpRequest) -> Result<(), SubmitError> {
+    match req.mime_type() {
+        Ok(Some(m))
+            if m.type_() == mime::APPLICATION && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON)) =>
+        {
+            Ok(())
+        }
+        _ => Err(SubmitError::UnsupportedMediaType(
+            req.headers()
+                .get(header::CONTENT_TYPE)
+                .map_or_else(|| "(none)".to_owned(), |v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        )),
+    }
+}
+
+/// An optional header's value; an error when it is present but not visible ASCII.
+fn header(req: &HttpRequest, name: HeaderName) -> Result<Option<String>, ToStrError> {
+    req.headers().get(name).map(|v| v.to_str().map(str::to_owned)).transpose()
+}
+
+/// Reads the body, stopping as soon as it passes `limit` so an oversized one costs no more
+/// than `limit` bytes of memory.
+async fn read_body(body: web::Payload, limit: usize) -> Result<Bytes, SubmitError> {
+    match body.to_bytes_limited(limit).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(SubmitError::UnreadableBody(e.to_string())),
+        Err(_) => Err(SubmitError::BodyTooLarge { max: limit }),
+    }
+}
