@@ -44,7 +44,7 @@ start() { # name, then the command
 
 wait_ready() { # name url
     for _ in $(seq 1 300); do
-        if curl -fsS -o /dev/null "$2"; then echo "$1 ready"; return 0; fi
+        if curl -fsS -o /dev/null "$2" 2>/dev/null; then echo "$1 ready"; return 0; fi
         sleep 0.1
     done
     echo "$1 did not become ready; its log:" >&2
@@ -96,14 +96,25 @@ show GET "$INGEST/v1/queries/$q2"
 
 bold "5. the other request waits for the middle of the mesh (preprocess … inference: later issues)"
 show GET "$INGEST/v1/queries/$q1"
-curl -sS http://127.0.0.1:8222/jsz?streams=true | python3 -c '
-import json,sys
-for a in json.load(sys.stdin).get("account_details",[]):
-    for s in a.get("stream_detail",[]):
-        print(f"  {s[\"name\"]:<16} {s[\"state\"][\"messages\"]:>4} messages")'
+echo "stream depths (monitoring endpoint /jsz):"
+curl -sS 'http://127.0.0.1:8222/jsz?streams=true' | python3 -c "$(cat <<'PY'
+import json, sys
+for account in json.load(sys.stdin).get("account_details", []):
+    for stream in account.get("stream_detail", []):
+        print(f"  {stream['name']:<16} {stream['state']['messages']:>4} messages")
+PY
+)"
 
-bold "6. rows in the sink"
-show GET "$SINK/v1/results?page_size=10"
+bold "6. rows in the sink (GET $SINK/v1/results)"
+curl -sS "$SINK/v1/results?page_size=20" | python3 -c "$(cat <<'PY'
+import json, sys
+rows = json.load(sys.stdin)["results"]
+print(f"  {'request_id':<38} {'status':<14} {'reason':<22} stage")
+for r in rows:
+    print(f"  {r['request_id']:<38} {r['status']:<14} {r['reason']:<22} {r['stage']}")
+print(f"  ({len(rows)} rows)")
+PY
+)"
 
 bold "Millrace is running"
 cat <<INFO
