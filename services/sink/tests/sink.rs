@@ -13,6 +13,8 @@ use millrace_proto::v1::{
 };
 use millrace_testkit::{NatsServer, ServiceProcess, free_addr, postgres_url};
 use serde_json::Value;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 struct Sink {
     process: ServiceProcess,
@@ -143,6 +145,10 @@ async fn results_round_trip(database_url: &str) {
     assert_eq!(bad.status().as_u16(), 400);
     assert_eq!(bad.json::<Value>().await.unwrap()["error"]["code"], "bad_status");
 
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", sink.grpc)).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let serving = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(serving.status(), ServingStatus::Serving);
     let mut grpc = ResultsClient::connect(format!("http://{}", sink.grpc)).await.unwrap();
     let record = grpc.get(GetResultRequest { request_id: "rt-7".into() }).await.unwrap().into_inner();
     assert_eq!((record.status, record.user.as_str()), (TerminalStatus::Completed as i32, "u2"));
