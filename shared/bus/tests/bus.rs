@@ -188,3 +188,41 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_from_the_advisory()
     stop.cancel();
     listening.await.unwrap().unwrap();
 }
+
+/// Takes three ack-waits per message.
+struct Slow {
+    calls: AtomicU32,
+}
+
+impl Handler for Slow {
+    async fn handle(&self, _: &Delivery) -> Result<(), StageError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn long_work_sends_in_progress_and_is_not_redelivered_meanwhile() {
+    let nats = NatsServer::start().await.unwrap();
+    let settings = BusSettings { nats_url: nats.url(), ack_wait_s: 1, ..Default::default() };
+    let publisher = setup(&nats, settings.clone()).await;
+    let slow = Arc::new(Slow { calls: AtomicU32::new(0) });
+    let consumer = StageConsumer::new("slow", ConsumerSpec::PREPROCESS, slow.clone(), publisher.clone(), settings);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { consumer.run(stop, || ()).await }
+    });
+    publisher.publish(query("long")).await.unwrap();
+    for _ in 0..100 {
+        if stream_messages(&publisher, "MR_QUERIES").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stream_messages(&publisher, "MR_QUERIES").await, 0, "acked once done");
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 1, "never redelivered while in progress");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
