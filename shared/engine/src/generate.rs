@@ -1,0 +1,374 @@
+//! Batched generation with a KV cache on a decoder-only ONNX graph.
+//!
+//! Prompts are left-padded to a common length; the attention mask hides the padding and the
+//! position ids count only real tokens, so each row computes exactly what it would alone. After
+//! the prefill, each step feeds one token per row plus the previous step's `present.*` tensors
+//! as `past_key_values.*`. A row that finishes (EOS, length, stop string, deadline, cancel) is
+//! removed from the batch — its KV rows are dropped — and the others go on undisturbed.
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayD, Axis};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::EngineError;
+use crate::sampling::{Sampler, SamplingParams};
+
+/// The shape facts of a decoder graph (from the manifest).
+#[derive(Debug, Clone)]
+pub struct DecoderSpec {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: u32,
+}
+
+/// One request of a batch.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub deadline: Option<Instant>,
+    /// Set from outside to stop this request; the rest of the batch goes on.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl GenerationRequest {
+    pub fn new(prompt: impl Into<String>, max_new_tokens: usize) -> Self {
+        Self {
+            prompt: prompt.into(),
+            max_new_tokens,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            deadline: None,
+            cancel: Arc::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    Length,
+    Stop,
+    Deadline,
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eos => "eos",
+            Self::Length => "length",
+            Self::Stop => "stop",
+            Self::Deadline => "deadline",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub finish: FinishReason,
+}
+
+/// A decoder session with its tokenizer. `Session::run` takes `&mut self`: one per worker.
+pub struct Generator {
+    session: Session,
+    tokenizer: Tokenizer,
+    spec: DecoderSpec,
+}
+
+/// The state of one row while it generates.
+struct Row {
+    index: usize,
+    sampler: Sampler,
+    tokens: Vec<u32>,
+    /// Text of `tokens` and how much of it has been streamed.
+    text: String,
+    emitted: usize,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+}
+
+impl Generator {
+    pub fn new(session: Session, tokenizer: Tokenizer, spec: DecoderSpec) -> Self {
+        Self { session, tokenizer, spec }
+    }
+
+    pub fn spec(&self) -> &DecoderSpec {
+        &self.spec
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Generates for every request together. `on_token(i, piece)` streams request `i`'s text as
+    /// it is produced (pieces concatenate to the final text).
+    pub fn generate(
+        &mut self,
+        requests: &[GenerationRequest],
+        mut on_token: impl FnMut(usize, &str),
+    ) -> Result<Vec<Generation>, EngineError> {
+        let prompts: Vec<Vec<u32>> = requests.iter().map(|r| self.encode(&r.prompt)).collect::<Result<_, _>>()?;
+        for (ids, r) in prompts.iter().zip(requests) {
+            if ids.is_empty() {
+                return Err(EngineError::InvalidRequest("empty prompt".into()));
+            }
+            if ids.len() + r.max_new_tokens.min(1) > self.spec.context_length {
+                return Err(EngineError::InvalidRequest(format!(
+                    "prompt of {} tokens does not fit the context of {}",
+                    ids.len(),
+                    self.spec.context_length
+                )));
+            }
+        }
+        let mut rows: Vec<Row> = requests
+            .iter()
+            .zip(&prompts)
+            .enumerate()
+            .map(|(index, (r, ids))| Row {
+                index,
+                sampler: Sampler::new(r.sampling.clone()),
+                tokens: Vec::new(),
+                text: String::new(),
+                emitted: 0,
+                finish: (r.max_new_tokens == 0).then_some(FinishReason::Length),
+                prompt_tokens: ids.len(),
+            })
+            .collect();
+        let mut active: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finish.is_none()).collect();
+        if active.is_empty() {
+            return Ok(rows.into_iter().map(finished).collect());
+        }
+
+        // Prefill: all prompts, left-padded.
+        let width = active.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+        let mut mask = Array2::<i64>::zeros((active.len(), width));
+        let mut input_ids = Array2::<i64>::from_elem((active.len(), width), i64::from(self.spec.pad_token_id));
+        for (b, &i) in active.iter().enumerate() {
+            let pad = width - prompts[i].len();
+            for (t, &id) in prompts[i].iter().enumerate() {
+                input_ids[[b, pad + t]] = i64::from(id);
+                mask[[b, pad + t]] = 1;
+            }
+        }
+        let mut past = self.empty_past(active.len())?;
+        let mut step_ids = input_ids;
+        loop {
+            let positions = positions_for(&mask, step_ids.ncols());
+            let (logits, presents) = self.run(&step_ids, &mask, &positions, past)?;
+            past = presents;
+            let (seq, vocab) = (step_ids.ncols(), self.spec.vocab_size);
+            let mut next = Vec::with_capacity(active.len());
+            for (b, &i) in active.iter().enumerate() {
+                let start = (b * seq + seq - 1) * vocab;
+                let token = rows[i].sampler.next_token(&logits[start..start + vocab]);
+                self.advance(&mut rows[i], &requests[i], token, &mut on_token)?;
+                next.push(token);
+            }
+            // Drop finished rows from the batch (their KV rows too).
+            let keep: Vec<usize> = (0..active.len()).filter(|&b| rows[active[b]].finish.is_none()).collect();
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                past = past.into_iter().map(|kv| select_rows(kv, &keep)).collect::<Result<_, _>>()?;
+                mask = mask.select(Axis(0), &keep);
+                active = keep.iter().map(|&b| active[b]).collect();
+                next = keep.iter().map(|&b| next[b]).collect();
+            }
+            let ones = Array2::<i64>::ones((active.len(), 1));
+            mask = ndarray::concatenate(Axis(1), &[mask.view(), ones.view()]).expect("same row count");
+            step_ids = Array2::from_shape_fn((active.len(), 1), |(b, _)| i64::from(next[b]));
+        }
+        Ok(rows.into_iter().map(finished).collect())
+    }
+
+    /// Greedy generation recomputing the whole sequence every step, without a KV cache: the
+    /// reference the cached path is tested against.
+    pub fn generate_uncached(&mut self, prompt: &str, max_new_tokens: usize) -> Result<Vec<u32>, EngineError> {
+        let mut ids: Vec<i64> = self.encode(prompt)?.into_iter().map(i64::from).collect();
+        let mut out = Vec::new();
+        for _ in 0..max_new_tokens {
+            let n = ids.len();
+            let input = Array2::from_shape_vec((1, n), ids.clone()).expect("shape");
+            let mask = Array2::<i64>::ones((1, n));
+            let positions = positions_for(&mask, n);
+            let (logits, _) = self.run(&input, &mask, &positions, self.empty_past(1)?)?;
+            let vocab = self.spec.vocab_size;
+            let token = crate::sampling::argmax(&logits[(n - 1) * vocab..n * vocab]);
+            out.push(token);
+            if self.spec.eos_token_ids.contains(&token) {
+                break;
+            }
+            ids.push(i64::from(token));
+        }
+        Ok(out)
+    }
+
+    fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>, EngineError> {
+        (0..self.spec.num_layers * 2)
+            .map(|_| {
+                let shape = [batch, self.spec.num_kv_heads, 0, self.spec.head_dim];
+                Ok(Tensor::from_array((shape, Vec::<f32>::new()))?.into_dyn())
+            })
+            .collect()
+    }
+
+    /// One forward pass: returns the logits (flattened [batch, seq, vocab]) and the presents
+    /// (key, value per layer, in order).
+    fn run(
+        &mut self,
+        input_ids: &Array2<i64>,
+        mask: &Array2<i64>,
+        positions: &Array2<i64>,
+        past: Vec<DynValue>,
+    ) -> Result<(Vec<f32>, Vec<DynValue>), EngineError> {
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            ("input_ids".into(), Tensor::from_array(input_ids.clone())?.into_dyn().into()),
+            ("attention_mask".into(), Tensor::from_array(mask.clone())?.into_dyn().into()),
+            ("position_ids".into(), Tensor::from_array(positions.clone())?.into_dyn().into()),
+        ];
+        for (n, value) in past.into_iter().enumerate() {
+            let kind = if n % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_key_values.{}.{kind}", n / 2).into(), value.into()));
+        }
+        let mut outputs = self.session.run(inputs)?;
+        let logits = outputs
+            .remove("logits")
+            .ok_or_else(|| EngineError::Model("no `logits` output".into()))?;
+        let (_, logits) = logits.try_extract_tensor::<f32>()?;
+        let logits = logits.to_vec();
+        let presents = (0..self.spec.num_layers * 2)
+            .map(|n| {
+                let name = format!("present.{}.{}", n / 2, if n % 2 == 0 { "key" } else { "value" });
+                outputs.remove(&name).ok_or_else(|| EngineError::Model(format!("no `{name}` output")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((logits, presents))
+    }
+
+    /// Appends `token` to the row, streams what is safe to stream, and decides if it is done.
+    fn advance(
+        &self,
+        row: &mut Row,
+        request: &GenerationRequest,
+        token: u32,
+        on_token: &mut impl FnMut(usize, &str),
+    ) -> Result<(), EngineError> {
+        if self.spec.eos_token_ids.contains(&token) {
+            row.finish = Some(FinishReason::Eos);
+        } else {
+            row.tokens.push(token);
+            row.text = self.tokenizer.decode(&row.tokens, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            if let Some(at) = request.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
+                row.text.truncate(at);
+                row.finish = Some(FinishReason::Stop);
+            } else if row.tokens.len() >= request.max_new_tokens
+                || row.prompt_tokens + row.tokens.len() >= self.spec.context_length
+            {
+                row.finish = Some(FinishReason::Length);
+            }
+        }
+        if row.finish.is_none() {
+            if request.cancel.load(Ordering::Relaxed) {
+                row.finish = Some(FinishReason::Cancelled);
+            } else if request.deadline.is_some_and(|d| Instant::now() >= d) {
+                row.finish = Some(FinishReason::Deadline);
+            }
+        }
+        // Hold back an incomplete UTF-8 sequence and anything that may begin a stop string.
+        let upto = if row.finish.is_some() { row.text.len() } else { streamable_len(&row.text, &request.stop) };
+        if upto > row.emitted && row.text.is_char_boundary(row.emitted) {
+            on_token(row.index, &row.text[row.emitted..upto]);
+            row.emitted = upto;
+        }
+        Ok(())
+    }
+}
+
+fn finished(row: Row) -> Generation {
+    Generation {
+        text: row.text,
+        token_ids: row.tokens,
+        prompt_tokens: row.prompt_tokens,
+        finish: row.finish.unwrap_or(FinishReason::Length),
+    }
+}
+
+/// Position ids of the last `width` columns of `mask`: each real token counts the real tokens
+/// before it; padding gets 0.
+fn positions_for(mask: &Array2<i64>, width: usize) -> Array2<i64> {
+    let total = mask.ncols();
+    let mut positions = Array2::<i64>::zeros((mask.nrows(), width));
+    for (b, row) in mask.rows().into_iter().enumerate() {
+        let mut seen = 0i64;
+        for (t, &m) in row.iter().enumerate() {
+            if t >= total - width {
+                positions[[b, t + width - total]] = if m == 1 { seen } else { 0 };
+            }
+            seen += m;
+        }
+    }
+    positions
+}
+
+/// Keeps rows `keep` (axis 0) of a KV tensor.
+fn select_rows(kv: DynValue, keep: &[usize]) -> Result<DynValue, EngineError> {
+    let view = kv.try_extract_array::<f32>()?;
+    let kept: ArrayD<f32> = view.select(Axis(0), keep);
+    Ok(Tensor::from_array(kept)?.into_dyn())
+}
+
+/// How much of `text` can be streamed now: not a trailing U+FFFD (an incomplete UTF-8 sequence
+/// that the next token completes) and not a suffix that could be the start of a stop string.
+fn streamable_len(text: &str, stops: &[String]) -> usize {
+    let mut end = text.trim_end_matches('\u{FFFD}').len();
+    for stop in stops {
+        for (i, _) in stop.char_indices().skip(1) {
+            if text[..end].ends_with(&stop[..i]) {
+                end = end.min(end - i);
+            }
+        }
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_count_real_tokens_only() {
+        let mask = ndarray::array![[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]];
+        assert_eq!(positions_for(&mask, 5), ndarray::array![[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]);
+        assert_eq!(positions_for(&mask, 1), ndarray::array![[2], [4]]);
+    }
+
+    #[test]
+    fn a_possible_stop_string_start_is_held_back() {
+        let stops = vec!["<END>".to_owned()];
+        assert_eq!(streamable_len("Hello <E", &stops), "Hello ".len());
+        assert_eq!(streamable_len("Hello", &stops), 5);
+        assert_eq!(streamable_len("ab\u{FFFD}", &[]), 2);
+    }
+}

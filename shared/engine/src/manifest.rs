@@ -1,0 +1,156 @@
+//! The model manifest that `scripts/prepare-models.sh` writes (`models/prepared/manifest.json`):
+//! per model its kind, files, tokenizer, chat template, special tokens, shape facts and a
+//! content-hash version; and the ONNX Runtime library to load.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use crate::runtime::{self, RuntimeOptions};
+use crate::{ChatTemplate, Classifier, DecoderSpec, Embedder, EngineError, Generator};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Generate,
+    Embed,
+    Classify,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelEntry {
+    pub name: String,
+    pub kind: ModelKind,
+    /// Content hash of the model files.
+    pub version: String,
+    /// Paths relative to the manifest's folder.
+    pub model: PathBuf,
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    #[serde(default)]
+    pub special_tokens: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub context_length: usize,
+    #[serde(default)]
+    pub num_layers: usize,
+    #[serde(default)]
+    pub num_kv_heads: usize,
+    #[serde(default)]
+    pub head_dim: usize,
+    #[serde(default)]
+    pub vocab_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OnnxRuntimeEntry {
+    pub version: String,
+    pub library: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub onnxruntime: Option<OnnxRuntimeEntry>,
+    pub models: Vec<ModelEntry>,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+impl Manifest {
+    /// Reads `<dir>/manifest.json`.
+    pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| EngineError::Manifest(format!("{}: {e} (run scripts/prepare-models.sh)", path.display())))?;
+        let mut manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| EngineError::Manifest(format!("{}: {e}", path.display())))?;
+        manifest.dir = dir.to_path_buf();
+        Ok(manifest)
+    }
+
+    pub fn model(&self, name: &str) -> Result<&ModelEntry, EngineError> {
+        self.models.iter().find(|m| m.name == name).ok_or_else(|| {
+            let known: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();
+            EngineError::Manifest(format!("no model {name:?} in the manifest (has {known:?})"))
+        })
+    }
+
+    pub fn path(&self, relative: &Path) -> PathBuf {
+        self.dir.join(relative)
+    }
+
+    fn session(&self, entry: &ModelEntry, kind: ModelKind, options: &RuntimeOptions) -> Result<ort::session::Session, EngineError> {
+        if entry.kind != kind {
+            return Err(EngineError::Manifest(format!("model {:?} is a {:?} model, not {kind:?}", entry.name, entry.kind)));
+        }
+        let library = self.onnxruntime.as_ref().map(|o| self.path(&o.library));
+        let env = runtime::environment(options, library.as_deref())?;
+        runtime::open_session(env, &self.path(&entry.model), options)
+    }
+
+    fn tokenizer(&self, entry: &ModelEntry) -> Result<Tokenizer, EngineError> {
+        let path = entry
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| EngineError::Manifest(format!("model {:?} has no tokenizer", entry.name)))?;
+        Tokenizer::from_file(self.path(path)).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    pub fn generator(&self, name: &str, options: &RuntimeOptions) -> Result<Generator, EngineError> {
+        let entry = self.model(name)?;
+        let session = self.session(entry, ModelKind::Generate, options)?;
+        Ok(Generator::new(session, self.tokenizer(entry)?, entry.decoder_spec()?))
+    }
+
+    pub fn embedder(&self, name: &str, options: &RuntimeOptions) -> Result<Embedder, EngineError> {
+        let entry = self.model(name)?;
+        Ok(Embedder::new(self.session(entry, ModelKind::Embed, options)?, self.tokenizer(entry)?))
+    }
+
+    pub fn classifier(&self, name: &str, options: &RuntimeOptions) -> Result<Classifier, EngineError> {
+        let entry = self.model(name)?;
+        Ok(Classifier::new(self.session(entry, ModelKind::Classify, options)?))
+    }
+
+    pub fn chat_template(&self, name: &str) -> Result<ChatTemplate, EngineError> {
+        let entry = self.model(name)?;
+        let source = entry
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| EngineError::Manifest(format!("model {name:?} has no chat template")))?;
+        ChatTemplate::new(source)
+    }
+}
+
+impl ModelEntry {
+    pub fn decoder_spec(&self) -> Result<DecoderSpec, EngineError> {
+        let token = |key: &str| {
+            self.special_tokens
+                .get(key)
+                .copied()
+                .ok_or_else(|| EngineError::Manifest(format!("model {:?} has no `{key}` special token", self.name)))
+        };
+        if self.num_layers == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.vocab_size == 0 {
+            return Err(EngineError::Manifest(format!("model {:?} lacks its KV-cache shape", self.name)));
+        }
+        let eos = token("eos")?;
+        let mut eos_token_ids = vec![eos];
+        // ChatML models end a turn with <|im_end|>: that ends generation too.
+        if let Ok(im_end) = token("im_end") {
+            if im_end != eos {
+                eos_token_ids.push(im_end);
+            }
+        }
+        Ok(DecoderSpec {
+            num_layers: self.num_layers,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
+            context_length: self.context_length.max(1),
+            eos_token_ids,
+            pad_token_id: token("pad").or_else(|_| token("eos"))?,
+        })
+    }
+}
