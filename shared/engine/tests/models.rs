@@ -1,0 +1,127 @@
+//! The engine on the real prepared models and the real ONNX Runtime
+//! (`scripts/prepare-models.sh` prepares them; `scripts/test.sh` runs it first).
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use millrace_engine::embed::cosine;
+use millrace_engine::{ChatMessage, FinishReason, GenerationRequest, Generator, Manifest, RuntimeOptions, SamplingParams};
+
+const MODEL: &str = "smollm2-135m";
+const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
+fn manifest() -> Manifest {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/prepared");
+    Manifest::load(&dir).unwrap_or_else(|e| panic!("{e}: the model tests need scripts/prepare-models.sh"))
+}
+
+fn options() -> RuntimeOptions {
+    RuntimeOptions { intra_threads: 2, ..Default::default() }
+}
+
+fn generator() -> Generator {
+    manifest().generator(MODEL, &options()).unwrap()
+}
+
+fn chat(question: &str) -> String {
+    let template = manifest().chat_template(MODEL).unwrap();
+    template.render(&[ChatMessage::new("system", SYSTEM), ChatMessage::new("user", question)], true).unwrap()
+}
+
+fn greedy(generator: &mut Generator, prompts: &[&str], max_new_tokens: usize) -> Vec<millrace_engine::Generation> {
+    let requests: Vec<_> = prompts.iter().map(|p| GenerationRequest::new(*p, max_new_tokens)).collect();
+    generator.generate(&requests, |_, _| ()).unwrap()
+}
+
+#[test]
+fn the_greedy_answer_to_the_capital_of_france_names_paris() {
+    let mut g = generator();
+    let mut streamed = String::new();
+    let out = g.generate(&[GenerationRequest::new(chat("What is the capital of France?"), 32)], |_, piece| streamed.push_str(piece)).unwrap();
+    assert!(out[0].text.contains("Paris"), "{:?}", out[0].text);
+    assert_eq!(streamed, out[0].text, "the streamed pieces make the final text");
+    assert!(out[0].prompt_tokens > 10);
+}
+
+#[test]
+fn generation_with_the_kv_cache_equals_generation_without_it() {
+    let mut g = generator();
+    let prompt = chat("Name three colours.");
+    let cached = greedy(&mut g, &[&prompt], 16).remove(0).token_ids;
+    let mut uncached = g.generate_uncached(&prompt, 16).unwrap();
+    uncached.retain(|t| !g.spec().eos_token_ids.contains(t));
+    assert_eq!(cached, uncached);
+}
+
+#[test]
+fn a_batch_of_different_lengths_gives_each_prompt_its_tokens_alone() {
+    let mut g = generator();
+    let prompts = [chat("Hi!"), chat("What is the capital of France? Answer in one word."), chat("Write a haiku about rivers and mills.")];
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let batched = greedy(&mut g, &refs, 12);
+    for (prompt, together) in refs.iter().zip(&batched) {
+        let alone = greedy(&mut g, &[prompt], 12).remove(0);
+        assert_eq!(together.token_ids, alone.token_ids, "prompt {prompt:?}");
+    }
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible_and_seeds_differ() {
+    let mut g = generator();
+    let sample = |g: &mut Generator, seed| {
+        let mut r = GenerationRequest::new(chat("Tell me a story about a dragon."), 16);
+        r.sampling = SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, seed };
+        g.generate(&[r], |_, _| ()).unwrap().remove(0).token_ids
+    };
+    assert_eq!(sample(&mut g, 7), sample(&mut g, 7));
+    assert_ne!(sample(&mut g, 7), sample(&mut g, 8));
+}
+
+#[test]
+fn cancelling_one_request_stops_it_and_the_others_finish_unchanged() {
+    let mut g = generator();
+    let prompts = [chat("Count from one to fifty in words."), chat("What is the capital of France?")];
+    let requests: Vec<_> = prompts.iter().map(|p| GenerationRequest::new(p.clone(), 20)).collect();
+    let cancel = Arc::clone(&requests[0].cancel);
+    let mut pieces_of_first = 0;
+    let out = g
+        .generate(&requests, |i, _| {
+            if i == 0 {
+                pieces_of_first += 1;
+                if pieces_of_first == 3 {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+        })
+        .unwrap();
+    assert_eq!(out[0].finish, FinishReason::Cancelled);
+    assert!(out[0].token_ids.len() <= 4, "stopped right after the cancel: {:?}", out[0].token_ids);
+    let alone = greedy(&mut g, &[&prompts[1]], 20).remove(0);
+    assert_eq!(out[1].token_ids, alone.token_ids);
+    assert_ne!(out[1].finish, FinishReason::Cancelled);
+}
+
+#[test]
+fn a_stop_string_ends_generation_without_the_stop_string() {
+    let mut g = generator();
+    let mut r = GenerationRequest::new(chat("Count from one to ten, separated by commas."), 40);
+    r.stop = vec!["five".into(), "5".into()];
+    let out = g.generate(&[r], |_, _| ()).unwrap().remove(0);
+    assert_eq!(out.finish, FinishReason::Stop, "{:?}", out.text);
+    assert!(!out.text.contains("five") && !out.text.contains('5'), "{:?}", out.text);
+}
+
+#[test]
+fn related_sentences_embed_closer_than_unrelated_ones() {
+    let mut e = manifest().embedder("minilm-l6", &options()).unwrap();
+    let v = e.embed(&["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]).unwrap();
+    assert_eq!(v[0].len(), 384);
+    assert!(cosine(&v[0], &v[1]) > cosine(&v[0], &v[2]) + 0.1, "{} vs {}", cosine(&v[0], &v[1]), cosine(&v[0], &v[2]));
+}
+
+#[test]
+fn the_classifier_scores_abuse_above_a_benign_sentence() {
+    let mut c = manifest().classifier("profanity", &options()).unwrap();
+    let s = c.scores(&["you are a fucking idiot", "have a lovely afternoon"]).unwrap();
+    assert!(s[0] > 0.5 && s[1] < 0.5, "{s:?}");
+}
