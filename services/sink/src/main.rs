@@ -6,7 +6,7 @@ use clap::Parser;
 use millrace_bus::StageConsumer;
 use millrace_bus::topology::ConsumerSpec;
 use millrace_proto::v1::results_server::ResultsServer;
-use millrace_runtime::{ChildSpec, Service, serve_grpc, serve_http};
+use millrace_runtime::{ChildSpec, Service, consumer_child, serve_grpc, serve_http};
 use millrace_sink::config::SinkConfig;
 use millrace_sink::consume::{DeadLetterStage, ResultsStage};
 use millrace_sink::grpc::ResultsApi;
@@ -42,14 +42,8 @@ fn main() -> ExitCode {
                 ctx.set_ready();
                 writer::run(queue.clone(), writer_store.clone(), policy.clone(), ctx.shutdown.clone())
             }),
-            ChildSpec::new("results-consumer", move |ctx| {
-                let consumer = results.clone();
-                async move { Ok(consumer.run(ctx.shutdown.clone(), || ctx.set_ready()).await?) }
-            }),
-            ChildSpec::new("dlq-consumer", move |ctx| {
-                let consumer = dead_letters.clone();
-                async move { Ok(consumer.run(ctx.shutdown.clone(), || ctx.set_ready()).await?) }
-            }),
+            consumer_child("results-consumer", results),
+            consumer_child("dlq-consumer", dead_letters),
             ChildSpec::new("http-api", move |ctx| {
                 let store = web::Data::new(store.clone());
                 async move {

@@ -42,6 +42,9 @@ pub struct ModelEntry {
     pub head_dim: usize,
     #[serde(default)]
     pub vocab_size: usize,
+    /// Tokens that end generation (EOS, end of turn …); defaults to the `eos` special token.
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,14 +138,7 @@ impl ModelEntry {
         if self.num_layers == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.vocab_size == 0 {
             return Err(EngineError::Manifest(format!("model {:?} lacks its KV-cache shape", self.name)));
         }
-        let eos = token("eos")?;
-        let mut eos_token_ids = vec![eos];
-        // ChatML models end a turn with <|im_end|>: that ends generation too.
-        if let Ok(im_end) = token("im_end") {
-            if im_end != eos {
-                eos_token_ids.push(im_end);
-            }
-        }
+        let eos_token_ids = if self.stop_token_ids.is_empty() { vec![token("eos")?] } else { self.stop_token_ids.clone() };
         Ok(DecoderSpec {
             num_layers: self.num_layers,
             num_kv_heads: self.num_kv_heads,

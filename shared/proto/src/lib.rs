@@ -42,3 +42,14 @@ impl TerminalStatus {
         Self::from_str_name(&name.to_ascii_uppercase())
     }
 }
+
+/// gRPC metadata key carrying an error's machine-readable code.
+pub const CODE_METADATA: &str = "x-millrace-code";
+
+/// A gRPC status for a Millrace error: the message starts with the machine-readable `code`
+/// (`"empty_text: …"`), which also rides in [`CODE_METADATA`].
+pub fn coded_status(grpc: tonic::Code, code: &'static str, message: impl std::fmt::Display) -> tonic::Status {
+    let mut status = tonic::Status::new(grpc, format!("{code}: {message}"));
+    status.metadata_mut().insert(CODE_METADATA, tonic::metadata::MetadataValue::from_static(code));
+    status
+}

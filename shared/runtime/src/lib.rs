@@ -14,6 +14,6 @@ mod shell;
 pub mod supervisor;
 mod telemetry;
 
-pub use servers::{serve_grpc, serve_http};
+pub use servers::{consumer_child, serve_grpc, serve_http};
 pub use shell::{Service, ShellArgs, Setup};
 pub use supervisor::{ChildContext, ChildSpec, Readiness, SupervisorConfig};

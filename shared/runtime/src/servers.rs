@@ -1,4 +1,4 @@
-//! Running API servers as supervised children: ready once bound, graceful stop on drain.
+//! Servers and consumers as supervised children: ready once bound or consuming, graceful stop on drain.
 use std::net::SocketAddr;
 
 use tonic::transport::server::{Router, TcpIncoming};
@@ -27,4 +27,15 @@ pub async fn serve_grpc(ctx: ChildContext, addr: SocketAddr, router: Router) -> 
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), ctx.shutdown.cancelled())
         .await?;
     Ok(())
+}
+
+/// A stage consumer as a supervised child: ready once it consumes, drained on shutdown.
+pub fn consumer_child<H: millrace_bus::Handler>(
+    name: &'static str,
+    consumer: std::sync::Arc<millrace_bus::StageConsumer<H>>,
+) -> crate::ChildSpec {
+    crate::ChildSpec::new(name, move |ctx| {
+        let consumer = consumer.clone();
+        async move { Ok(consumer.run(ctx.shutdown.clone(), || ctx.set_ready()).await?) }
+    })
 }

@@ -1,0 +1,23 @@
+//! Millrace inference: the mesh's model server (ARCHITECTURE.md §1, §3, §7).
+//!
+//! - Consumes `BATCHES` (durable `inference`): each batch is generated in one batched engine
+//!   call; token pieces stream on core NATS `mr.v1.tokens.<request_id>` as `TokenChunk`s (a last
+//!   one with `last: true`); then each request's `Completion` goes to `COMPLETIONS`, or, for a
+//!   request cancelled, past its deadline or rejected, its terminal `Result` to `RESULTS` —
+//!   all deduplicated on `<request_id>/inference` and PubAcked before the batch is acked.
+//! - Follows `mr.v1.cancel.*`: a cancelled request stops inside its running batch.
+//! - Serves gRPC `millrace.v1.Inference`: `Generate` (streamed; dropping the stream cancels it),
+//!   `Embed`, `Classify`, with `INVALID_ARGUMENT` + a code for bad input and
+//!   `RESOURCE_EXHAUSTED` `overloaded` when every generator is busy.
+//!
+//! - [`config`]: flags; [`pool`]: the loaded models and the generator pool;
+//!   [`request`]: parameters → engine request, admission rules (pure); [`cancel`]: the cancel
+//!   registry and its listener; [`stage`]: the bus stage; [`grpc`]: the API; [`error`]: the
+//!   API's error codes.
+pub mod cancel;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod pool;
+pub mod request;
+pub mod stage;

@@ -1,0 +1,296 @@
+//! The stage BATCHES → COMPLETIONS: a batch is generated in one engine call on a leased
+//! generator, each token piece goes out on its request's core-NATS token subject as it is made,
+//! and then every request's one outcome — its `Completion`, or the terminal `Result` of a
+//! request cancelled, expired or rejected — is published with PubAcks before the batch is
+//! acked (ack after effect). A batch that fails in the engine is retried whole: the outputs'
+//! dedup ids (`<request_id>/inference`) make a retry that got further harmless.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use millrace_bus::publisher::Outbound;
+use millrace_bus::topology::ephemeral;
+use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
+use millrace_engine::{FinishReason, Generation};
+use millrace_proto::v1::{
+    Batch, Completion, Prompt, RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk,
+};
+use millrace_proto::{Message as _, now_unix_ms};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::cancel::CancelRegistry;
+use crate::pool::{Engines, Outcome};
+use crate::request::{Defaults, check_model, deadline_at, generation_request, seed_from_request_id};
+
+/// This stage's name in timings, terminal results and dedup ids.
+pub const STAGE: &str = "inference";
+
+/// How long a batch waits before being redelivered after the engine failed on it.
+const ENGINE_RETRY: Duration = Duration::from_secs(1);
+
+pub struct BatchStage {
+    pub engines: Arc<Engines>,
+    pub cancels: Arc<CancelRegistry>,
+    pub publisher: Publisher,
+    pub defaults: Defaults,
+}
+
+impl Handler for BatchStage {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
+        let batch: Batch = delivery.decode()?;
+        let (prompts, anonymous): (Vec<Prompt>, Vec<Prompt>) =
+            batch.prompts.into_iter().partition(|p| p.ctx.as_ref().is_some_and(|c| !c.request_id.is_empty()));
+        if !anonymous.is_empty() {
+            warn!(
+                batch_id = batch.batch_id,
+                dropped = anonymous.len(),
+                "prompts without a request id: no result can name them"
+            );
+        }
+        let outcomes = match check_model(&batch.model, &self.engines.model) {
+            Ok(()) => self.generate(&prompts).await?,
+            Err(rejection) => prompts.iter().map(|_| Err(rejection.clone())).collect(),
+        };
+        let outs: Vec<Outbound> = prompts
+            .into_iter()
+            .zip(outcomes)
+            .map(|(prompt, outcome)| outbound(prompt, outcome, &self.engines.model_version, delivery.received_unix_us))
+            .collect();
+        self.publisher.publish_all(outs).await?;
+        Ok(())
+    }
+}
+
+impl BatchStage {
+    /// Runs the batch on the next free generator, streaming its tokens; cancellable per request
+    /// from the moment the batch arrived (queued behind another batch included).
+    async fn generate(&self, prompts: &[Prompt]) -> Result<Vec<Outcome>, StageError> {
+        let request_ids: Vec<String> = prompts.iter().map(|p| context(p).request_id.clone()).collect();
+        let registrations: Vec<_> = request_ids.iter().map(|id| self.cancels.register(id)).collect();
+        let (now, now_ms) = (Instant::now(), now_unix_ms());
+        let requests = prompts
+            .iter()
+            .zip(&registrations)
+            .map(|(p, registration)| {
+                let ctx = context(p);
+                let deadline = deadline_at(ctx.deadline_unix_ms, now, now_ms);
+                let seed = seed_from_request_id(&ctx.request_id);
+                generation_request(
+                    p.prompt.clone(),
+                    ctx.params.as_ref(),
+                    self.defaults,
+                    seed,
+                    deadline,
+                    registration.flag(),
+                )
+            })
+            .collect();
+        let mut lease = self.engines.generators.checkout().await;
+        // Unbounded, yet bounded by the batch's token budget; a bounded one would stall the
+        // engine behind NATS.
+        let (pieces, received) = mpsc::unbounded_channel();
+        let job = tokio::task::spawn_blocking(move || {
+            lease.run(requests, |i, piece| {
+                let _ = pieces.send((i, piece.to_owned()));
+            })
+        });
+        let client = self.publisher.client();
+        let (sent, generated) = tokio::join!(stream_pieces(&client, &request_ids, received), job);
+        let outcomes = match generated {
+            Ok(outcomes) => outcomes.map_err(|e| StageError::transient(format!("engine: {e}"), ENGINE_RETRY))?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(StageError::transient(format!("generation job: {e}"), ENGINE_RETRY)),
+        };
+        // Closed only once the job succeeded: a failed batch is retried and streams again.
+        for (request_id, index) in request_ids.iter().zip(sent) {
+            publish_chunk(&client, request_id, index, String::new(), true).await;
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The context of a prompt kept for generation (those without one were set aside).
+fn context(prompt: &Prompt) -> &RequestContext {
+    prompt.ctx.as_ref().expect("prompts without a context are set aside")
+}
+
+/// Publishes each piece as the next chunk of its request; returns how many each request got.
+async fn stream_pieces(
+    client: &Client,
+    request_ids: &[String],
+    mut pieces: mpsc::UnboundedReceiver<(usize, String)>,
+) -> Vec<u32> {
+    let mut sent = vec![0u32; request_ids.len()];
+    while let Some((i, text)) = pieces.recv().await {
+        publish_chunk(client, &request_ids[i], sent[i], text, false).await;
+        sent[i] += 1;
+    }
+    sent
+}
+
+async fn publish_chunk(client: &Client, request_id: &str, index: u32, text: String, last: bool) {
+    let chunk = TokenChunk { request_id: request_id.to_owned(), index, text, last };
+    // Core NATS, best effort by design: the Completion carries the whole text durably.
+    if let Err(e) = client.publish(ephemeral::tokens(request_id), chunk.encode_to_vec().into()).await {
+        debug!(request_id, error = %e, "token chunk not sent");
+    }
+}
+
+/// The one message a batch member becomes: its `Completion`, or the terminal `Result` of a
+/// request that ended without one.
+pub fn outbound(mut prompt: Prompt, outcome: Outcome, model_version: &str, received_unix_us: i64) -> Outbound {
+    prompt.timings.get_or_insert_default().record(STAGE, received_unix_us);
+    let request_id = context(&prompt).request_id.clone();
+    let (subject, payload) = match outcome {
+        Ok(g) => match g.finish {
+            FinishReason::Eos | FinishReason::Length | FinishReason::Stop => {
+                (Edge::COMPLETIONS.subject_for(&request_id), completion(prompt, g, model_version).encode_to_vec())
+            }
+            FinishReason::Cancelled => {
+                let detail = format!("cancelled after {} generated tokens", g.token_ids.len());
+                let result = terminal(prompt, TerminalStatus::Cancelled, "cancelled", detail, Some(g), model_version);
+                (Edge::RESULTS.subject_for(&request_id), result.encode_to_vec())
+            }
+            FinishReason::Deadline => {
+                let detail = format!("deadline passed after {} generated tokens", g.token_ids.len());
+                let result =
+                    terminal(prompt, TerminalStatus::Expired, "deadline_exceeded", detail, Some(g), model_version);
+                (Edge::RESULTS.subject_for(&request_id), result.encode_to_vec())
+            }
+        },
+        Err(rejection) => {
+            let result = terminal(
+                prompt,
+                TerminalStatus::Rejected,
+                rejection.code(),
+                rejection.to_string(),
+                None,
+                model_version,
+            );
+            (Edge::RESULTS.subject_for(&request_id), result.encode_to_vec())
+        }
+    };
+    Outbound { subject, msg_id: msg_id(&request_id, STAGE), payload: payload.into() }
+}
+
+fn completion(prompt: Prompt, g: Generation, model_version: &str) -> Completion {
+    Completion {
+        ctx: prompt.ctx,
+        timings: prompt.timings,
+        prompt: prompt.prompt,
+        completion_tokens: g.token_ids.len() as u32,
+        prompt_tokens: g.prompt_tokens as u32,
+        text: g.text,
+        model_version: model_version.to_owned(),
+        finish_reason: g.finish.as_str().to_owned(),
+        user_text: prompt.user_text,
+        verdicts: prompt.verdicts,
+    }
+}
+
+/// A terminal result carrying what was generated before the request ended, if anything.
+fn terminal(
+    prompt: Prompt,
+    status: TerminalStatus,
+    reason: &str,
+    detail: String,
+    partial: Option<Generation>,
+    model_version: &str,
+) -> TerminalResult {
+    let (completion, prompt_tokens, completion_tokens) = match partial {
+        Some(g) => (g.text, g.prompt_tokens as u32, g.token_ids.len() as u32),
+        None => (String::new(), prompt.prompt_tokens, 0),
+    };
+    TerminalResult {
+        ctx: prompt.ctx,
+        timings: prompt.timings,
+        status: status.into(),
+        reason: reason.to_owned(),
+        detail,
+        prompt: prompt.prompt,
+        completion,
+        verdicts: prompt.verdicts,
+        model_version: model_version.to_owned(),
+        prompt_tokens,
+        completion_tokens,
+        stage: STAGE.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use millrace_proto::v1::{GenerationParams, StageTiming, Timings, Verdict};
+
+    use super::*;
+    use crate::request::Rejection;
+
+    fn prompt() -> Prompt {
+        Prompt {
+            ctx: Some(RequestContext {
+                request_id: "r1".into(),
+                params: Some(GenerationParams { max_new_tokens: 8, ..Default::default() }),
+                ..Default::default()
+            }),
+            timings: Some(Timings {
+                stages: vec![StageTiming { stage: "batcher".into(), received_unix_us: 1, finished_unix_us: 2 }],
+            }),
+            prompt: "<|im_start|>user\nHi<|im_end|>\n".into(),
+            prompt_tokens: 9,
+            user_text: "Hi".into(),
+            verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    fn generation(finish: FinishReason) -> Generation {
+        Generation { text: "Hello".into(), token_ids: vec![5, 6], prompt_tokens: 7, finish }
+    }
+
+    fn result_of(out: &Outbound) -> TerminalResult {
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/inference"));
+        TerminalResult::decode(out.payload.as_ref()).unwrap()
+    }
+
+    #[test]
+    fn a_finished_generation_becomes_a_completion_carrying_the_request_over() {
+        let out = outbound(prompt(), Ok(generation(FinishReason::Eos)), "v9", 100);
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.completions", "r1/inference"));
+        let c = Completion::decode(out.payload.as_ref()).unwrap();
+        assert_eq!((c.text.as_str(), c.prompt_tokens, c.completion_tokens), ("Hello", 7, 2));
+        assert_eq!((c.model_version.as_str(), c.finish_reason.as_str()), ("v9", "eos"));
+        assert_eq!((c.user_text.as_str(), c.verdicts.len()), ("Hi", 1));
+        assert_eq!(c.prompt, prompt().prompt);
+        assert_eq!(c.ctx, prompt().ctx);
+        let stages = c.timings.unwrap().stages;
+        assert_eq!(stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(), ["batcher", "inference"]);
+        assert_eq!(stages[1].received_unix_us, 100);
+        assert!(stages[1].finished_unix_us >= 100);
+        let c = Completion::decode(outbound(prompt(), Ok(generation(FinishReason::Stop)), "v9", 100).payload.as_ref())
+            .unwrap();
+        assert_eq!(c.finish_reason, "stop");
+    }
+
+    #[test]
+    fn cancelled_and_expired_requests_get_a_terminal_result_instead() {
+        let r = result_of(&outbound(prompt(), Ok(generation(FinishReason::Cancelled)), "v9", 100));
+        assert_eq!(
+            (r.status(), r.reason.as_str(), r.stage.as_str()),
+            (TerminalStatus::Cancelled, "cancelled", "inference")
+        );
+        assert_eq!((r.completion.as_str(), r.completion_tokens, r.model_version.as_str()), ("Hello", 2, "v9"));
+        assert_eq!(r.timings.unwrap().stages.last().unwrap().stage, "inference");
+        let r = result_of(&outbound(prompt(), Ok(generation(FinishReason::Deadline)), "v9", 100));
+        assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Expired, "deadline_exceeded"));
+    }
+
+    #[test]
+    fn a_rejected_request_gets_a_rejected_result_with_its_code() {
+        let rejection = Rejection::PromptTooLong { tokens: 9000, context: 8192 };
+        let r = result_of(&outbound(prompt(), Err(rejection), "v9", 100));
+        assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Rejected, "prompt_too_long"));
+        assert_eq!((r.prompt_tokens, r.completion_tokens, r.completion.as_str()), (9, 0, ""));
+        assert!(r.detail.contains("9000"), "{}", r.detail);
+    }
+}
