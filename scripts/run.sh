@@ -57,8 +57,10 @@ start nats .tools/venv/bin/nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m 8222 
 wait_ready nats "http://127.0.0.1:8222/healthz?js-enabled-only=true"
 # Services run as deployed: one process each, ordered only by readiness.
 start sink "$BIN/sink"
+start inference "$BIN/inference"
 start ingest "$BIN/ingest"
 wait_ready sink http://127.0.0.1:9187/readyz
+wait_ready inference http://127.0.0.1:9185/readyz
 wait_ready ingest http://127.0.0.1:9180/readyz
 
 show() { # method url [json body] [extra curl args...]
@@ -94,7 +96,7 @@ show DELETE "$INGEST/v1/queries/$q2"
 sleep 0.5
 show GET "$INGEST/v1/queries/$q2"
 
-bold "5. the other request waits for the middle of the mesh (preprocess … inference: later issues)"
+bold "5. the other request waits for the middle of the mesh (preprocess, moderation, session, batcher: later issues)"
 show GET "$INGEST/v1/queries/$q1"
 echo "stream depths (monitoring endpoint /jsz):"
 curl -sS 'http://127.0.0.1:8222/jsz?streams=true' | python3 -c "$(cat <<'PY'
@@ -120,7 +122,8 @@ bold "Millrace is running"
 cat <<INFO
   ingest   HTTP $INGEST/v1/queries   gRPC 127.0.0.1:50051 (millrace.v1.Ingest)
   sink     HTTP $SINK/v1/results     gRPC 127.0.0.1:50057 (millrace.v1.Results)
-  metrics  http://127.0.0.1:9180/metrics (ingest)  http://127.0.0.1:9187/metrics (sink)
+  infer.   gRPC 127.0.0.1:50055 (millrace.v1.Inference: Generate, Embed, Classify)
+  metrics  http://127.0.0.1:9180/metrics (ingest)  :9185 (inference)  :9187 (sink)
   NATS     $MILLRACE_NATS_URL  monitoring http://127.0.0.1:8222
   data     $DATA/ (SQLite, JetStream store, logs)
 INFO

@@ -45,7 +45,7 @@ impl InferenceConfig {
 
     pub fn runtime_options(&self) -> RuntimeOptions {
         // No library here: the engine takes ORT_DYLIB_PATH, then the manifest's library.
-        RuntimeOptions { library: None, provider: self.provider, intra_threads: self.intra_threads }
+        RuntimeOptions { provider: self.provider, intra_threads: self.intra_threads, ..Default::default() }
     }
 
     /// The embedding model, unless disabled.

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use ndarray::{Array2, ArrayD, Axis};
-use ort::session::{Session, SessionInputValue};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor};
 use tokenizers::Tokenizer;
 
@@ -89,6 +90,9 @@ pub struct Generator {
     session: Session,
     tokenizer: Tokenizer,
     spec: DecoderSpec,
+    /// Where ONNX Runtime keeps the KV cache between steps when it is bound (IoBinding) rather
+    /// than copied out and back each step: device memory on a GPU, so only the logits cross.
+    kv_memory: Option<MemoryInfo<'static>>,
 }
 
 /// The state of one row while it generates.
@@ -105,7 +109,14 @@ struct Row {
 
 impl Generator {
     pub fn new(session: Session, tokenizer: Tokenizer, spec: DecoderSpec) -> Self {
-        Self { session, tokenizer, spec }
+        Self { session, tokenizer, spec, kv_memory: None }
+    }
+
+    /// Keeps the KV cache in `memory` (via IoBinding) between steps. Finished rows then stay in
+    /// the batch, fed padding, instead of being cut out of a cache the host cannot reach.
+    pub fn with_bound_kv(mut self, memory: MemoryInfo<'static>) -> Self {
+        self.kv_memory = Some(memory);
+        self
     }
 
     pub fn spec(&self) -> &DecoderSpec {
@@ -180,17 +191,21 @@ impl Generator {
             let (seq, vocab) = (step_ids.ncols(), self.spec.vocab_size);
             let mut next = Vec::with_capacity(active.len());
             for (b, &i) in active.iter().enumerate() {
+                if rows[i].finish.is_some() {
+                    next.push(self.spec.pad_token_id);
+                    continue;
+                }
                 let start = (b * seq + seq - 1) * vocab;
                 let token = rows[i].sampler.next_token(&logits[start..start + vocab]);
                 self.advance(&mut rows[i], &requests[i], token, &mut on_token)?;
                 next.push(token);
             }
-            // Drop finished rows from the batch (their KV rows too).
             let keep: Vec<usize> = (0..active.len()).filter(|&b| rows[active[b]].finish.is_none()).collect();
             if keep.is_empty() {
                 break;
             }
-            if keep.len() < active.len() {
+            // Drop finished rows from the batch and their KV rows (when the host holds them).
+            if self.kv_memory.is_none() && keep.len() < active.len() {
                 past = past.into_iter().map(|kv| select_rows(kv, &keep)).collect::<Result<_, _>>()?;
                 mask = mask.select(Axis(0), &keep);
                 active = keep.iter().map(|&b| active[b]).collect();
@@ -243,28 +258,45 @@ impl Generator {
         positions: &Array2<i64>,
         past: Vec<DynValue>,
     ) -> Result<(Vec<f32>, Vec<DynValue>), EngineError> {
+        if let Some(memory) = self.kv_memory.clone() {
+            return self.run_bound(&memory, input_ids, mask, positions, past);
+        }
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             ("input_ids".into(), Tensor::from_array(input_ids.clone())?.into_dyn().into()),
             ("attention_mask".into(), Tensor::from_array(mask.clone())?.into_dyn().into()),
             ("position_ids".into(), Tensor::from_array(positions.clone())?.into_dyn().into()),
         ];
         for (n, value) in past.into_iter().enumerate() {
-            let kind = if n % 2 == 0 { "key" } else { "value" };
-            inputs.push((format!("past_key_values.{}.{kind}", n / 2).into(), value.into()));
+            inputs.push((kv_name("past_key_values", n).into(), value.into()));
         }
-        let mut outputs = self.session.run(inputs)?;
-        let logits = outputs
-            .remove("logits")
-            .ok_or_else(|| EngineError::Model("no `logits` output".into()))?;
-        let (_, logits) = logits.try_extract_tensor::<f32>()?;
-        let logits = logits.to_vec();
-        let presents = (0..self.spec.num_layers * 2)
-            .map(|n| {
-                let name = format!("present.{}.{}", n / 2, if n % 2 == 0 { "key" } else { "value" });
-                outputs.remove(&name).ok_or_else(|| EngineError::Model(format!("no `{name}` output")))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok((logits, presents))
+        let outputs = self.session.run(inputs)?;
+        take_outputs(outputs, self.spec.num_layers)
+    }
+
+    /// The same pass through an IoBinding: presents stay in `memory` and are bound as the next
+    /// step's past without a copy; only the logits come to the host.
+    fn run_bound(
+        &mut self,
+        memory: &MemoryInfo,
+        input_ids: &Array2<i64>,
+        mask: &Array2<i64>,
+        positions: &Array2<i64>,
+        past: Vec<DynValue>,
+    ) -> Result<(Vec<f32>, Vec<DynValue>), EngineError> {
+        let mut binding = self.session.create_binding()?;
+        binding.bind_input("input_ids", &Tensor::from_array(input_ids.clone())?)?;
+        binding.bind_input("attention_mask", &Tensor::from_array(mask.clone())?)?;
+        binding.bind_input("position_ids", &Tensor::from_array(positions.clone())?)?;
+        for (n, value) in past.iter().enumerate() {
+            binding.bind_input(kv_name("past_key_values", n), value)?;
+        }
+        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+        binding.bind_output_to_device("logits", &host)?;
+        for n in 0..self.spec.num_layers * 2 {
+            binding.bind_output_to_device(kv_name("present", n), memory)?;
+        }
+        let outputs = self.session.run_binding(&binding)?;
+        take_outputs(outputs, self.spec.num_layers)
     }
 
     /// Appends `token` to the row, streams what is safe to stream, and decides if it is done.
@@ -304,6 +336,26 @@ impl Generator {
         }
         Ok(())
     }
+}
+
+/// The logits (flattened [batch, seq, vocab], on the host) and the presents, in order.
+fn take_outputs(mut outputs: SessionOutputs<'_>, num_layers: usize) -> Result<(Vec<f32>, Vec<DynValue>), EngineError> {
+    let logits = outputs
+        .remove("logits")
+        .ok_or_else(|| EngineError::Model("no `logits` output".into()))?;
+    let logits = logits.try_extract_tensor::<f32>()?.1.to_vec();
+    let presents = (0..num_layers * 2)
+        .map(|n| {
+            let name = kv_name("present", n);
+            outputs.remove(&name).ok_or_else(|| EngineError::Model(format!("no `{name}` output")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((logits, presents))
+}
+
+/// `<prefix>.<layer>.key` for even `n`, `.value` for odd: the KV tensors in order.
+fn kv_name(prefix: &str, n: usize) -> String {
+    format!("{prefix}.{}.{}", n / 2, if n % 2 == 0 { "key" } else { "value" })
 }
 
 fn finished(row: Row) -> Generation {

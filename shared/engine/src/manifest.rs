@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use crate::runtime::{self, RuntimeOptions};
+use crate::runtime::{self, ActiveProvider, RuntimeOptions};
 use crate::{ChatTemplate, Classifier, DecoderSpec, Embedder, EngineError, Generator};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -84,7 +84,12 @@ impl Manifest {
         self.dir.join(relative)
     }
 
-    fn session(&self, entry: &ModelEntry, kind: ModelKind, options: &RuntimeOptions) -> Result<ort::session::Session, EngineError> {
+    fn session(
+        &self,
+        entry: &ModelEntry,
+        kind: ModelKind,
+        options: &RuntimeOptions,
+    ) -> Result<(ort::session::Session, ActiveProvider), EngineError> {
         if entry.kind != kind {
             return Err(EngineError::Manifest(format!("model {:?} is a {:?} model, not {kind:?}", entry.name, entry.kind)));
         }
@@ -103,18 +108,23 @@ impl Manifest {
 
     pub fn generator(&self, name: &str, options: &RuntimeOptions) -> Result<Generator, EngineError> {
         let entry = self.model(name)?;
-        let session = self.session(entry, ModelKind::Generate, options)?;
-        Ok(Generator::new(session, self.tokenizer(entry)?, entry.decoder_spec()?))
+        let (session, active) = self.session(entry, ModelKind::Generate, options)?;
+        let generator = Generator::new(session, self.tokenizer(entry)?, entry.decoder_spec()?);
+        Ok(if active == ActiveProvider::Cuda || options.bind_kv {
+            generator.with_bound_kv(active.kv_memory()?)
+        } else {
+            generator
+        })
     }
 
     pub fn embedder(&self, name: &str, options: &RuntimeOptions) -> Result<Embedder, EngineError> {
         let entry = self.model(name)?;
-        Ok(Embedder::new(self.session(entry, ModelKind::Embed, options)?, self.tokenizer(entry)?))
+        Ok(Embedder::new(self.session(entry, ModelKind::Embed, options)?.0, self.tokenizer(entry)?))
     }
 
     pub fn classifier(&self, name: &str, options: &RuntimeOptions) -> Result<Classifier, EngineError> {
         let entry = self.model(name)?;
-        Ok(Classifier::new(self.session(entry, ModelKind::Classify, options)?))
+        Ok(Classifier::new(self.session(entry, ModelKind::Classify, options)?.0))
     }
 
     pub fn chat_template(&self, name: &str) -> Result<ChatTemplate, EngineError> {

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::ep::ExecutionProvider as _;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -40,11 +41,14 @@ pub struct RuntimeOptions {
     pub provider: ExecutionProvider,
     /// Intra-op threads per session (0 = ONNX Runtime's choice).
     pub intra_threads: usize,
+    /// Keep the KV cache in ONNX Runtime's buffers through IoBinding. Always on when CUDA runs
+    /// (the cache stays on the GPU); on the CPU it exercises the same path.
+    pub bind_kv: bool,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self { library: None, provider: ExecutionProvider::Cpu, intra_threads: 0 }
+        Self { library: None, provider: ExecutionProvider::Cpu, intra_threads: 0, bind_kv: false }
     }
 }
 
@@ -76,28 +80,50 @@ pub fn environment(options: &RuntimeOptions, manifest_library: Option<&Path>) ->
         .map_err(|e| EngineError::Runtime(e.clone()))
 }
 
+/// The provider a session actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActiveProvider {
+    Cpu,
+    Cuda,
+}
+
+impl ActiveProvider {
+    /// Where a bound KV cache lives on this provider.
+    pub fn kv_memory(self) -> Result<MemoryInfo<'static>, EngineError> {
+        let device = match self {
+            Self::Cpu => AllocationDevice::CPU,
+            Self::Cuda => AllocationDevice::CUDA,
+        };
+        Ok(MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default)?)
+    }
+}
+
 /// Opens a session for `model` on the configured provider, saying which one runs and why.
-pub fn open_session(env: &Environment, model: &Path, options: &RuntimeOptions) -> Result<Session, EngineError> {
+pub fn open_session(
+    env: &Environment,
+    model: &Path,
+    options: &RuntimeOptions,
+) -> Result<(Session, ActiveProvider), EngineError> {
     let mut builder = Session::builder(env)?.with_optimization_level(GraphOptimizationLevel::Level3)?;
     if options.intra_threads > 0 {
         builder = builder.with_intra_threads(options.intra_threads)?;
     }
-    let provider = match options.provider {
-        ExecutionProvider::Cpu => "cpu (configured)",
+    let (active, provider) = match options.provider {
+        ExecutionProvider::Cpu => (ActiveProvider::Cpu, "cpu (configured)"),
         ExecutionProvider::Cuda | ExecutionProvider::Auto => {
             match ort::ep::CUDA::default().register(&mut builder) {
-                Ok(()) => "cuda",
+                Ok(()) => (ActiveProvider::Cuda, "cuda"),
                 Err(e) if options.provider == ExecutionProvider::Cuda => {
                     return Err(EngineError::Runtime(format!("CUDA execution provider did not register: {e}")));
                 }
                 Err(e) => {
                     warn!(error = %e, "CUDA execution provider did not register; falling back to CPU");
-                    "cpu (auto: CUDA unavailable)"
+                    (ActiveProvider::Cpu, "cpu (auto: CUDA unavailable)")
                 }
             }
         }
     };
     let session = builder.commit_from_file(model).map_err(|e| EngineError::Model(format!("{}: {e}", model.display())))?;
     info!(model = %model.display(), provider, "session ready");
-    Ok(session)
+    Ok((session, active))
 }

@@ -127,3 +127,17 @@ fn the_classifier_scores_abuse_above_a_benign_sentence() {
     let s = c.scores(&["you are a fucking idiot", "have a lovely afternoon"]).unwrap();
     assert!(s[0] > 0.5 && s[1] < 0.5, "{s:?}");
 }
+
+#[test]
+fn the_bound_kv_cache_path_generates_the_same_tokens() {
+    // The path a GPU takes (IoBinding, finished rows kept in the batch), run on the CPU.
+    let bound_options = RuntimeOptions { bind_kv: true, ..options() };
+    let mut bound = manifest().generator(MODEL, &bound_options).unwrap();
+    let mut plain = generator();
+    let prompts = [chat("Hi!"), chat("What is the capital of France?"), chat("Write a haiku about rivers and mills.")];
+    // Different lengths so rows finish at different steps.
+    let requests: Vec<_> = prompts.iter().zip([4, 16, 10]).map(|(p, n)| GenerationRequest::new(p.clone(), n)).collect();
+    let with_binding = bound.generate(&requests, |_, _| ()).unwrap();
+    let without = plain.generate(&requests, |_, _| ()).unwrap();
+    assert_eq!(with_binding, without);
+}
