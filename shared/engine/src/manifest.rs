@@ -106,6 +106,11 @@ impl Manifest {
         Tokenizer::from_file(self.path(path)).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
     }
 
+    /// The tokenizer of model `name` (e.g. to count a prompt's tokens without loading the model).
+    pub fn model_tokenizer(&self, name: &str) -> Result<Tokenizer, EngineError> {
+        self.tokenizer(self.model(name)?)
+    }
+
     pub fn generator(&self, name: &str, options: &RuntimeOptions) -> Result<Generator, EngineError> {
         let entry = self.model(name)?;
         let (session, active) = self.session(entry, ModelKind::Generate, options)?;
