@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::topology::ConsumerSpec;
+use crate::topology::{self, ConsumerSpec};
 use crate::{BusError, BusSettings, Publisher, dlq, metrics, request_id_from_msg_id, trace};
 
 /// One delivered message, as a handler sees it.
@@ -125,8 +125,11 @@ impl<H: Handler> StageConsumer<H> {
         let js = self.publisher.jetstream().clone();
         let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(format!("consumer {}: {e}", self.spec.durable));
         let stream = js.get_stream(self.spec.edge.stream).await.map_err(|e| unavailable(&e))?;
-        let consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer(self.spec.durable).await.map_err(|e| unavailable(&e))?;
+        // The reader owns its consumer's settings: create-or-update to this process's flags.
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(topology::consumer_config(&self.settings, self.spec.durable))
+            .await
+            .map_err(|e| unavailable(&e))?;
         let workers = self.settings.workers.max(1);
         let mut messages = consumer
             .stream()

@@ -157,7 +157,7 @@ impl Topology {
     }
 }
 
-fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Config {
+pub(crate) fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Config {
     // Redelivery after a missed ack backs off: ack_wait, 2×, 4×, … (one entry per delivery).
     let backoff = (0..settings.max_deliver.clamp(1, 16))
         .map(|i| settings.ack_wait() * 2u32.pow(i as u32))
@@ -219,8 +219,12 @@ async fn provision_consumer(
         detail: e.to_string(),
     };
     let stream = js.get_stream(stream_name).await.map_err(|e| err(&e))?;
-    // create_consumer is create-or-update on the server for durables with the same name.
-    stream.create_consumer(config.clone()).await.map_err(|e| err(&e))?;
+    // Only what is missing: an existing consumer belongs to the service that reads it, which
+    // brings it to its own settings when it starts consuming (`StageConsumer::run`), so services
+    // started with different flags do not take turns rewriting each other's consumers.
+    if stream.consumer_info(&durable).await.is_err() {
+        stream.create_consumer(config.clone()).await.map_err(|e| err(&e))?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,85 @@
+//! The batcher's configuration: every flag also reads its `MILLRACE_…` env var.
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::time::Duration;
+
+use millrace_runtime::ShellArgs;
+
+use crate::queue::Limits;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "batcher", about = "Millrace batcher: PROMPTS into per-model BATCHES")]
+pub struct BatcherConfig {
+    /// Most requests in one batch.
+    #[arg(long, env = "MILLRACE_MAX_BATCH_SIZE", default_value = "16")]
+    pub max_batch_size: NonZeroUsize,
+    /// Most prompt tokens in one batch (a single longer prompt goes alone).
+    #[arg(long, env = "MILLRACE_MAX_BATCH_TOKENS", default_value = "4096")]
+    pub max_batch_tokens: NonZeroU64,
+    /// Longest a request waits for its batch to fill while the model is busy, milliseconds.
+    #[arg(long, env = "MILLRACE_MAX_WAIT_MS", default_value_t = 20)]
+    pub max_wait_ms: u64,
+    /// Batches per model in flight (in BATCHES, not yet acked by inference) before the batcher
+    /// holds the next one back.
+    #[arg(long, env = "MILLRACE_MAX_IN_FLIGHT", default_value = "2")]
+    pub max_in_flight: NonZeroUsize,
+    /// How often the batches left in BATCHES are counted per model (the in-flight count),
+    /// milliseconds. A freed slot is seen at most this late.
+    #[arg(long, env = "MILLRACE_IN_FLIGHT_POLL_MS", default_value = "20")]
+    pub in_flight_poll_ms: NonZeroU64,
+    /// How long a cancel notice is remembered for a request that has not arrived yet, seconds
+    /// (past the longest deadline ingest grants, the request has expired anyway).
+    #[arg(long, env = "MILLRACE_CANCEL_REMEMBER_S", default_value_t = 600)]
+    pub cancel_remember_s: u64,
+    /// Test fault: abort the process right after the first batch's PubAck, before its members'
+    /// messages are acked (as a crash there would).
+    #[arg(long, env = "MILLRACE_FAULT_ABORT_AFTER_PUBLISH", hide = true)]
+    pub fault_abort_after_publish: bool,
+    #[command(flatten)]
+    pub shell: ShellArgs,
+}
+
+impl BatcherConfig {
+    pub const ADMIN_PORT: u16 = 9184;
+    /// Most cancel notices remembered at once; the oldest are forgotten first.
+    pub const CANCEL_CAPACITY: usize = 65_536;
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_batch_size: self.max_batch_size.get(),
+            max_batch_tokens: self.max_batch_tokens.get(),
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            max_in_flight: self.max_in_flight.get(),
+        }
+    }
+
+    pub fn in_flight_poll(&self) -> Duration {
+        Duration::from_millis(self.in_flight_poll_ms.get())
+    }
+
+    pub fn cancel_remember(&self) -> Duration {
+        Duration::from_secs(self.cancel_remember_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn defaults_and_bounds() {
+        let c = BatcherConfig::parse_from(["batcher"]);
+        assert_eq!(
+            c.limits(),
+            Limits { max_batch_size: 16, max_batch_tokens: 4096, max_wait: Duration::from_millis(20), max_in_flight: 2 }
+        );
+        assert_eq!((c.in_flight_poll(), c.cancel_remember()), (Duration::from_millis(20), Duration::from_secs(600)));
+        assert!(!c.fault_abort_after_publish);
+        let c = BatcherConfig::parse_from(["batcher", "--max-batch-size=4", "--max-wait-ms=0", "--max-in-flight=1"]);
+        assert_eq!((c.limits().max_batch_size, c.limits().max_wait, c.limits().max_in_flight), (4, Duration::ZERO, 1));
+        for bad in ["--max-batch-size=0", "--max-batch-tokens=0", "--max-in-flight=0", "--in-flight-poll-ms=0"] {
+            assert!(BatcherConfig::try_parse_from(["batcher", bad]).is_err(), "{bad}");
+        }
+    }
+}

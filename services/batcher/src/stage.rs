@@ -1,0 +1,545 @@
+//! The stage PROMPTS → BATCHES.
+//!
+//! ```text
+//! prompt consumer ──(Prompt, oneshot)──► queue task ──Batch──► publish task ──PubAck──► oneshots
+//!   (Handler × workers, each waits)      owns Queues            (one per batch)         (→ acks)
+//! cancel listener ──request id──────────►      ▲
+//! BATCHES subject counts (every poll) ─────────┘
+//! ```
+//!
+//! Each delivered prompt is handed to the one task that owns the per-model [`Queues`], and its
+//! handler waits: the prompt's message is acked only once the batch holding it has its PubAck
+//! (ack after effect), or once the terminal result of a request dropped as expired or cancelled
+//! is published. A crash between a batch's PubAck and those acks redelivers the members; they
+//! form their batch again and, since a batch's id is derived from its members' request ids
+//! (`Nats-Msg-Id = <batch_id>/batcher`), the stream drops the second copy. Should the
+//! redelivered members be grouped differently, inference runs a request twice and its outputs'
+//! ids (`<request_id>/inference`) keep one.
+//!
+//! The queue task wakes on a command, on a PubAck or count, or on the timer for the next
+//! `max_wait` or deadline; it then sweeps, dispatches whatever is due (see [`crate::queue`]),
+//! and starts each batch's publish without waiting for it.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use async_nats::jetstream::stream::Stream as JsStream;
+use futures::{StreamExt, TryStreamExt};
+use millrace_bus::publisher::Outbound;
+use millrace_bus::topology::ephemeral;
+use millrace_bus::{BusError, Delivery, Edge, Handler, Publisher, StageError, msg_id};
+use millrace_proto::v1::{Batch, Prompt, Result as TerminalResult, TerminalStatus};
+use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics;
+use crate::queue::{self, Admission, CancelMemory, DropReason, Dropped, Limits, Queues, Request};
+
+/// This stage's name in timings, terminal results and dedup ids.
+pub const STAGE: &str = "batcher";
+
+/// How long a handed-back prompt waits before redelivery when its batch could not be published.
+const PUBLISH_RETRY: Duration = Duration::from_millis(500);
+
+/// What became of a prompt handed to the queue.
+#[derive(Debug)]
+pub enum Disposition {
+    /// Its batch is in BATCHES (`duplicate`: the stream already held that batch).
+    Batched { batch_id: String, duplicate: bool },
+    /// It left without a batch; its terminal result is still to be published.
+    Dropped { reason: DropReason, prompt: Box<Prompt>, waited: Duration },
+}
+
+type Reply = oneshot::Sender<Result<Disposition, StageError>>;
+
+/// A prompt waiting in a queue, with the handler waiting for it.
+#[derive(Debug)]
+pub struct Waiter {
+    prompt: Prompt,
+    received_unix_us: i64,
+    stream_sequence: u64,
+    reply: Reply,
+}
+
+#[derive(Debug)]
+enum Command {
+    Prompt { model: String, waiter: Box<Waiter> },
+    Cancel(String),
+}
+
+/// What the queue task's own helpers tell it.
+enum Event {
+    Published { model: String, ok: bool, at: Instant },
+    Counted { counts: HashMap<String, usize>, asked_at: Instant },
+}
+
+/// The senders' side (handlers, cancel listener): cheap to clone.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The queue task's side, kept across restarts of that task.
+#[derive(Clone)]
+pub struct QueueInbox {
+    rx: Arc<Mutex<mpsc::Receiver<Command>>>,
+}
+
+pub fn channel(capacity: usize) -> (QueueHandle, QueueInbox) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (QueueHandle { tx }, QueueInbox { rx: Arc::new(Mutex::new(rx)) })
+}
+
+impl QueueHandle {
+    /// Queues the prompt and waits until its batch is published or it is dropped.
+    pub async fn submit(&self, model: String, prompt: Prompt, delivery: &Delivery) -> Result<Disposition, StageError> {
+        let (reply, done) = oneshot::channel();
+        let waiter = Box::new(Waiter {
+            prompt,
+            received_unix_us: delivery.received_unix_us,
+            stream_sequence: delivery.stream_sequence,
+            reply,
+        });
+        let stopped = || StageError::transient("the batch queue is not running", Duration::ZERO);
+        self.tx.send(Command::Prompt { model, waiter }).await.map_err(|_| stopped())?;
+        // A queue task that restarts drops its waiters: the prompt is redelivered.
+        done.await.map_err(|_| stopped())?
+    }
+
+    /// Passes a cancel notice on.
+    pub async fn cancel(&self, request_id: &str) {
+        let _ = self.tx.send(Command::Cancel(request_id.to_owned())).await;
+    }
+}
+
+/// The PROMPTS handler: hands each prompt to its model's queue and waits for the outcome.
+pub struct PromptStage {
+    pub queue: QueueHandle,
+    pub publisher: Publisher,
+}
+
+impl Handler for PromptStage {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
+        let prompt: Prompt = delivery.decode()?;
+        let Some(ctx) = prompt.ctx.as_ref().filter(|c| !c.request_id.is_empty()) else {
+            return Err(StageError::poison(
+                TerminalStatus::Failed,
+                "missing_request_id",
+                "a prompt without a request id cannot be batched or answered",
+                None,
+            ));
+        };
+        let Some(model) = model_of(&delivery.subject, &ctx.model) else {
+            return Err(StageError::poison(
+                TerminalStatus::Failed,
+                "missing_model",
+                "a prompt names no model",
+                prompt.ctx.clone(),
+            ));
+        };
+        match self.queue.submit(model, prompt, delivery).await? {
+            Disposition::Batched { batch_id, duplicate } => {
+                debug!(batch_id, duplicate, "batched");
+                Ok(())
+            }
+            Disposition::Dropped { reason, prompt, waited } => {
+                self.publisher.publish(dropped_result(*prompt, reason, waited, delivery.received_unix_us)).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The model a prompt is queued for: its subject's `<model>` token (what routed it here),
+/// else the one its context names.
+pub fn model_of(subject: &str, ctx_model: &str) -> Option<String> {
+    subject
+        .strip_prefix(Edge::PROMPTS.subject)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .filter(|m| !m.is_empty())
+        .or(Some(ctx_model).filter(|m| !m.is_empty()))
+        .map(str::to_owned)
+}
+
+/// The `Instant` of an absolute unix-ms deadline (0 = none), given now in both clocks.
+pub fn deadline_at(deadline_unix_ms: i64, now: Instant, now_ms: i64) -> Option<Instant> {
+    (deadline_unix_ms > 0).then(|| now + Duration::from_millis(deadline_unix_ms.saturating_sub(now_ms).max(0) as u64))
+}
+
+/// A batch's id: derived from its model and its members' request ids (in any order), so the
+/// same members batched again carry the same id and the stream deduplicates them.
+pub fn batch_id<'a>(model: &str, request_ids: impl IntoIterator<Item = &'a str>) -> String {
+    let mut ids: Vec<&str> = request_ids.into_iter().collect();
+    ids.sort_unstable();
+    // Length-prefixed, so no choice of ids can make two different member lists collide.
+    let mut name = format!("millrace.batch/{}:{model}", model.len());
+    for id in ids {
+        name.push_str(&format!("/{}:{id}", id.len()));
+    }
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+/// The terminal result of a request dropped before its batch, on RESULTS.
+pub fn dropped_result(mut prompt: Prompt, reason: DropReason, waited: Duration, received_unix_us: i64) -> Outbound {
+    prompt.timings.get_or_insert_default().record(STAGE, received_unix_us);
+    let request_id = prompt.ctx.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();
+    let waited = waited.as_millis();
+    let (status, code, detail) = match reason {
+        DropReason::Expired => (
+            TerminalStatus::Expired,
+            "deadline_exceeded",
+            format!("the deadline passed before the request was batched (queued {waited} ms)"),
+        ),
+        DropReason::Cancelled => {
+            (TerminalStatus::Cancelled, "cancelled", format!("cancelled before the request was batched (queued {waited} ms)"))
+        }
+    };
+    let result = TerminalResult {
+        ctx: prompt.ctx,
+        timings: prompt.timings,
+        status: status.into(),
+        reason: code.to_owned(),
+        detail,
+        prompt: prompt.prompt,
+        verdicts: prompt.verdicts,
+        prompt_tokens: prompt.prompt_tokens,
+        stage: STAGE.to_owned(),
+        ..Default::default()
+    };
+    Outbound {
+        subject: Edge::RESULTS.subject_for(&request_id),
+        msg_id: msg_id(&request_id, STAGE),
+        payload: result.encode_to_vec().into(),
+    }
+}
+
+/// The queue task's settings.
+pub struct Batching {
+    pub limits: Limits,
+    pub publisher: Publisher,
+    /// How often the batches left in BATCHES are counted.
+    pub count_every: Duration,
+    pub cancel_remember: Duration,
+    pub cancel_capacity: usize,
+    /// Test fault: abort right after the first batch's PubAck.
+    pub fault_abort_after_publish: bool,
+}
+
+/// Aborts the wrapped task when dropped (the counter must not outlive its queue task).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the queues until `shutdown`, then hands back what is still queued (its messages are
+/// naked and redelivered, here or to another replica).
+pub async fn run(
+    inbox: &QueueInbox,
+    batching: &Batching,
+    shutdown: CancellationToken,
+    on_ready: impl Fn(),
+) -> Result<(), BusError> {
+    let mut rx = inbox.rx.lock().await;
+    let mut queues = Queues::new(batching.limits, CancelMemory::new(batching.cancel_remember, batching.cancel_capacity));
+    let stream = batching
+        .publisher
+        .jetstream()
+        .get_stream(Edge::BATCHES.stream)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("stream {}: {e}", Edge::BATCHES.stream)))?;
+    // Counted before any prompt is taken: batches left in flight before a restart, or by
+    // another replica, keep their model busy.
+    let asked_at = Instant::now();
+    queues.observe(&count_batches(&stream).await?, asked_at);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let _counter = AbortOnDrop(tokio::spawn(count_periodically(stream, batching.count_every, events_tx.clone())));
+    info!(limits = ?batching.limits, "batching");
+    on_ready();
+    loop {
+        let wake = queues.next_wake();
+        let timer = async move {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            command = rx.recv() => match command {
+                Some(command) => apply(&mut queues, command),
+                None => break,
+            },
+            Some(event) = events.recv() => match event {
+                Event::Published { model, ok: true, at } => queues.published(&model, at),
+                Event::Published { model, ok: false, .. } => queues.publish_failed(&model),
+                Event::Counted { counts, asked_at } => queues.observe(&counts, asked_at),
+            },
+            _ = timer => {}
+        }
+        // Take the whole burst that has arrived before deciding what goes.
+        while let Ok(command) = rx.try_recv() {
+            apply(&mut queues, command);
+        }
+        let cycle = queues.poll(Instant::now());
+        for dropped in cycle.dropped {
+            answer_dropped(dropped);
+        }
+        for batch in cycle.batches {
+            start_publish(batch, batching, events_tx.clone());
+        }
+        for model in queues.models() {
+            metrics::QUEUE_DEPTH.with_label_values(&[model]).set(queues.depth(model) as i64);
+            metrics::IN_FLIGHT.with_label_values(&[model]).set(queues.in_flight(model) as i64);
+        }
+    }
+    // Draining: refuse what comes next, hand back what waits. Batches being published answer
+    // their members themselves.
+    rx.close();
+    let mut handed_back = 0usize;
+    let mut hand_back = |waiter: Waiter| {
+        handed_back += 1;
+        let _ = waiter.reply.send(Err(StageError::transient("the batcher is draining", Duration::ZERO)));
+    };
+    queues.take_all().into_iter().for_each(&mut hand_back);
+    while let Ok(command) = rx.try_recv() {
+        if let Command::Prompt { waiter, .. } = command {
+            hand_back(*waiter);
+        }
+    }
+    for model in queues.models() {
+        metrics::QUEUE_DEPTH.with_label_values(&[model]).set(0);
+    }
+    info!(handed_back, "batch queue drained");
+    Ok(())
+}
+
+fn apply(queues: &mut Queues<Waiter>, command: Command) {
+    let now = Instant::now();
+    match command {
+        Command::Prompt { model, waiter } => {
+            let ctx = waiter.prompt.ctx.clone().unwrap_or_default();
+            let request = Request {
+                request_id: ctx.request_id,
+                priority: ctx.priority,
+                sequence: waiter.stream_sequence,
+                tokens: waiter.prompt.prompt_tokens,
+                deadline: deadline_at(ctx.deadline_unix_ms, now, now_unix_ms()),
+                payload: *waiter,
+            };
+            match queues.push(&model, request, now) {
+                Admission::Queued | Admission::Joined => {}
+                Admission::Dropped(dropped) => answer_dropped(dropped),
+            }
+        }
+        Command::Cancel(request_id) => {
+            metrics::CANCEL_NOTICES.inc();
+            if let Some(dropped) = queues.cancel(&request_id, now) {
+                answer_dropped(dropped);
+            }
+        }
+    }
+}
+
+/// Hands each dropped request back to its handler, which publishes its terminal result.
+fn answer_dropped(dropped: Dropped<Waiter>) {
+    debug!(request_id = dropped.request_id, reason = dropped.reason.as_str(), "dropped before batching");
+    metrics::DROPPED.with_label_values(&[&dropped.model, dropped.reason.as_str()]).inc();
+    let waited = dropped.arrived.elapsed();
+    for waiter in dropped.payloads {
+        let disposition = Disposition::Dropped { reason: dropped.reason, prompt: Box::new(waiter.prompt), waited };
+        let _ = waiter.reply.send(Ok(disposition));
+    }
+}
+
+/// Builds the batch message and publishes it in its own task; after the PubAck, its members'
+/// handlers are answered (and their messages acked).
+fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc::UnboundedSender<Event>) {
+    let id = batch_id(&batch.model, batch.request_ids());
+    let (model, reason) = (batch.model.clone(), batch.reason.as_str());
+    let labels = [model.as_str()];
+    metrics::BATCH_SIZE.with_label_values(&labels).observe(batch.members.len() as f64);
+    metrics::BATCH_TOKENS.with_label_values(&labels).observe(batch.tokens as f64);
+    metrics::DISPATCHES.with_label_values(&[model.as_str(), reason]).inc();
+    let mut prompts = Vec::with_capacity(batch.members.len());
+    let mut replies = Vec::new();
+    for member in batch.members {
+        metrics::QUEUE_WAIT.with_label_values(&labels).observe(member.arrived.elapsed().as_secs_f64());
+        for (i, waiter) in member.payloads.into_iter().enumerate() {
+            if i == 0 {
+                let mut prompt = waiter.prompt;
+                prompt.timings.get_or_insert_default().record(STAGE, waiter.received_unix_us);
+                prompts.push(prompt);
+            }
+            replies.push(waiter.reply);
+        }
+    }
+    debug!(batch_id = id, model, reason, size = prompts.len(), tokens = batch.tokens, "dispatching");
+    let message = Batch {
+        batch_id: id.clone(),
+        model: model.clone(),
+        prompts,
+        created_unix_us: now_unix_us(),
+        dispatch_reason: reason.to_owned(),
+    };
+    let out = Outbound {
+        subject: Edge::BATCHES.subject_for(&model),
+        msg_id: msg_id(&id, STAGE),
+        payload: message.encode_to_vec().into(),
+    };
+    let (publisher, abort) = (batching.publisher.clone(), batching.fault_abort_after_publish);
+    tokio::spawn(async move {
+        let published = publisher.publish(out).await;
+        let at = Instant::now();
+        if abort && published.is_ok() {
+            eprintln!("batcher: injected fault (--fault-abort-after-publish): aborting after the PubAck of batch {id}");
+            std::process::abort();
+        }
+        let _ = events.send(Event::Published { model, ok: published.is_ok(), at });
+        match published {
+            Ok(ack) => {
+                for reply in replies {
+                    let _ = reply.send(Ok(Disposition::Batched { batch_id: id.clone(), duplicate: ack.duplicate }));
+                }
+            }
+            Err(e) => {
+                warn!(batch_id = id, error = %e, "batch not published: its prompts are handed back");
+                for reply in replies {
+                    let _ = reply.send(Err(StageError::transient(format!("publishing batch {id}: {e}"), PUBLISH_RETRY)));
+                }
+            }
+        }
+    });
+}
+
+/// Messages left per model on BATCHES: batches inference has not acked yet.
+async fn count_batches(stream: &JsStream) -> Result<HashMap<String, usize>, BusError> {
+    let failed = |e: &dyn std::fmt::Display| BusError::Unavailable(format!("counting {}: {e}", Edge::BATCHES.stream));
+    let prefix = format!("{}.", Edge::BATCHES.subject);
+    let mut subjects = stream.info_with_subjects(Edge::BATCHES.filter()).await.map_err(|e| failed(&e))?;
+    let mut counts = HashMap::new();
+    while let Some((subject, count)) = subjects.try_next().await.map_err(|e| failed(&e))? {
+        if let Some(model) = subject.strip_prefix(&prefix) {
+            counts.insert(model.to_owned(), count);
+        }
+    }
+    Ok(counts)
+}
+
+async fn count_periodically(stream: JsStream, every: Duration, events: mpsc::UnboundedSender<Event>) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let asked_at = Instant::now();
+        match count_batches(&stream).await {
+            Ok(counts) => {
+                if events.send(Event::Counted { counts, asked_at }).is_err() {
+                    return;
+                }
+            }
+            // The last count stands meanwhile (batches stay counted: nothing is over-sent).
+            Err(e) => warn!(error = %e, "in-flight count failed"),
+        }
+    }
+}
+
+/// Follows `mr.v1.cancel.*` into the queue until `shutdown`. Every replica hears every notice
+/// (no queue group): any of them may hold the request.
+pub async fn listen_cancels(
+    client: Client,
+    queue: QueueHandle,
+    shutdown: CancellationToken,
+    on_ready: impl Fn(),
+) -> Result<(), BusError> {
+    let mut notices = client
+        .subscribe(ephemeral::CANCEL_ALL)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("subscribe {}: {e}", ephemeral::CANCEL_ALL)))?;
+    let prefix = ephemeral::cancel("");
+    info!(subject = ephemeral::CANCEL_ALL, "following cancellations");
+    on_ready();
+    loop {
+        let notice = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            notice = notices.next() => notice,
+        };
+        let notice = notice.ok_or_else(|| BusError::Unavailable("cancel subscription ended".into()))?;
+        if let Some(request_id) = notice.subject.strip_prefix(prefix.as_str()) {
+            debug!(request_id, "cancel notice");
+            queue.cancel(request_id).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use millrace_proto::v1::{RequestContext, StageTiming, Timings, Verdict};
+
+    use super::*;
+
+    fn prompt() -> Prompt {
+        Prompt {
+            ctx: Some(RequestContext { request_id: "r1".into(), model: "m".into(), ..Default::default() }),
+            timings: Some(Timings {
+                stages: vec![StageTiming { stage: "session".into(), received_unix_us: 1, finished_unix_us: 2 }],
+            }),
+            prompt: "<|im_start|>user\nHi<|im_end|>\n".into(),
+            prompt_tokens: 9,
+            user_text: "Hi".into(),
+            verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_model_comes_from_the_subject_else_the_context() {
+        assert_eq!(model_of("mr.v1.prompts.smollm2-135m", "other").as_deref(), Some("smollm2-135m"));
+        assert_eq!(model_of("mr.v1.prompts.", "ctx-model").as_deref(), Some("ctx-model"));
+        assert_eq!(model_of("elsewhere", "ctx-model").as_deref(), Some("ctx-model"));
+        assert_eq!(model_of("mr.v1.prompts", ""), None);
+    }
+
+    #[test]
+    fn deadlines_map_onto_the_monotonic_clock() {
+        let now = Instant::now();
+        assert_eq!(deadline_at(0, now, 1_000), None);
+        assert_eq!(deadline_at(1_250, now, 1_000), Some(now + Duration::from_millis(250)));
+        assert_eq!(deadline_at(900, now, 1_000), Some(now), "already past: due now");
+    }
+
+    #[test]
+    fn batch_ids_depend_on_the_members_only() {
+        let a = batch_id("m", ["r1", "r2", "r3"]);
+        assert_eq!(a, batch_id("m", ["r3", "r1", "r2"]), "member order does not matter");
+        assert_ne!(a, batch_id("m", ["r1", "r2"]));
+        assert_ne!(a, batch_id("other", ["r1", "r2", "r3"]));
+        assert_ne!(batch_id("m", ["r1\nr2"]), batch_id("m", ["r1", "r2"]));
+    }
+
+    #[test]
+    fn dropped_requests_get_their_terminal_result() {
+        let out = dropped_result(prompt(), DropReason::Expired, Duration::from_millis(7), 100);
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/batcher"));
+        let r = TerminalResult::decode(out.payload.as_ref()).unwrap();
+        assert_eq!(
+            (r.status(), r.reason.as_str(), r.stage.as_str()),
+            (TerminalStatus::Expired, "deadline_exceeded", "batcher")
+        );
+        assert_eq!((r.prompt.as_str(), r.prompt_tokens, r.verdicts.len()), (prompt().prompt.as_str(), 9, 1));
+        assert!(r.detail.contains("7 ms"), "{}", r.detail);
+        let stages = r.timings.unwrap().stages;
+        assert_eq!(stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(), ["session", "batcher"]);
+        assert_eq!(stages[1].received_unix_us, 100);
+        let r = TerminalResult::decode(
+            dropped_result(prompt(), DropReason::Cancelled, Duration::ZERO, 100).payload.as_ref(),
+        )
+        .unwrap();
+        assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Cancelled, "cancelled"));
+    }
+}

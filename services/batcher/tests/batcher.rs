@@ -1,0 +1,381 @@
+//! The batcher against a real nats-server, run as the deployed binary. The test plays
+//! inference: it pulls BATCHES with the `inference` durable, and a batch it has not acked is
+//! in flight. Holding batches unacked keeps the model at its in-flight bound, which is how the
+//! tests make requests gather deterministically before releasing them (no timing races on
+//! which trigger fires).
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, stream::Stream as JsStream};
+use futures::StreamExt;
+use millrace_bus::publisher::Outbound;
+use millrace_bus::topology::{Edge, ephemeral};
+use millrace_bus::{BusSettings, Publisher, Topology, msg_id};
+use millrace_proto::v1::{Batch, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_proto::{Message as _, now_unix_ms};
+use millrace_testkit::{NatsServer, ServiceProcess};
+
+const MODEL: &str = "smollm2-135m";
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Batcher {
+    process: ServiceProcess,
+    args: Vec<String>,
+}
+
+impl Batcher {
+    async fn start(nats: &NatsServer, extra: &[&str]) -> Batcher {
+        let mut args = vec![format!("--nats-url={}", nats.url())];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let process = ServiceProcess::spawn("batcher", &args).unwrap();
+        process.wait_ready(WAIT).await.unwrap();
+        Batcher { process, args }
+    }
+
+    /// Starts it again with the same flags minus any fault flags.
+    async fn restart_without_faults(&mut self) {
+        self.process.kill();
+        let args: Vec<String> = self.args.iter().filter(|a| !a.starts_with("--fault")).cloned().collect();
+        self.process = ServiceProcess::spawn("batcher", &args).unwrap();
+        self.process.wait_ready(WAIT).await.unwrap();
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.process.admin)).await.unwrap().text().await.unwrap()
+    }
+
+    /// A metric's value (absent: 0).
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.metrics().await, name, labels).unwrap_or(0.0)
+    }
+
+    async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let deadline = Instant::now() + WAIT;
+        while self.metric(name, labels).await != value {
+            assert!(Instant::now() < deadline, "{name}{labels:?} never reached {value}; log:\n{}", self.process.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_depth(&self, depth: usize) {
+        self.wait_metric("millrace_batcher_queue_depth", &[("model", MODEL)], depth as f64).await;
+    }
+
+    /// Until the batcher has seen that inference holds nothing of the model.
+    async fn wait_idle(&self) {
+        self.wait_metric("millrace_batcher_in_flight_batches", &[("model", MODEL)], 0.0).await;
+    }
+}
+
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        let matches = n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        if matches { value.parse().ok() } else { None }
+    })
+}
+
+/// The test's side of the bus: a publisher and the `inference` pull consumer on BATCHES.
+struct Bus {
+    publisher: Publisher,
+    batches: PullConsumer,
+}
+
+impl Bus {
+    /// `settings` must match the batcher's bus flags: both provision the consumers.
+    async fn connect(nats: &NatsServer, settings: BusSettings) -> Bus {
+        let settings = BusSettings { nats_url: nats.url(), ..settings };
+        let client = millrace_bus::connect(&nats.url(), "test", Duration::from_secs(5)).await.unwrap();
+        let publisher = Publisher::new(client, &settings);
+        Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+        let batches = stream(&publisher, Edge::BATCHES).await.get_consumer("inference").await.unwrap();
+        Bus { publisher, batches }
+    }
+
+    async fn publish_prompt(&self, prompt: Prompt) {
+        let request_id = prompt.ctx.as_ref().unwrap().request_id.clone();
+        self.publisher
+            .publish(Outbound {
+                subject: Edge::PROMPTS.subject_for(MODEL),
+                msg_id: msg_id(&request_id, "session"),
+                payload: prompt.encode_to_vec().into(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The next batch delivered to inference for the first time (left unacked: in flight).
+    async fn next_batch(&self) -> (Batch, jetstream::Message) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no batch within {WAIT:?}");
+            let mut messages = self.batches.batch().max_messages(1).expires(left).messages().await.unwrap();
+            let Some(message) = messages.next().await else { continue };
+            let message = message.unwrap();
+            if message.info().unwrap().delivered > 1 {
+                continue;
+            }
+            assert_eq!(message.subject.as_str(), Edge::BATCHES.subject_for(MODEL));
+            return (Batch::decode(message.payload.clone()).unwrap(), message);
+        }
+    }
+
+    /// Batches published and not yet delivered to inference.
+    async fn undelivered_batches(&mut self) -> u64 {
+        self.batches.info().await.unwrap().num_pending
+    }
+
+    async fn result(&self, request_id: &str) -> (String, TerminalResult) {
+        let stream = stream(&self.publisher, Edge::RESULTS).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(m) = stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await {
+                let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
+                return (id, TerminalResult::decode(m.payload).unwrap());
+            }
+            assert!(Instant::now() < deadline, "no result for {request_id}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Until the batcher has acked every prompt published to it.
+    async fn wait_prompts_acked(&self, batcher: &Batcher) {
+        let mut consumer: PullConsumer =
+            stream(&self.publisher, Edge::PROMPTS).await.get_consumer("batcher").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = consumer.info().await.unwrap();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "prompts left unacked: {info:?}; log:\n{}", batcher.process.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn stream(publisher: &Publisher, edge: Edge) -> JsStream {
+    publisher.jetstream().get_stream(edge.stream).await.unwrap()
+}
+
+fn prompt(request_id: &str, priority: i32, tokens: u32) -> Prompt {
+    Prompt {
+        ctx: Some(RequestContext {
+            request_id: request_id.to_owned(),
+            model: MODEL.to_owned(),
+            priority,
+            deadline_unix_ms: now_unix_ms() + 120_000,
+            ..Default::default()
+        }),
+        prompt: format!("<|im_start|>user\n{request_id}<|im_end|>\n"),
+        prompt_tokens: tokens,
+        user_text: request_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn members(batch: &Batch) -> Vec<&str> {
+    batch.prompts.iter().map(|p| p.ctx.as_ref().unwrap().request_id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn dispatch_reasons_priority_order_and_the_in_flight_bound() {
+    let nats = NatsServer::start().await.unwrap();
+    let flags = ["--max-batch-size=3", "--max-batch-tokens=250", "--max-wait-ms=1000", "--max-in-flight=1"];
+    let batcher = Batcher::start(&nats, &flags).await;
+    let mut bus = Bus::connect(&nats, BusSettings::default()).await;
+
+    // Nothing in flight: the first request goes at once, alone.
+    bus.publish_prompt(prompt("first", 0, 10)).await;
+    let (b1, m1) = bus.next_batch().await;
+    assert_eq!((b1.dispatch_reason.as_str(), members(&b1)), ("idle", vec!["first"]));
+    assert_eq!(b1.model, MODEL);
+    let stages = &b1.prompts[0].timings.as_ref().unwrap().stages;
+    assert_eq!(stages.last().unwrap().stage, "batcher");
+
+    // At the bound (one batch in flight): requests gather, whatever their triggers say.
+    for (id, priority) in [("l1", 0), ("l2", 0), ("h1", 5), ("l3", 0), ("h2", 5)] {
+        bus.publish_prompt(prompt(id, priority, 10)).await;
+    }
+    batcher.wait_depth(5).await;
+    let gathered = Instant::now();
+    assert_eq!(bus.undelivered_batches().await, 0, "nothing dispatched while at the bound");
+
+    // The slot frees: a full batch, higher priority first, arrival order within a priority.
+    m1.double_ack().await.unwrap();
+    let (b2, m2) = bus.next_batch().await;
+    assert_eq!((b2.dispatch_reason.as_str(), members(&b2)), ("size", vec!["h1", "h2", "l1"]));
+    batcher.wait_depth(2).await;
+
+    // The other two have waited past max_wait by the time the next slot frees.
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(gathered.elapsed())).await;
+    m2.double_ack().await.unwrap();
+    let (b3, m3) = bus.next_batch().await;
+    assert_eq!((b3.dispatch_reason.as_str(), members(&b3)), ("wait", vec!["l2", "l3"]));
+
+    // Token budget: 150 + 100 reaches the 250 budget before the size of 3.
+    m3.double_ack().await.unwrap();
+    batcher.wait_idle().await;
+    bus.publish_prompt(prompt("hold", 0, 10)).await;
+    let (b4, m4) = bus.next_batch().await;
+    assert_eq!((b4.dispatch_reason.as_str(), members(&b4)), ("idle", vec!["hold"]));
+    bus.publish_prompt(prompt("t1", 0, 150)).await;
+    bus.publish_prompt(prompt("t2", 0, 100)).await;
+    batcher.wait_depth(2).await;
+    m4.double_ack().await.unwrap();
+    let (b5, m5) = bus.next_batch().await;
+    assert_eq!((b5.dispatch_reason.as_str(), members(&b5)), ("tokens", vec!["t1", "t2"]));
+    m5.double_ack().await.unwrap();
+
+    bus.wait_prompts_acked(&batcher).await;
+    let text = batcher.metrics().await;
+    for (reason, count) in [("idle", 2.0), ("size", 1.0), ("wait", 1.0), ("tokens", 1.0)] {
+        let labels = [("model", MODEL), ("reason", reason)];
+        assert_eq!(metric(&text, "millrace_batcher_dispatches_total", &labels), Some(count), "{reason}");
+    }
+    assert_eq!(metric(&text, "millrace_batcher_batch_size_count", &[("model", MODEL)]), Some(5.0));
+    assert_eq!(metric(&text, "millrace_batcher_batch_size_sum", &[("model", MODEL)]), Some(9.0));
+    assert_eq!(metric(&text, "millrace_batcher_batch_tokens_sum", &[("model", MODEL)]), Some(320.0));
+    assert_eq!(metric(&text, "millrace_batcher_queue_wait_seconds_count", &[("model", MODEL)]), Some(9.0));
+}
+
+#[tokio::test]
+async fn expired_and_cancelled_requests_get_their_result_and_no_batch() {
+    let nats = NatsServer::start().await.unwrap();
+    let batcher = Batcher::start(&nats, &["--max-in-flight=1", "--max-wait-ms=60000"]).await;
+    let bus = Bus::connect(&nats, BusSettings::default()).await;
+    let client = bus.publisher.client();
+
+    // Past its deadline on arrival.
+    let mut expired = prompt("expired", 0, 10);
+    expired.ctx.as_mut().unwrap().deadline_unix_ms = now_unix_ms() - 1_000;
+    bus.publish_prompt(expired).await;
+    let (id, r) = bus.result("expired").await;
+    assert_eq!(id, "expired/batcher");
+    assert_eq!((r.status(), r.reason.as_str(), r.stage.as_str()), (TerminalStatus::Expired, "deadline_exceeded", "batcher"));
+    assert_eq!((r.prompt_tokens, r.ctx.unwrap().request_id.as_str()), (10, "expired"));
+
+    // Cancelled before it arrived: the notice is remembered.
+    client.publish(ephemeral::cancel("early"), "".into()).await.unwrap();
+    batcher.wait_metric("millrace_batcher_cancel_notices_total", &[], 1.0).await;
+    bus.publish_prompt(prompt("early", 0, 10)).await;
+    let (id, r) = bus.result("early").await;
+    assert_eq!(id, "early/batcher");
+    assert_eq!((r.status(), r.reason.as_str(), r.stage.as_str()), (TerminalStatus::Cancelled, "cancelled", "batcher"));
+
+    // Cancelled while queued (held behind the in-flight bound).
+    bus.publish_prompt(prompt("hold", 0, 10)).await;
+    let (b1, m1) = bus.next_batch().await;
+    assert_eq!(members(&b1), ["hold"]);
+    bus.publish_prompt(prompt("queued", 0, 10)).await;
+    batcher.wait_depth(1).await;
+    client.publish(ephemeral::cancel("queued"), "".into()).await.unwrap();
+    let (_, r) = bus.result("queued").await;
+    assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Cancelled, "cancelled"));
+    batcher.wait_depth(0).await;
+
+    // Once the slot frees, the next batch holds only the next request.
+    m1.double_ack().await.unwrap();
+    batcher.wait_idle().await;
+    bus.publish_prompt(prompt("after", 0, 10)).await;
+    let (b2, m2) = bus.next_batch().await;
+    assert_eq!((b2.dispatch_reason.as_str(), members(&b2)), ("idle", vec!["after"]));
+    m2.double_ack().await.unwrap();
+
+    bus.wait_prompts_acked(&batcher).await;
+    let text = batcher.metrics().await;
+    let dropped = |reason| metric(&text, "millrace_batcher_dropped_total", &[("model", MODEL), ("reason", reason)]);
+    assert_eq!((dropped("expired"), dropped("cancelled")), (Some(1.0), Some(2.0)));
+    assert_eq!(metric(&text, "millrace_batcher_dispatches_total", &[("reason", "idle")]), Some(2.0));
+}
+
+/// A crash after a batch's PubAck and before its prompts are acked redelivers the prompts;
+/// they form the same batch again (same members → same batch id) and the stream drops it as a
+/// duplicate: inference sees each request once. (Were they grouped differently, a request
+/// would be in two batches and inference's `<request_id>/inference` ids would keep one output;
+/// this test pins the stronger property, which holds when the same requests are redelivered.)
+#[tokio::test]
+async fn a_crash_between_publish_and_ack_completes_no_request_twice() {
+    let nats = NatsServer::start().await.unwrap();
+    // Quick redelivery of the prompts the crash leaves unacked.
+    let settings = BusSettings { ack_wait_s: 1, ..Default::default() };
+    let mut bus = Bus::connect(&nats, settings).await;
+    // Two batches already in flight (another replica's, say): the batcher starts at the bound.
+    for blocker in ["blocker-1", "blocker-2"] {
+        let batch = Batch { batch_id: blocker.to_owned(), model: MODEL.to_owned(), ..Default::default() };
+        bus.publisher
+            .publish(Outbound {
+                subject: Edge::BATCHES.subject_for(MODEL),
+                msg_id: msg_id(blocker, "batcher"),
+                payload: batch.encode_to_vec().into(),
+            })
+            .await
+            .unwrap();
+    }
+    let flags = [
+        "--ack-wait-s=1",
+        "--max-batch-size=4",
+        "--max-wait-ms=60000",
+        "--max-in-flight=2",
+        "--fault-abort-after-publish",
+    ];
+    let mut batcher = Batcher::start(&nats, &flags).await;
+    let ids = ["c1", "c2", "c3", "c4"];
+    for id in ids {
+        bus.publish_prompt(prompt(id, 0, 10)).await;
+    }
+    batcher.wait_depth(4).await;
+    assert_eq!(bus.undelivered_batches().await, 2, "only the blockers");
+
+    // Inference finishes the blockers: the four go as one batch, and the batcher dies right
+    // after its PubAck.
+    for _ in 0..2 {
+        let (blocker, m) = bus.next_batch().await;
+        assert!(blocker.batch_id.starts_with("blocker-"));
+        m.double_ack().await.unwrap();
+    }
+    let status = batcher.process.wait_exit(WAIT).await.unwrap();
+    assert!(!status.success(), "the fault aborts the batcher: {status:?}");
+    let (batch, _in_flight) = bus.next_batch().await;
+    assert_eq!(batch.dispatch_reason, "size");
+    let mut got = members(&batch);
+    got.sort_unstable();
+    assert_eq!(got, ids, "every request is in the batch, once");
+
+    // Restarted, the batcher gets the four prompts again, batches them again (still one batch
+    // in flight: no idle dispatch of a partial batch) and the stream drops the copy.
+    batcher.restart_without_faults().await;
+    bus.wait_prompts_acked(&batcher).await;
+    let duplicates = [("stream", Edge::BATCHES.stream)];
+    assert_eq!(batcher.metric("millrace_publish_duplicates_total", &duplicates).await, 1.0, "re-formed and deduplicated");
+    let labels = [("model", MODEL), ("reason", "size")];
+    assert_eq!(batcher.metric("millrace_batcher_dispatches_total", &labels).await, 1.0);
+    assert_eq!(bus.undelivered_batches().await, 0, "no second batch reached inference");
+    let mut batches = stream(&bus.publisher, Edge::BATCHES).await;
+    assert_eq!(batches.info().await.unwrap().state.messages, 1, "BATCHES holds the batch once");
+}
+
+/// SIGTERM while requests wait: they are handed back (not lost, not acked) and batched by the
+/// next batcher.
+#[tokio::test]
+async fn draining_hands_queued_prompts_back() {
+    let nats = NatsServer::start().await.unwrap();
+    let flags = ["--max-in-flight=1", "--max-wait-ms=60000"];
+    let mut batcher = Batcher::start(&nats, &flags).await;
+    let bus = Bus::connect(&nats, BusSettings::default()).await;
+    bus.publish_prompt(prompt("hold", 0, 10)).await;
+    let (_, m1) = bus.next_batch().await;
+    bus.publish_prompt(prompt("waiting", 0, 10)).await;
+    batcher.wait_depth(1).await;
+    let status = batcher.process.terminate(WAIT).await.unwrap();
+    assert!(status.success(), "drains cleanly: {status:?}; log:\n{}", batcher.process.logs());
+
+    m1.double_ack().await.unwrap();
+    let batcher = Batcher::start(&nats, &flags).await;
+    let (b2, m2) = bus.next_batch().await;
+    assert_eq!((b2.dispatch_reason.as_str(), members(&b2)), ("idle", vec!["waiting"]));
+    m2.double_ack().await.unwrap();
+    bus.wait_prompts_acked(&batcher).await;
+}
