@@ -1,0 +1,321 @@
+//! The two consumers: ADMITTED → PROMPTS (with the per-user rate limit) and RESULTS → the
+//! conversation.
+//!
+//! ```text
+//! ADMITTED ─► rate limit ─► CAS: record pending turn ─► render + trim ─► PROMPTS  (ack after PubAck)
+//!                 └─over─► RESULTS: RATE_LIMITED (no prompt, nothing stored)
+//! RESULTS ──► CAS: COMPLETED → pending turn becomes an exchange; other status → pending dropped (ack after the write)
+//! ```
+//!
+//! The pending turn is written before the prompt is published, so a result can never arrive
+//! for a turn the conversation does not know yet; the prompt is built from the history of the
+//! very revision that recorded it.
+use std::sync::Arc;
+use std::time::Duration;
+
+use millrace_bus::publisher::Outbound;
+use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
+use millrace_proto::v1::{AdmittedQuery, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_proto::{Message as _, now_unix_ms};
+use tracing::{debug, error, warn};
+
+use crate::key::SessionId;
+use crate::limiter::{Decision, RateLimiter};
+use crate::metrics;
+use crate::prompt::{Built, PromptError, PromptModels, PromptPolicy};
+use crate::state::{Begin, Completion};
+use crate::store::{KvBackend, SessionStore, StoreError};
+
+/// This stage's name in timings, terminal results and dedup ids.
+pub const STAGE: &str = "session";
+/// The RESULTS consumer's name in metrics and logs.
+pub const RESULTS_STAGE: &str = "session-results";
+
+/// What both consumers and the gRPC API share.
+pub struct SessionCore<B> {
+    pub store: SessionStore<B>,
+    pub models: PromptModels,
+    pub limiter: RateLimiter,
+    pub policy: PromptPolicy,
+    /// Exchanges kept per conversation.
+    pub max_turns: usize,
+    /// The bucket's max age (for `expires_unix_ms`).
+    pub idle_ttl: Duration,
+}
+
+impl<B> SessionCore<B> {
+    pub fn build_prompt(
+        &self,
+        model: &str,
+        history: &[(String, String)],
+        user_text: &str,
+    ) -> Result<Built, PromptError> {
+        let m = self.models.get(model).ok_or_else(|| PromptError::Models(format!("unknown model {model:?}")))?;
+        m.build(&self.policy, history, user_text)
+    }
+}
+
+fn store_error(e: StoreError) -> StageError {
+    let delay = match e {
+        // Lost every race: come back soon, the rivals will be done.
+        StoreError::Contended(_) => Duration::from_millis(100),
+        StoreError::Kv(_) => Duration::from_millis(500),
+    };
+    StageError::transient(e.to_string(), delay)
+}
+
+/// The ADMITTED handler.
+pub struct AdmittedStage<B> {
+    pub core: Arc<SessionCore<B>>,
+    pub publisher: Publisher,
+}
+
+impl<B: KvBackend> Handler for AdmittedStage<B> {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
+        let query: AdmittedQuery = delivery.decode()?;
+        let Some(ctx) = query.ctx.clone().filter(|c| !c.request_id.is_empty()) else {
+            return Err(StageError::poison(
+                TerminalStatus::Failed,
+                "missing_request_id",
+                "an admitted query without a request id cannot be answered",
+                None,
+            ));
+        };
+        if ctx.user.is_empty() {
+            let detail = "an admitted query names no user: its conversation cannot be kept";
+            return Err(StageError::poison(TerminalStatus::Failed, "missing_user", detail, Some(ctx)));
+        }
+        if self.core.models.get(&ctx.model).is_none() {
+            let detail = format!(
+                "no chat template or tokenizer for model {:?} (have {:?})",
+                ctx.model,
+                self.core.models.names()
+            );
+            return Err(StageError::poison(TerminalStatus::Rejected, "unknown_model", detail, Some(ctx)));
+        }
+        let id = SessionId::resolve(&ctx.tenant, &ctx.user, &ctx.session);
+        let request_id = ctx.request_id.as_str();
+
+        // A redelivered query whose pending turn is recorded passed the limit before; one
+        // that was answered (e.g. rate limited) and then lost its ack is done.
+        let mut passed_before = false;
+        if delivery.deliveries > 1 {
+            let loaded = self.core.store.load(&id).await.map_err(store_error)?;
+            passed_before = loaded.conversation.is_some_and(|c| c.knows(request_id));
+            if !passed_before && self.has_result(request_id).await {
+                debug!(request_id, "redelivered query already has its terminal result");
+                return Ok(());
+            }
+        }
+        if !passed_before && let Decision::Limited { retry_after } = self.core.limiter.check(&ctx.tenant, &ctx.user) {
+            metrics::RATE_LIMITED.inc();
+            self.publisher.publish(rate_limited(query, retry_after, delivery.received_unix_us)).await?;
+            return Ok(());
+        }
+
+        let now = now_unix_ms();
+        let modified = self
+            .core
+            .store
+            .modify(&id, |c| {
+                let begin = c.begin(request_id, &query.text, &ctx.model, now);
+                (begin == Begin::Added, begin)
+            })
+            .await
+            .map_err(store_error)?;
+        if modified.outcome == Begin::AlreadyCompleted {
+            debug!(request_id, "redelivered query already completed");
+            return Ok(());
+        }
+        let history = modified.conversation.history(request_id);
+        let (core, model, text) = (self.core.clone(), ctx.model.clone(), query.text.clone());
+        // Rendering and tokenizing a long history is CPU work: off the async workers.
+        let built = tokio::task::spawn_blocking(move || core.build_prompt(&model, &history, &text))
+            .await
+            .map_err(|e| StageError::transient(format!("prompt task: {e}"), Duration::from_millis(100)))?;
+        let built = match built {
+            Ok(b) => b,
+            Err(e @ PromptError::TooLong { .. }) => {
+                return Err(StageError::poison(TerminalStatus::Rejected, "too_many_tokens", e.to_string(), Some(ctx)));
+            }
+            Err(e) => return Err(StageError::poison(TerminalStatus::Failed, "prompt_error", e.to_string(), Some(ctx))),
+        };
+        metrics::TURNS_TRIMMED.inc_by(built.turns_dropped as u64);
+        let out = prompt_message(query, built, delivery.received_unix_us);
+        self.publisher.publish(out).await?;
+        metrics::PROMPTS.with_label_values(&[&ctx.model]).inc();
+        Ok(())
+    }
+}
+
+impl<B> AdmittedStage<B> {
+    /// Whether RESULTS still holds a terminal result for the request (best effort: a result
+    /// every reader acked is gone from the stream).
+    async fn has_result(&self, request_id: &str) -> bool {
+        let Ok(stream) = self.publisher.jetstream().get_stream(Edge::RESULTS.stream).await else { return false };
+        stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await.is_ok()
+    }
+}
+
+/// The prompt published to `mr.v1.prompts.<model>` (`<request_id>/session`).
+pub fn prompt_message(query: AdmittedQuery, built: Built, received_unix_us: i64) -> Outbound {
+    let ctx = query.ctx.unwrap_or_default();
+    let mut timings = query.timings.unwrap_or_default();
+    timings.record(STAGE, received_unix_us);
+    let subject = Edge::PROMPTS.subject_for(&ctx.model);
+    let msg_id = msg_id(&ctx.request_id, STAGE);
+    let prompt = Prompt {
+        ctx: Some(ctx),
+        timings: Some(timings),
+        prompt: built.prompt,
+        prompt_tokens: built.prompt_tokens as u32,
+        turns_used: built.turns_used as u32,
+        user_text: query.text,
+        verdicts: query.verdicts,
+    };
+    Outbound { subject, msg_id, payload: prompt.encode_to_vec().into() }
+}
+
+/// The terminal RATE_LIMITED result of a query over its user's limit (`<request_id>/session`).
+pub fn rate_limited(query: AdmittedQuery, retry_after: Duration, received_unix_us: i64) -> Outbound {
+    let ctx: RequestContext = query.ctx.unwrap_or_default();
+    let mut timings = query.timings.unwrap_or_default();
+    timings.record(STAGE, received_unix_us);
+    let retry_after_ms = retry_after.as_millis().max(1).min(u128::from(u32::MAX)) as u32;
+    // Round up: retrying after the hint must find a token.
+    let retry_after_ms = if Duration::from_millis(u64::from(retry_after_ms)) < retry_after {
+        retry_after_ms + 1
+    } else {
+        retry_after_ms
+    };
+    let subject = Edge::RESULTS.subject_for(&ctx.request_id);
+    let msg_id = msg_id(&ctx.request_id, STAGE);
+    let result = TerminalResult {
+        detail: format!("user {:?} is over the per-user rate limit; retry in {retry_after_ms} ms", ctx.user),
+        ctx: Some(ctx),
+        timings: Some(timings),
+        status: TerminalStatus::RateLimited.into(),
+        reason: "rate_limited".to_owned(),
+        verdicts: query.verdicts,
+        stage: STAGE.to_owned(),
+        retry_after_ms,
+        ..Default::default()
+    };
+    Outbound { subject, msg_id, payload: result.encode_to_vec().into() }
+}
+
+/// The RESULTS handler: completes or drops the request's pending turn. It reads RESULTS beside
+/// the sink and never answers a request itself: a result it cannot use is acked and ignored.
+pub struct ResultsStage<B> {
+    pub core: Arc<SessionCore<B>>,
+    /// The consumer's max deliveries: on the last one a failing write gives up (the turn is
+    /// not remembered) rather than have the bus dead-letter the result, which would publish a
+    /// second terminal result for the request.
+    pub max_deliver: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    Completed(Completion),
+    Abandoned(bool),
+}
+
+impl<B: KvBackend> Handler for ResultsStage<B> {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
+        let Ok(result) = TerminalResult::decode(delivery.payload.as_ref()) else {
+            warn!(subject = delivery.subject, "undecodable result: ignored");
+            return Ok(());
+        };
+        let Some(ctx) = result.ctx.as_ref().filter(|c| !c.request_id.is_empty() && !c.user.is_empty()) else {
+            return Ok(());
+        };
+        let id = SessionId::resolve(&ctx.tenant, &ctx.user, &ctx.session);
+        let request_id = ctx.request_id.as_str();
+        let completed = result.status == i32::from(TerminalStatus::Completed);
+        let (max_turns, now) = (self.core.max_turns, now_unix_ms());
+        let modified = self
+            .core
+            .store
+            .modify(&id, |c| {
+                if completed {
+                    let outcome = c.complete(request_id, &result.completion, max_turns, now);
+                    (matches!(outcome, Completion::Stored { .. }), Resolution::Completed(outcome))
+                } else {
+                    let dropped = c.abandon(request_id);
+                    (dropped, Resolution::Abandoned(dropped))
+                }
+            })
+            .await;
+        match modified {
+            Ok(m) => {
+                match m.outcome {
+                    Resolution::Completed(Completion::Stored { dropped }) => {
+                        metrics::TURNS_STORED.inc();
+                        debug!(request_id, dropped, revision = m.revision, "exchange stored");
+                    }
+                    Resolution::Completed(outcome) => debug!(request_id, ?outcome, "nothing to store"),
+                    Resolution::Abandoned(true) => metrics::TURNS_ABANDONED.inc(),
+                    Resolution::Abandoned(false) => {}
+                }
+                Ok(())
+            }
+            Err(e) if delivery.deliveries >= self.max_deliver => {
+                error!(request_id, error = %e, "giving up on the result: its turn is not remembered");
+                Ok(())
+            }
+            Err(e) => Err(store_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use millrace_proto::v1::{Timings, Verdict};
+
+    use super::*;
+
+    fn query() -> AdmittedQuery {
+        AdmittedQuery {
+            ctx: Some(RequestContext {
+                request_id: "r1".into(),
+                tenant: "t".into(),
+                user: "alice".into(),
+                session: "s".into(),
+                model: "smollm2-135m".into(),
+                ..Default::default()
+            }),
+            timings: Some(Timings::default()),
+            text: "hi".into(),
+            token_count: 1,
+            verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
+        }
+    }
+
+    #[test]
+    fn the_prompt_carries_context_verdicts_user_text_and_a_session_timing() {
+        let built = Built { prompt: "P".into(), prompt_tokens: 7, turns_used: 2, turns_dropped: 1 };
+        let out = prompt_message(query(), built, 5);
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.prompts.smollm2-135m", "r1/session"));
+        let p = Prompt::decode(out.payload).unwrap();
+        assert_eq!((p.prompt.as_str(), p.prompt_tokens, p.turns_used, p.user_text.as_str()), ("P", 7, 2, "hi"));
+        assert_eq!(p.ctx.unwrap().user, "alice");
+        assert_eq!(p.verdicts.len(), 1);
+        let t = &p.timings.unwrap().stages[0];
+        assert_eq!((t.stage.as_str(), t.received_unix_us), ("session", 5));
+    }
+
+    #[test]
+    fn a_rate_limited_query_gets_a_terminal_result_with_a_rounded_up_hint() {
+        let out = rate_limited(query(), Duration::from_micros(150_500), 5);
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/session"));
+        let r = TerminalResult::decode(out.payload).unwrap();
+        assert_eq!(r.status, i32::from(TerminalStatus::RateLimited));
+        assert_eq!((r.reason.as_str(), r.retry_after_ms, r.stage.as_str()), ("rate_limited", 151, "session"));
+        assert!(r.prompt.is_empty() && r.completion.is_empty());
+        assert_eq!(r.ctx.unwrap().request_id, "r1");
+        let r = TerminalResult::decode(rate_limited(query(), Duration::from_millis(200), 5).payload).unwrap();
+        assert_eq!(r.retry_after_ms, 200);
+        let r = TerminalResult::decode(rate_limited(query(), Duration::ZERO, 5).payload).unwrap();
+        assert_eq!(r.retry_after_ms, 1);
+    }
+}
