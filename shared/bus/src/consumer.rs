@@ -131,11 +131,14 @@ impl<H: Handler> StageConsumer<H> {
             .await
             .map_err(|e| unavailable(&e))?;
         let workers = self.settings.workers.max(1);
+        // A pull of one message only re-pulls once it is fully consumed, and then at times not
+        // until the pull expired (seen: 35 s stalls with one worker): pull at least two, and
+        // let pulls expire soon so any lost one costs seconds, not half a minute.
         let mut messages = consumer
             .stream()
-            .max_messages_per_batch(workers)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .max_messages_per_batch(workers.max(2))
+            .heartbeat(Duration::from_secs(2))
+            .expires(Duration::from_secs(5))
             .messages()
             .await
             .map_err(|e| unavailable(&e))?;
