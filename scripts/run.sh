@@ -56,12 +56,12 @@ bold "starting NATS and the services"
 start nats .tools/venv/bin/nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m 8222 -sd "$DATA/nats"
 wait_ready nats "http://127.0.0.1:8222/healthz?js-enabled-only=true"
 # Services run as deployed: one process each, ordered only by readiness.
-start sink "$BIN/sink"
-start inference "$BIN/inference"
-start ingest "$BIN/ingest"
-wait_ready sink http://127.0.0.1:9187/readyz
-wait_ready inference http://127.0.0.1:9185/readyz
-wait_ready ingest http://127.0.0.1:9180/readyz
+for service in sink inference batcher session moderation preprocess ingest; do
+    start "$service" "$BIN/$service"
+done
+for pair in sink:9187 inference:9185 batcher:9184 session:9183 moderation:9182 preprocess:9181 ingest:9180; do
+    wait_ready "${pair%%:*}" "http://127.0.0.1:${pair##*:}/readyz"
+done
 
 show() { # method url [json body] [extra curl args...]
     local method=$1 url=$2 body=${3:-}; shift 3 2>/dev/null || shift $#
@@ -74,31 +74,45 @@ show() { # method url [json body] [extra curl args...]
 }
 id_of() { sed -n 's/.*"request_id":"\([^"]*\)".*/\1/p'; }
 
-bold "1. queries are accepted (202 + request id) and wait, durably, in MR_QUERIES"
-q1=$(curl -sS -X POST $INGEST/v1/queries -H 'content-type: application/json' \
-    -d '{"user":"ada","session":"s1","text":"What is the capital of France?"}' | id_of)
-echo "accepted $q1"
-q2=$(curl -sS -X POST $INGEST/v1/queries -H 'content-type: application/json' \
-    -d '{"user":"ada","session":"s1","text":"And of Italy?","params":{"max_new_tokens":16}}' | id_of)
-echo "accepted $q2"
+# Submits a query and prints its terminal outcome once the sink has it.
+ask() { # user session text
+    local body id row
+    body=$(python3 -c 'import json,sys; print(json.dumps({"user":sys.argv[1],"session":sys.argv[2],"text":sys.argv[3],"params":{"max_new_tokens":48}}))' "$1" "$2" "$3")
+    id=$(curl -sS -X POST $INGEST/v1/queries -H 'content-type: application/json' -d "$body" | id_of)
+    printf '\n  %s> %s\n' "$1" "$3"
+    for _ in $(seq 1 600); do
+        row=$(curl -sS "$INGEST/v1/queries/$id")
+        case "$row" in *'"status":"PENDING"'*) sleep 0.1 ;; *) break ;; esac
+    done
+    python3 -c "$(cat <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+timings = r.get("timings") or []
+total = (timings[-1]["finished_unix_us"] - timings[0]["received_unix_us"]) / 1000 if timings else 0
+print(f"  [{r['status']}{' · ' + r['reason'] if r.get('reason') else ''}] {r.get('completion','')}")
+print("    " + " → ".join(f"{t['stage']} {(t['finished_unix_us'] - t['received_unix_us']) / 1000:.1f}ms" for t in timings) + f"  (total {total:.0f} ms)")
+PY
+)" "$row"
+}
 
-bold "2. a retried submit with the same Idempotency-Key is the same request"
+bold "1. a short conversation: each answer streams through all seven services"
+ask ada s1 "What is the capital of France?"
+ask ada s1 "What is it famous for?"
+ask ada s1 "Thank you!"
+
+bold "2. a query that must be blocked"
+ask mallory m1 "you are a fucking idiot"
+
+bold "3. a retried submit with the same Idempotency-Key is the same request"
 show POST $INGEST/v1/queries '{"user":"bob","text":"Hello"}' -H 'Idempotency-Key: demo-key-1'
 show POST $INGEST/v1/queries '{"user":"bob","text":"Hello"}' -H 'Idempotency-Key: demo-key-1'
 
-bold "3. bad input gets a specific error and nothing else is touched"
+bold "4. bad input gets a specific error and nothing else is touched"
 show POST $INGEST/v1/queries '{"user":"ada","text":"   "}'
 show POST $INGEST/v1/queries '{"user":"ada","text":"hi","model":"gpt-9"}'
 show POST $INGEST/v1/queries '{"user":"ada","text":'
 
-bold "4. a client cancels a request: its terminal CANCELLED row lands in the sink"
-show DELETE "$INGEST/v1/queries/$q2"
-sleep 0.5
-show GET "$INGEST/v1/queries/$q2"
-
-bold "5. the other request waits for the middle of the mesh (preprocess, moderation, session, batcher: later issues)"
-show GET "$INGEST/v1/queries/$q1"
-echo "stream depths (monitoring endpoint /jsz):"
+bold "5. stream depths (NATS monitoring /jsz): the edges drain as the stages ack"
 curl -sS 'http://127.0.0.1:8222/jsz?streams=true' | python3 -c "$(cat <<'PY'
 import json, sys
 for account in json.load(sys.stdin).get("account_details", []):
@@ -111,9 +125,10 @@ bold "6. rows in the sink (GET $SINK/v1/results)"
 curl -sS "$SINK/v1/results?page_size=20" | python3 -c "$(cat <<'PY'
 import json, sys
 rows = json.load(sys.stdin)["results"]
-print(f"  {'request_id':<38} {'status':<14} {'reason':<22} stage")
+print(f"  {'request_id':<38} {'user':<8} {'status':<15} {'reason':<12} completion")
 for r in rows:
-    print(f"  {r['request_id']:<38} {r['status']:<14} {r['reason']:<22} {r['stage']}")
+    text = r["completion"].replace("\n", " ")
+    print(f"  {r['request_id']:<38} {r['user']:<8} {r['status']:<15} {r['reason'][:12]:<12} {text[:40]}")
 print(f"  ({len(rows)} rows)")
 PY
 )"
@@ -122,8 +137,10 @@ bold "Millrace is running"
 cat <<INFO
   ingest   HTTP $INGEST/v1/queries   gRPC 127.0.0.1:50051 (millrace.v1.Ingest)
   sink     HTTP $SINK/v1/results     gRPC 127.0.0.1:50057 (millrace.v1.Results)
-  infer.   gRPC 127.0.0.1:50055 (millrace.v1.Inference: Generate, Embed, Classify)
-  metrics  http://127.0.0.1:9180/metrics (ingest)  :9185 (inference)  :9187 (sink)
+  gRPC     inference 127.0.0.1:50055 (Generate, Embed, Classify) · moderation :50053 (Check)
+           session :50054 (Get, Delete)
+  metrics  http://127.0.0.1:<admin>/metrics — ingest 9180, preprocess 9181, moderation 9182,
+           session 9183, batcher 9184, inference 9185, sink 9187
   NATS     $MILLRACE_NATS_URL  monitoring http://127.0.0.1:8222
   data     $DATA/ (SQLite, JetStream store, logs)
 INFO
