@@ -22,6 +22,9 @@ pub struct BatcherConfig {
     /// holds the next one back.
     #[arg(long, env = "MILLRACE_MAX_IN_FLIGHT", default_value = "2")]
     pub max_in_flight: NonZeroUsize,
+    /// Dispatch at once when the model has nothing in flight (false: fixed batching).
+    #[arg(long, env = "MILLRACE_DISPATCH_WHEN_IDLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dispatch_when_idle: bool,
     /// How often the batches left in BATCHES are counted per model (the in-flight count),
     /// milliseconds. A freed slot is seen at most this late.
     #[arg(long, env = "MILLRACE_IN_FLIGHT_POLL_MS", default_value = "20")]
@@ -49,6 +52,7 @@ impl BatcherConfig {
             max_batch_tokens: self.max_batch_tokens.get(),
             max_wait: Duration::from_millis(self.max_wait_ms),
             max_in_flight: self.max_in_flight.get(),
+            dispatch_when_idle: self.dispatch_when_idle,
         }
     }
 
@@ -72,7 +76,13 @@ mod tests {
         let c = BatcherConfig::parse_from(["batcher"]);
         assert_eq!(
             c.limits(),
-            Limits { max_batch_size: 16, max_batch_tokens: 4096, max_wait: Duration::from_millis(20), max_in_flight: 2 }
+            Limits {
+                max_batch_size: 16,
+                max_batch_tokens: 4096,
+                max_wait: Duration::from_millis(20),
+                max_in_flight: 2,
+                dispatch_when_idle: true,
+            }
         );
         assert_eq!((c.in_flight_poll(), c.cancel_remember()), (Duration::from_millis(20), Duration::from_secs(600)));
         assert!(!c.fault_abort_after_publish);

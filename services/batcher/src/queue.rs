@@ -53,6 +53,9 @@ pub struct Limits {
     pub max_batch_tokens: u64,
     pub max_wait: Duration,
     pub max_in_flight: usize,
+    /// Dispatch at once when the model has nothing in flight. Off = classic fixed batching
+    /// (size, tokens or wait only), kept for the batching benchmark's baseline.
+    pub dispatch_when_idle: bool,
 }
 
 /// Why a batch was sent.
@@ -294,7 +297,7 @@ impl<T> ModelQueue<T> {
             DispatchReason::Tokens
         } else if self.oldest().is_some_and(|t| now.saturating_duration_since(t) >= limits.max_wait) {
             DispatchReason::Wait
-        } else if self.in_flight.count() == 0 {
+        } else if limits.dispatch_when_idle && self.in_flight.count() == 0 {
             DispatchReason::Idle
         } else {
             return None;
@@ -482,7 +485,7 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn limits() -> Limits {
-        Limits { max_batch_size: 4, max_batch_tokens: 100, max_wait: 20 * MS, max_in_flight: 2 }
+        Limits { max_batch_size: 4, max_batch_tokens: 100, max_wait: 20 * MS, max_in_flight: 2, dispatch_when_idle: true }
     }
 
     fn queues(limits: Limits) -> Queues<&'static str> {
@@ -524,6 +527,15 @@ mod tests {
         assert!(q.poll(t0 + MS).batches.is_empty());
         assert_eq!(q.depth(M), 1);
         assert_eq!(q.next_wake(), Some(t0 + 21 * MS));
+    }
+
+    #[test]
+    fn with_idle_dispatch_off_an_idle_model_waits_for_a_trigger() {
+        let t0 = Instant::now();
+        let mut q = queues(Limits { dispatch_when_idle: false, ..limits() });
+        q.push(M, req("a", 0, 10), t0);
+        assert!(q.poll(t0).batches.is_empty(), "fixed batching: no dispatch on idle");
+        assert_eq!(one(q.poll(t0 + 20 * MS)).reason, DispatchReason::Wait);
     }
 
     #[test]
