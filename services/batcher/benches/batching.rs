@@ -13,7 +13,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, Topology, msg_id};
+use millrace_bus::{BusSettings, Publisher, msg_id};
 use millrace_engine::{ChatMessage, Manifest};
 use millrace_proto::Message as _;
 use millrace_proto::v1::{Completion, GenerationParams, Prompt, RequestContext};
@@ -125,9 +125,7 @@ fn main() {
     runtime.block_on(async {
         let nats = NatsServer::start().await.expect("nats-server");
         let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-        let client = millrace_bus::connect(&nats.url(), "bench", Duration::from_secs(5)).await.unwrap();
-        let publisher = Publisher::new(client, &settings);
-        Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+        let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
         let inference = ServiceProcess::spawn(
             "inference",
             &[format!("--nats-url={}", nats.url()), format!("--models-dir={}", models.display()), format!("--grpc-addr={}", free_addr())],

@@ -39,7 +39,13 @@ fn main() -> ExitCode {
             }),
             ChildSpec::new("cancel-listener", move |ctx| {
                 let (client, queue) = (client.clone(), queue.clone());
-                async move { Ok(stage::listen_cancels(client, queue, ctx.shutdown.clone(), || ctx.set_ready()).await?) }
+                async move {
+                    let cancel = |request_id: String| {
+                        let queue = queue.clone();
+                        async move { queue.cancel(&request_id).await }
+                    };
+                    Ok(millrace_bus::follow_cancels(client, ctx.shutdown.clone(), || ctx.set_ready(), cancel).await?)
+                }
             }),
             consumer_child("prompt-consumer", prompts),
         ])

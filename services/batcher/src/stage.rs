@@ -23,11 +23,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::Client;
 use async_nats::jetstream::stream::Stream as JsStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use millrace_bus::publisher::Outbound;
-use millrace_bus::topology::ephemeral;
 use millrace_bus::{BusError, Delivery, Edge, Handler, Publisher, StageError, msg_id};
 use millrace_proto::v1::{Batch, Prompt, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
@@ -445,34 +443,6 @@ async fn count_periodically(stream: JsStream, every: Duration, events: mpsc::Unb
             }
             // The last count stands meanwhile (batches stay counted: nothing is over-sent).
             Err(e) => warn!(error = %e, "in-flight count failed"),
-        }
-    }
-}
-
-/// Follows `mr.v1.cancel.*` into the queue until `shutdown`. Every replica hears every notice
-/// (no queue group): any of them may hold the request.
-pub async fn listen_cancels(
-    client: Client,
-    queue: QueueHandle,
-    shutdown: CancellationToken,
-    on_ready: impl Fn(),
-) -> Result<(), BusError> {
-    let mut notices = client
-        .subscribe(ephemeral::CANCEL_ALL)
-        .await
-        .map_err(|e| BusError::Unavailable(format!("subscribe {}: {e}", ephemeral::CANCEL_ALL)))?;
-    let prefix = ephemeral::cancel("");
-    info!(subject = ephemeral::CANCEL_ALL, "following cancellations");
-    on_ready();
-    loop {
-        let notice = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            notice = notices.next() => notice,
-        };
-        let notice = notice.ok_or_else(|| BusError::Unavailable("cancel subscription ended".into()))?;
-        if let Some(request_id) = notice.subject.strip_prefix(prefix.as_str()) {
-            debug!(request_id, "cancel notice");
-            queue.cancel(request_id).await;
         }
     }
 }

@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, stream::Stream as JsStream};
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{Edge, ephemeral};
-use millrace_bus::{BusSettings, Publisher, Topology, msg_id};
+use millrace_bus::{BusSettings, Publisher, msg_id};
 use millrace_proto::v1::{Batch, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms};
 use millrace_testkit::{NatsServer, ServiceProcess};
@@ -86,9 +86,7 @@ impl Bus {
     /// `settings` must match the batcher's bus flags: both provision the consumers.
     async fn connect(nats: &NatsServer, settings: BusSettings) -> Bus {
         let settings = BusSettings { nats_url: nats.url(), ..settings };
-        let client = millrace_bus::connect(&nats.url(), "test", Duration::from_secs(5)).await.unwrap();
-        let publisher = Publisher::new(client, &settings);
-        Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+        let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
         let batches = stream(&publisher, Edge::BATCHES).await.get_consumer("inference").await.unwrap();
         Bus { publisher, batches }
     }

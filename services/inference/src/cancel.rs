@@ -11,12 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::Client;
-use futures::StreamExt;
-use millrace_bus::BusError;
-use millrace_bus::topology::ephemeral;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
 
 /// How long a notice is remembered: past the longest deadline ingest grants (600 s), the
 /// request has expired anyway.
@@ -97,33 +91,6 @@ impl Drop for Registration {
         // A later registration of the same id (a redelivery) owns the entry now: keep it.
         if state.in_flight.get(&self.request_id).is_some_and(|f| Arc::ptr_eq(f, &self.flag)) {
             state.in_flight.remove(&self.request_id);
-        }
-    }
-}
-
-/// Follows `mr.v1.cancel.*` into the registry until `shutdown`.
-pub async fn listen(
-    client: Client,
-    registry: Arc<CancelRegistry>,
-    shutdown: CancellationToken,
-    on_ready: impl Fn(),
-) -> Result<(), BusError> {
-    let mut notices = client
-        .subscribe(ephemeral::CANCEL_ALL)
-        .await
-        .map_err(|e| BusError::Unavailable(format!("subscribe {}: {e}", ephemeral::CANCEL_ALL)))?;
-    let prefix = ephemeral::cancel("");
-    info!(subject = ephemeral::CANCEL_ALL, "following cancellations");
-    on_ready();
-    loop {
-        let notice = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            notice = notices.next() => notice,
-        };
-        let notice = notice.ok_or_else(|| BusError::Unavailable("cancel subscription ended".into()))?;
-        if let Some(request_id) = notice.subject.strip_prefix(prefix.as_str()) {
-            debug!(request_id, "cancel notice");
-            registry.cancel(request_id);
         }
     }
 }

@@ -36,7 +36,10 @@ fn main() -> ExitCode {
         Ok(vec![
             ChildSpec::new("cancel-listener", move |ctx| {
                 let (client, cancels) = (client.clone(), cancels.clone());
-                async move { Ok(cancel::listen(client, cancels, ctx.shutdown.clone(), || ctx.set_ready()).await?) }
+                async move {
+                    let cancel = |request_id: String| std::future::ready(cancels.cancel(&request_id));
+                    Ok(millrace_bus::follow_cancels(client, ctx.shutdown.clone(), || ctx.set_ready(), cancel).await?)
+                }
             }),
             consumer_child("batch-consumer", batches),
             ChildSpec::new("grpc-api", move |ctx| serve_grpc(ctx, grpc_addr, grpc.clone())),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, Topology, msg_id};
+use millrace_bus::{BusSettings, msg_id};
 use millrace_moderation::moderator::{ClassifierPool, Moderator, PolicyStore};
 use millrace_moderation::normalize::normalize;
 use millrace_moderation::policy::{Policy, Stage};
@@ -135,9 +135,7 @@ async fn through_nats(models: &std::path::Path, texts: &[String], messages: usiz
     let service = ServiceProcess::spawn("moderation", &args).expect("moderation binary (cargo bench builds it)");
     service.wait_ready(Duration::from_secs(60)).await.expect("moderation ready");
     let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-    let client = millrace_bus::connect(&nats.url(), "bench", Duration::from_secs(5)).await.unwrap();
-    let publisher = Publisher::new(client, &settings);
-    Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+    let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
 
     let outs: Vec<Outbound> = (0..messages)
         .map(|i| {

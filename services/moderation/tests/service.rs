@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, Topology, msg_id};
+use millrace_bus::{BusSettings, Publisher, msg_id};
 use millrace_proto::Message as _;
 use millrace_proto::v1::moderation_client::ModerationClient;
 use millrace_proto::v1::{
@@ -106,9 +106,7 @@ impl Sink {
 
 async fn publisher(nats: &NatsServer) -> Publisher {
     let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-    let client = millrace_bus::connect(&nats.url(), "test", Duration::from_secs(5)).await.unwrap();
-    let publisher = Publisher::new(client, &settings);
-    Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+    let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
     publisher
 }
 

@@ -12,7 +12,7 @@ use async_nats::jetstream::stream::Stream as JsStream;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, Topology, msg_id};
+use millrace_bus::{BusSettings, Publisher, msg_id};
 use millrace_proto::Message as _;
 use millrace_proto::v1::sessions_client::SessionsClient;
 use millrace_proto::v1::{
@@ -113,9 +113,7 @@ struct Bus {
 impl Bus {
     async fn connect(nats: &NatsServer) -> Bus {
         let settings = BusSettings { nats_url: nats.url(), ..BusSettings::default() };
-        let client = millrace_bus::connect(&nats.url(), "test", Duration::from_secs(5)).await.unwrap();
-        let publisher = Publisher::new(client, &settings);
-        Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+        let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
         let prompts = stream(&publisher, Edge::PROMPTS).await.get_consumer("batcher").await.unwrap();
         Bus { publisher, prompts, seen: HashMap::new() }
     }

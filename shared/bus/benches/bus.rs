@@ -10,7 +10,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, Topology, msg_id};
+use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, msg_id};
 use millrace_proto::v1::{Query, RequestContext, Timings};
 use millrace_proto::{Message as _, now_unix_us};
 use millrace_testkit::NatsServer;
@@ -30,9 +30,7 @@ fn message(i: usize) -> Outbound {
 async fn fresh(settings: &BusSettings) -> (NatsServer, Publisher, BusSettings) {
     let nats = NatsServer::start().await.expect("nats-server");
     let settings = BusSettings { nats_url: nats.url(), ..settings.clone() };
-    let client = millrace_bus::connect(&nats.url(), "bench", Duration::from_secs(5)).await.unwrap();
-    let publisher = Publisher::new(client, &settings);
-    Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+    let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
     (nats, publisher, settings)
 }
 

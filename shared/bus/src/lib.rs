@@ -49,6 +49,49 @@ pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_n
         .map_err(|e| BusError::Unavailable(format!("connect {url}: {e}")))
 }
 
+/// Connects and provisions the mesh topology (idempotent): what every service does first.
+pub async fn connect_mesh(settings: &BusSettings, name: &str) -> Result<Publisher, BusError> {
+    let client = connect(&settings.nats_url, name, Duration::from_secs(5)).await?;
+    let publisher = Publisher::new(client, settings);
+    Topology::mesh(settings).provision(publisher.jetstream()).await?;
+    Ok(publisher)
+}
+
+/// Follows every request's cancel subject (`mr.v1.cancel.*`) until `shutdown`, calling
+/// `on_cancel` with each request id. Core NATS, no queue group: every replica hears every
+/// notice, since any of them may hold the request.
+pub async fn follow_cancels<F, Fut>(
+    client: async_nats::Client,
+    shutdown: tokio_util::sync::CancellationToken,
+    on_ready: impl Fn(),
+    mut on_cancel: F,
+) -> Result<(), BusError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    use futures::StreamExt;
+    use topology::ephemeral;
+    let mut notices = client
+        .subscribe(ephemeral::CANCEL_ALL)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("subscribe {}: {e}", ephemeral::CANCEL_ALL)))?;
+    let prefix = ephemeral::cancel("");
+    tracing::info!(subject = ephemeral::CANCEL_ALL, "following cancellations");
+    on_ready();
+    loop {
+        let notice = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            notice = notices.next() => notice,
+        };
+        let notice = notice.ok_or_else(|| BusError::Unavailable("cancel subscription ended".into()))?;
+        if let Some(request_id) = notice.subject.strip_prefix(prefix.as_str()) {
+            tracing::debug!(request_id, "cancel notice");
+            on_cancel(request_id.to_owned()).await;
+        }
+    }
+}
+
 /// The request id inside a `Nats-Msg-Id` of the form `<request_id>/<stage>`.
 pub fn request_id_from_msg_id(msg_id: &str) -> Option<&str> {
     msg_id.rsplit_once('/').map(|(rid, _)| rid).filter(|rid| !rid.is_empty())

@@ -17,9 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 async fn setup(nats: &NatsServer, settings: BusSettings) -> Publisher {
     let settings = BusSettings { nats_url: nats.url(), ..settings };
-    let client = millrace_bus::connect(&nats.url(), "bus-test", Duration::from_secs(5)).await.unwrap();
-    let publisher = Publisher::new(client, &settings);
-    Topology::mesh(&settings).provision(publisher.jetstream()).await.unwrap();
+    let publisher = millrace_bus::connect_mesh(&settings, "bus-test").await.unwrap();
     publisher
 }
 

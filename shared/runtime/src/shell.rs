@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use millrace_bus::{BusSettings, Publisher, Topology};
+use millrace_bus::{BusSettings, Publisher};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
@@ -79,11 +79,8 @@ pub struct Setup {
 impl Setup {
     /// Connects to NATS, provisions the mesh topology (idempotent) and returns a publisher.
     pub async fn connect_bus(&self) -> anyhow::Result<Publisher> {
-        let settings: &BusSettings = &self.args.bus;
-        let client = millrace_bus::connect(&settings.nats_url, self.name, Duration::from_secs(5)).await?;
-        let publisher = Publisher::new(client, settings);
-        Topology::mesh(settings).provision(publisher.jetstream()).await?;
-        info!(url = settings.nats_url, "connected to NATS; topology provisioned");
+        let publisher = millrace_bus::connect_mesh(&self.args.bus, self.name).await?;
+        info!(url = self.args.bus.nats_url, "connected to NATS; topology provisioned");
         Ok(publisher)
     }
 
