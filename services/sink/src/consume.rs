@@ -39,7 +39,9 @@ impl Handler for DeadLetterStage {
         if record.request_id.is_empty() {
             return Err(StageError::poison(TerminalStatus::Failed, "missing_request_id", "dead letter has no request id", None));
         }
-        let failed = ResultRow::failed_from_dead_letter(&record, now_unix_ms());
+        // A dead letter that is one request's also stands for its FAILED row; one that holds
+        // several (a batch) has sent each member's terminal result on RESULTS instead.
+        let failed = record.ctx.is_some().then(|| ResultRow::failed_from_dead_letter(&record, now_unix_ms()));
         self.writer
             .write(Write::DeadLetter(DeadLetterRow::from_record(&record), failed))
             .await

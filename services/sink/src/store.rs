@@ -27,8 +27,9 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub enum Write {
     Result(ResultRow),
-    /// A dead letter, and the FAILED row its request gets unless it already has one.
-    DeadLetter(DeadLetterRow, ResultRow),
+    /// A dead letter, and the FAILED row its request gets unless it already has one (none when
+    /// the dead message was not one request's, e.g. a batch).
+    DeadLetter(DeadLetterRow, Option<ResultRow>),
 }
 
 /// Filters and cursor of a listing, newest rows last.
@@ -86,19 +87,22 @@ impl Store {
     }
 
     /// Commits the writes in one transaction. Returns, per write, whether its result row was
-    /// new (false: the request already had a terminal row).
+    /// new (false: the request already had a terminal row, or the write had none).
     pub async fn commit(&self, writes: &[Write]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut inserted = Vec::with_capacity(writes.len());
         for write in writes {
             let row = match write {
-                Write::Result(row) => row,
+                Write::Result(row) => Some(row),
                 Write::DeadLetter(dead, row) => {
                     insert_dead_letter(&mut tx, dead).await?;
-                    row
+                    row.as_ref()
                 }
             };
-            inserted.push(insert_result(&mut tx, row).await?);
+            inserted.push(match row {
+                Some(row) => insert_result(&mut tx, row).await?,
+                None => false,
+            });
         }
         tx.commit().await?;
         Ok(inserted)

@@ -2,7 +2,7 @@
 //! result for its request, so the request still ends in exactly one terminal row.
 use async_nats::jetstream;
 use futures::StreamExt;
-use millrace_proto::v1::{DlqRecord, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
+use millrace_proto::v1::{Batch, DlqRecord, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -13,8 +13,9 @@ use crate::publisher::Outbound;
 use crate::topology::{ConsumerSpec, Edge};
 use crate::{BusError, Publisher, metrics, msg_id};
 
-/// Publishes the DLQ record and the terminal result of `delivery`'s request (pipelined, both
-/// deduplicated, so a retry after a crash adds nothing).
+/// Publishes the DLQ record of `delivery` and a terminal result for every request it stands
+/// for (pipelined, all deduplicated, so a retry after a crash adds nothing): its own request,
+/// or — for a batch — each member, so no accepted request is left without a terminal row.
 pub async fn dead_letter(
     publisher: &Publisher,
     stage: &str,
@@ -24,15 +25,18 @@ pub async fn dead_letter(
     detail: &str,
     ctx: Option<RequestContext>,
 ) -> Result<(), BusError> {
-    let ctx = ctx.or_else(|| delivery.context());
     // A message whose request cannot be told still gets a row, keyed by where it sat.
-    let request_id = delivery
+    let message_id = delivery
         .request_id()
         .unwrap_or_else(|| format!("unknown-{}-{}", delivery.stream, delivery.stream_sequence));
-    let mut ctx = ctx.unwrap_or_default();
-    if ctx.request_id.is_empty() {
-        ctx.request_id = request_id.clone();
-    }
+    let members = batch_members(delivery);
+    let own = (members.is_empty()).then(|| {
+        let mut ctx = ctx.or_else(|| delivery.context()).unwrap_or_default();
+        if ctx.request_id.is_empty() {
+            ctx.request_id = message_id.clone();
+        }
+        ctx
+    });
     let record = DlqRecord {
         stage: stage.to_owned(),
         stream: delivery.stream.clone(),
@@ -42,37 +46,49 @@ pub async fn dead_letter(
         reason: reason.to_owned(),
         detail: detail.to_owned(),
         payload: delivery.payload.to_vec(),
-        request_id: request_id.clone(),
+        request_id: message_id.clone(),
         failed_unix_ms: now_unix_ms(),
-        ctx: Some(ctx.clone()),
+        // Set only when the message is one request's: the sink then records its FAILED row.
+        ctx: own.clone(),
     };
     let mut timings = Timings::default();
     timings.record(stage, delivery.received_unix_us);
-    let result = TerminalResult {
-        ctx: Some(ctx),
-        timings: Some(timings),
-        status: status as i32,
-        reason: reason.to_owned(),
-        detail: detail.to_owned(),
-        stage: stage.to_owned(),
-        ..Default::default()
-    };
-    publisher
-        .publish_all([
-            Outbound {
-                subject: Edge::DLQ.subject_for(stage),
-                msg_id: msg_id(&request_id, &format!("dlq.{stage}")),
-                payload: record.encode_to_vec().into(),
-            },
-            Outbound {
-                subject: Edge::RESULTS.subject_for(&request_id),
-                msg_id: msg_id(&request_id, &format!("{stage}.dead")),
-                payload: result.encode_to_vec().into(),
-            },
-        ])
-        .await?;
+    let mut outbound = vec![Outbound {
+        subject: Edge::DLQ.subject_for(stage),
+        msg_id: msg_id(&message_id, &format!("dlq.{stage}")),
+        payload: record.encode_to_vec().into(),
+    }];
+    for ctx in own.into_iter().chain(members) {
+        let request_id = ctx.request_id.clone();
+        let result = TerminalResult {
+            ctx: Some(ctx),
+            timings: Some(timings.clone()),
+            status: status as i32,
+            reason: reason.to_owned(),
+            detail: detail.to_owned(),
+            stage: stage.to_owned(),
+            ..Default::default()
+        };
+        outbound.push(Outbound {
+            subject: Edge::RESULTS.subject_for(&request_id),
+            msg_id: msg_id(&request_id, &format!("{stage}.dead")),
+            payload: result.encode_to_vec().into(),
+        });
+    }
+    publisher.publish_all(outbound).await?;
     metrics::DLQ.with_label_values(&[stage, reason]).inc();
     Ok(())
+}
+
+/// The requests of a message on the BATCHES edge (empty for any other edge, or a batch that
+/// does not decode: then the batch itself is all that can be named).
+fn batch_members(delivery: &Delivery) -> Vec<RequestContext> {
+    if delivery.stream != Edge::BATCHES.stream {
+        return Vec::new();
+    }
+    Batch::decode(delivery.payload.as_ref())
+        .map(|b| b.prompts.into_iter().filter_map(|p| p.ctx).filter(|c| !c.request_id.is_empty()).collect())
+        .unwrap_or_default()
 }
 
 /// The server's advisory when a message used up its deliveries on a consumer.

@@ -11,7 +11,7 @@ use millrace_bus::dlq::MaxDeliveriesListener;
 use millrace_bus::topology::{ConsumerSpec, Edge};
 use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, Topology, msg_id};
 use millrace_proto::Message as _;
-use millrace_proto::v1::{DlqRecord, Query, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_proto::v1::{Batch, DlqRecord, Prompt, Query, RequestContext, Result as TerminalResult, TerminalStatus};
 use millrace_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
@@ -221,6 +221,46 @@ async fn long_work_sends_in_progress_and_is_not_redelivered_meanwhile() {
     }
     assert_eq!(stream_messages(&publisher, "MR_QUERIES").await, 0, "acked once done");
     assert_eq!(slow.calls.load(Ordering::SeqCst), 1, "never redelivered while in progress");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_batch_ends_every_member_request() {
+    let nats = NatsServer::start().await.unwrap();
+    let settings = BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, ..Default::default() };
+    let publisher = setup(&nats, settings.clone()).await;
+    let consumer = StageConsumer::new("inference", ConsumerSpec::INFERENCE, Arc::new(AlwaysFails), publisher.clone(), settings);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { consumer.run(stop, || ()).await }
+    });
+    let member = |id: &str| Prompt { ctx: Some(RequestContext { request_id: id.into(), ..Default::default() }), ..Default::default() };
+    let batch = Batch { batch_id: "b1".into(), model: "m".into(), prompts: vec![member("r1"), member("r2")], ..Default::default() };
+    publisher
+        .publish(Outbound { subject: Edge::BATCHES.subject_for("m"), msg_id: msg_id("b1", "batcher"), payload: batch.encode_to_vec().into() })
+        .await
+        .unwrap();
+    let results = publisher.jetstream().get_stream("MR_RESULTS").await.unwrap();
+    for id in ["r1", "r2"] {
+        let subject = Edge::RESULTS.subject_for(id);
+        let mut found = None;
+        for _ in 0..100 {
+            if let Ok(m) = results.get_last_raw_message_by_subject(&subject).await {
+                found = Some(m);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let result = TerminalResult::decode(found.unwrap_or_else(|| panic!("no result for {id}")).payload).unwrap();
+        assert_eq!((result.status, result.reason.as_str()), (TerminalStatus::Failed as i32, "max_deliveries"));
+    }
+    // No row for the batch itself: its DLQ record names no request.
+    let dlq = publisher.jetstream().get_stream("MR_DLQ").await.unwrap();
+    let record = DlqRecord::decode(dlq.get_last_raw_message_by_subject("mr.v1.dlq.inference").await.unwrap().payload).unwrap();
+    assert!(record.ctx.is_none());
+    assert!(results.get_last_raw_message_by_subject("mr.v1.results.b1").await.is_err());
     stop.cancel();
     running.await.unwrap().unwrap();
 }
