@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
+# The official OpenAI Python client, which the OpenAI-compatible API's test drives.
+.tools/venv/bin/python -c 'import openai' 2>/dev/null \
+    || .tools/venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0"
+
 if pg_env=$(scripts/postgres.sh start); then
     eval "$pg_env"
     trap 'scripts/postgres.sh stop "$PG_TEST_DIR"' EXIT

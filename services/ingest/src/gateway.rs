@@ -5,7 +5,7 @@ use std::sync::Arc;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::ephemeral;
 use millrace_bus::{Edge, Publisher, msg_id};
-use millrace_proto::v1::{RequestContext, Result as TerminalResult, TerminalStatus, Timings};
+use millrace_proto::v1::{Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
 use millrace_proto::{Message, now_unix_us};
 use tracing::warn;
 use uuid::Uuid;
@@ -41,7 +41,18 @@ impl Gateway {
 
     /// Validates the submit and publishes its `Query`, deduplicated on `<request_id>/ingest`.
     pub async fn submit(&self, submission: Submission, received_unix_us: i64) -> Result<Accepted, ApiError> {
-        let query = submission.into_query(&self.policy, received_unix_us)?;
+        let query = self.prepare(submission, received_unix_us)?;
+        self.publish(query).await
+    }
+
+    /// Validates the submit and builds its `Query` without publishing it, so a caller can act
+    /// on the request id first (the OpenAI stream subscribes to its tokens before publishing).
+    pub fn prepare(&self, submission: Submission, received_unix_us: i64) -> Result<Query, ApiError> {
+        Ok(submission.into_query(&self.policy, received_unix_us)?)
+    }
+
+    /// Publishes a `Query` built by [`Gateway::prepare`], deduplicated on `<request_id>/ingest`.
+    pub async fn publish(&self, query: Query) -> Result<Accepted, ApiError> {
         let request_id = query.ctx.as_ref().expect("into_query sets the context").request_id.clone();
         let published = self
             .publisher
@@ -53,6 +64,16 @@ impl Gateway {
             .await
             .inspect_err(|e| warn!(request_id, error = %e, "submit not published"))?;
         Ok(Accepted { request_id, created: !published.duplicate })
+    }
+
+    /// The policy submits are checked against.
+    pub fn policy(&self) -> &SubmitPolicy {
+        &self.policy
+    }
+
+    /// The NATS connection (for core-NATS subscriptions such as a request's token stream).
+    pub fn nats(&self) -> async_nats::Client {
+        self.publisher.client()
     }
 
     /// Cancels a request: its terminal CANCELLED result first, then the core-NATS notice that

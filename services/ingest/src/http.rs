@@ -17,9 +17,9 @@ use crate::json::decode_submission;
 use crate::results::ResultsClient;
 use crate::submit::{Submission, SubmitError};
 
-const TENANT: HeaderName = HeaderName::from_static("x-tenant");
-const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const TENANT: HeaderName = HeaderName::from_static("x-tenant");
+pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the handlers share; each worker gets a clone.
 #[derive(Clone)]
@@ -43,7 +43,8 @@ pub fn server(api: HttpApi, addr: SocketAddr) -> std::io::Result<Server> {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/queries", web::post().to(submit))
         .route("/v1/queries/{id}", web::get().to(status))
-        .route("/v1/queries/{id}", web::delete().to(cancel));
+        .route("/v1/queries/{id}", web::delete().to(cancel))
+        .configure(crate::openai::routes);
 }
 
 /// 202 `{"request_id", "status": "ACCEPTED"}` once the query is on the stream; 200 with status
@@ -83,7 +84,7 @@ async fn cancel(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpRe
 }
 
 /// `application/json` or any `application/*+json`.
-fn check_content_type(req: &HttpRequest) -> Result<(), SubmitError> {
+pub(crate) fn check_content_type(req: &HttpRequest) -> Result<(), SubmitError> {
     match req.mime_type() {
         Ok(Some(m))
             if m.type_() == mime::APPLICATION && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON)) =>
@@ -99,13 +100,13 @@ fn check_content_type(req: &HttpRequest) -> Result<(), SubmitError> {
 }
 
 /// An optional header's value; an error when it is present but not visible ASCII.
-fn header(req: &HttpRequest, name: HeaderName) -> Result<Option<String>, ToStrError> {
+pub(crate) fn header(req: &HttpRequest, name: HeaderName) -> Result<Option<String>, ToStrError> {
     req.headers().get(name).map(|v| v.to_str().map(str::to_owned)).transpose()
 }
 
 /// Reads the body, stopping as soon as it passes `limit` so an oversized one costs no more
 /// than `limit` bytes of memory.
-async fn read_body(body: web::Payload, limit: usize) -> Result<Bytes, SubmitError> {
+pub(crate) async fn read_body(body: web::Payload, limit: usize) -> Result<Bytes, SubmitError> {
     match body.to_bytes_limited(limit).await {
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) => Err(SubmitError::UnreadableBody(e.to_string())),

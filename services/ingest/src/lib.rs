@@ -7,6 +7,7 @@
 //! | `POST /v1/queries` | 202 `{"request_id", "status": "ACCEPTED"}` + `X-Request-Id`; 200 `"DUPLICATE"` for a retry with the same `Idempotency-Key` |
 //! | `GET /v1/queries/{id}` | 200 with the sink's terminal row, or `{"request_id", "status": "PENDING"}` (also for an id never issued) |
 //! | `DELETE /v1/queries/{id}` | 202 `"CANCELLING"`: a terminal CANCELLED result is published (the first terminal result stands) |
+//! | `POST /v1/chat/completions`, `GET /v1/models` | OpenAI-compatible chat (plain or SSE stream), see [`openai`] |
 //! | gRPC `Ingest.Submit` | `SubmitResponse{request_id, created}` |
 //!
 //! Every failure is `{"error": {"code", "message"}}` over HTTP, and over gRPC a status whose
@@ -20,6 +21,7 @@
 //! - [`submit`]: the checks every submit passes and the `Query` it becomes (pure).
 //! - [`json`]: the HTTP body, decoded so each bad input gets its own error code.
 //! - [`gateway`]: publishing submits and cancellations, shared by both APIs.
+//! - [`openai`]: the OpenAI-compatible chat API over the same submit path.
 //! - [`http`], [`grpc`]: the two APIs; [`results`]: status reads from the sink.
 //! - [`error`]: the one mapping of failures to codes, HTTP statuses and gRPC codes.
 pub mod config;
@@ -28,5 +30,6 @@ pub mod gateway;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod openai;
 pub mod results;
 pub mod submit;

@@ -1,0 +1,579 @@
+//! An OpenAI-compatible chat API over the mesh: `POST /v1/chat/completions` (plain or
+//! `stream: true`) and `GET /v1/models`.
+//!
+//! A chat request becomes one ordinary submit (the same [`Submission`] checks as
+//! `POST /v1/queries`):
+//! - the LAST `user` message is the query `text`. Earlier messages (and `system`/`assistant`
+//!   ones) are ignored: the session service keeps the conversation and builds the prompt from
+//!   it, keyed by the `X-Session-Id` header (default `default`) and `user` (default `anonymous`);
+//! - `model`, `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`), `stop` (a
+//!   string or an array), `seed` map to the generation parameters; `X-Tenant` and
+//!   `Idempotency-Key` work as on `/v1/queries`; other OpenAI fields are accepted and ignored
+//!   (`n` above 1 is refused).
+//!
+//! The request gets a 60 s deadline (or the policy's maximum, if lower). The non-streaming answer
+//! is always built from the sink's terminal row (moderation may have replaced the generated text
+//! with a refusal). A stream subscribes to the request's token subject before the query is
+//! published, sends each token as a `chat.completion.chunk`, and ends with the row's outcome:
+//! `finish_reason` `stop`/`length`, or `content_filter` for a blocked request; a request that
+//! ended otherwise (rate limited, expired, ...) ends the stream with an `{"error": ...}` event.
+//! Every failure is `{"error": {"message", "type", "param", "code"}}`; every answer about an
+//! accepted request carries `X-Request-Id`.
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::HeaderName;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use bytes::Bytes;
+use futures::StreamExt;
+use millrace_bus::topology::ephemeral;
+use millrace_proto::v1::{GenerationParams, TokenChunk};
+use millrace_proto::{Message, now_unix_us};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::http::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, TENANT, check_content_type, header, read_body};
+use crate::results::ResultsClient;
+use crate::submit::{Submission, SubmitError};
+
+const SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
+const DEFAULT_USER: &str = "anonymous";
+/// Deadline of a chat request, milliseconds (capped by the policy's maximum).
+const CHAT_DEADLINE_MS: u32 = 60_000;
+/// How long after the request's deadline a terminal row is still waited for (the stage that
+/// expires the request needs a moment to report it).
+const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+/// How often the sink is asked for the terminal row.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long a stream waits for its remaining tokens once the terminal row exists.
+const TOKEN_GRACE: Duration = Duration::from_secs(1);
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/chat/completions", web::post().to(chat_completions)).route("/v1/models", web::get().to(models));
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct OpenAiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<&'static str>,
+    code: String,
+    request_id: Option<String>,
+}
+
+impl OpenAiError {
+    fn invalid(status: StatusCode, param: Option<&'static str>, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind: kind_of(status),
+            message: message.into(),
+            param,
+            code: code.to_owned(),
+            request_id: None,
+        }
+    }
+
+    fn with_request_id(mut self, request_id: &str) -> Self {
+        self.request_id = Some(request_id.to_owned());
+        self
+    }
+
+    fn body(&self) -> Value {
+        json!({ "error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+fn kind_of(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+        StatusCode::GATEWAY_TIMEOUT => "timeout",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
+impl std::fmt::Display for OpenAiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for OpenAiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(id) = &self.request_id {
+            response.insert_header((REQUEST_ID, id.as_str()));
+        }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.insert_header((actix_web::http::header::RETRY_AFTER, 1));
+        }
+        response.json(self.body())
+    }
+}
+
+/// The ingest error's status and code, with the OpenAI parameter it concerns.
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        let status = e.status_code();
+        let (param, message) = match &e {
+            ApiError::Invalid(s) => param_of(s),
+            _ => (None, e.to_string()),
+        };
+        Self::invalid(status, param, e.code(), message)
+    }
+}
+
+impl From<SubmitError> for OpenAiError {
+    fn from(e: SubmitError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+/// Which request field a validation error is about, and its message in OpenAI's terms.
+fn param_of(e: &SubmitError) -> (Option<&'static str>, String) {
+    let message = e.to_string().replace("max_new_tokens", "max_tokens").replace("`text`", "the last user message");
+    let param = match e {
+        SubmitError::EmptyText | SubmitError::TextTooLong { .. } => Some("messages"),
+        SubmitError::UnknownModel { .. } => Some("model"),
+        SubmitError::BadIdentifier { field: "user" } => Some("user"),
+        SubmitError::BadIdentifier { field: "session" } => Some("X-Session-Id"),
+        SubmitError::BadIdentifier { field: "tenant" } => Some("X-Tenant"),
+        SubmitError::BadIdempotencyKey(_) => Some("Idempotency-Key"),
+        SubmitError::BadParams(p) => ["max_new_tokens", "temperature", "top_p", "stop"]
+            .into_iter()
+            .find(|name| p.contains(name))
+            .map(|name| if name == "max_new_tokens" { "max_tokens" } else { name }),
+        SubmitError::WrongType { field, .. } | SubmitError::UnknownField(field) => CHAT_FIELDS.iter().copied().find(|f| f == field),
+        SubmitError::MissingField(field) => CHAT_FIELDS.iter().copied().find(|f| f == field),
+        _ => None,
+    };
+    (param, message)
+}
+
+const CHAT_FIELDS: &[&str] =
+    &["model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user", "stream", "n"];
+
+/// A decoded chat request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    /// The last user message's text.
+    pub text: String,
+    pub user: Option<String>,
+    pub params: GenerationParams,
+    pub stream: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Decodes OpenAI's request body. Unknown fields are ignored (clients send many we do not use).
+pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
+    let text = std::str::from_utf8(body).map_err(|e| SubmitError::InvalidUtf8 { valid_up_to: e.valid_up_to() })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| SubmitError::MalformedJson(e.to_string()))?;
+    let Value::Object(mut object) = value else {
+        return Err(SubmitError::WrongType { field: "(body)".into(), detail: "expected an object".into() }.into());
+    };
+    let messages: Vec<Map<String, Value>> =
+        take(&mut object, "messages")?.ok_or(SubmitError::MissingField("messages"))?;
+    let text = last_user_text(&messages)?;
+    if let Some(n) = take::<u32>(&mut object, "n")?
+        && n != 1
+    {
+        return Err(OpenAiError::invalid(StatusCode::BAD_REQUEST, Some("n"), "unsupported_n", "only n = 1 is supported"));
+    }
+    let max_tokens = match take::<u32>(&mut object, "max_completion_tokens")? {
+        Some(n) => Some(n),
+        None => take(&mut object, "max_tokens")?,
+    };
+    let params = GenerationParams {
+        max_new_tokens: max_tokens.unwrap_or_default(),
+        temperature: take(&mut object, "temperature")?,
+        top_p: take(&mut object, "top_p")?,
+        top_k: 0,
+        seed: take(&mut object, "seed")?,
+        stop: match take::<Stop>(&mut object, "stop")? {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+    };
+    Ok(ChatRequest {
+        model: take(&mut object, "model")?,
+        text,
+        user: take(&mut object, "user")?,
+        params,
+        stream: take(&mut object, "stream")?.unwrap_or(false),
+    })
+}
+
+/// Removes and decodes `name`; absent and `null` both mean "not given".
+fn take<T: DeserializeOwned>(object: &mut Map<String, Value>, name: &str) -> Result<Option<T>, SubmitError> {
+    match object.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => serde_json::from_value(value)
+            .map(Some)
+            .map_err(|e| SubmitError::WrongType { field: name.to_owned(), detail: e.to_string() }),
+    }
+}
+
+/// The text of the last `user` message: a string, or the `text` parts of a content array.
+fn last_user_text(messages: &[Map<String, Value>]) -> Result<String, OpenAiError> {
+    let no_user = || {
+        OpenAiError::invalid(
+            StatusCode::BAD_REQUEST,
+            Some("messages"),
+            "no_user_message",
+            "`messages` must contain at least one message with role \"user\"",
+        )
+    };
+    let message = messages.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user")).ok_or_else(no_user)?;
+    match message.get("content") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => Ok(parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n")),
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(_) => Err(SubmitError::WrongType {
+            field: "messages".into(),
+            detail: "content must be a string or an array of parts".into(),
+        }
+        .into()),
+    }
+}
+
+/// The sink row fields the answer is built from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Row {
+    pub status: String,
+    pub reason: String,
+    pub detail: String,
+    pub completion: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// How a terminal row answers a chat: a finish reason, or an error.
+fn outcome(row: &Row) -> Result<&'static str, OpenAiError> {
+    let error = |status: StatusCode, fallback: &str| {
+        let code = if row.reason.is_empty() { fallback } else { row.reason.as_str() };
+        let message = if row.detail.is_empty() { format!("request {}: {code}", row.status) } else { row.detail.clone() };
+        Err(OpenAiError::invalid(status, None, code, message))
+    };
+    match row.status.as_str() {
+        "COMPLETED" => Ok(if row.reason == "length" { "length" } else { "stop" }),
+        "BLOCKED_INPUT" | "BLOCKED_OUTPUT" => Ok("content_filter"),
+        "RATE_LIMITED" => error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "EXPIRED" => error(StatusCode::GATEWAY_TIMEOUT, "expired"),
+        "REJECTED" => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+        "CANCELLED" => error(StatusCode::CONFLICT, "cancelled"),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+    }
+}
+
+/// The terminal row, or `None` while there is none.
+async fn fetch_row(results: &ResultsClient, request_id: &str) -> Result<Option<Row>, OpenAiError> {
+    match results.get(request_id).await {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            OpenAiError::invalid(StatusCode::BAD_GATEWAY, None, "results_unreadable", format!("bad sink row: {e}"))
+        }),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn models(api: web::Data<HttpApi>) -> HttpResponse {
+    let data: Vec<Value> = api
+        .gateway
+        .policy()
+        .allowed_models
+        .iter()
+        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": "millrace" }))
+        .collect();
+    HttpResponse::Ok().json(json!({ "object": "list", "data": data }))
+}
+
+async fn chat_completions(
+    req: HttpRequest,
+    body: web::Payload,
+    api: web::Data<HttpApi>,
+) -> Result<HttpResponse, OpenAiError> {
+    let received_unix_us = now_unix_us();
+    check_content_type(&req)?;
+    let tenant = header(&req, TENANT).map_err(|_| SubmitError::BadIdentifier { field: "tenant" })?;
+    let session = header(&req, SESSION_ID).map_err(|_| SubmitError::BadIdentifier { field: "session" })?;
+    let idempotency_key =
+        header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
+    let body = read_body(body, api.max_body_bytes).await?;
+    let chat = decode_chat(&body)?;
+    let deadline_ms = CHAT_DEADLINE_MS.min(api.gateway.policy().max_deadline_ms);
+    let submission = Submission {
+        tenant,
+        idempotency_key,
+        user: Some(chat.user.unwrap_or_else(|| DEFAULT_USER.to_owned())),
+        session,
+        text: Some(chat.text),
+        model: chat.model,
+        params: chat.params,
+        deadline_ms: Some(i64::from(deadline_ms)),
+        priority: 0,
+    };
+    let query = api.gateway.prepare(submission, received_unix_us)?;
+    let ctx = query.ctx.clone().expect("prepare sets the context");
+    let request_id = ctx.request_id.clone();
+    let wait_until = Instant::now() + Duration::from_millis(u64::from(deadline_ms)) + DEADLINE_GRACE;
+    let meta = Meta { id: format!("chatcmpl-{request_id}"), created: received_unix_us / 1_000_000, model: ctx.model };
+    if chat.stream {
+        // Subscribed before the query is published, so no token can be missed.
+        let tokens = api.gateway.nats().subscribe(ephemeral::tokens(&request_id)).await.map_err(|e| {
+            OpenAiError::invalid(StatusCode::SERVICE_UNAVAILABLE, None, "unavailable", format!("token subscription: {e}"))
+        })?;
+        api.gateway.publish(query).await?;
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, actix_web::Error>>();
+        let results = api.results.clone();
+        let id = request_id.clone();
+        actix_web::rt::spawn(async move { stream_chat(tokens, results, id, meta, wait_until, tx).await });
+        return Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header((REQUEST_ID, request_id.as_str()))
+            .insert_header(("cache-control", "no-cache"))
+            .streaming(rx));
+    }
+    api.gateway.publish(query).await?;
+    let row = loop {
+        match fetch_row(&api.results, &request_id).await {
+            Ok(Some(row)) => break row,
+            Ok(None) => {}
+            Err(e) => warn!(request_id, error = %e, "sink row not read; retrying"),
+        }
+        if Instant::now() >= wait_until {
+            return Err(OpenAiError::invalid(
+                StatusCode::GATEWAY_TIMEOUT,
+                None,
+                "timeout",
+                "the request did not finish before its deadline",
+            )
+            .with_request_id(&request_id));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    let finish_reason = outcome(&row).map_err(|e| e.with_request_id(&request_id))?;
+    Ok(HttpResponse::Ok().insert_header((REQUEST_ID, request_id.as_str())).json(json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": row.completion },
+            "logprobs": null,
+            "finish_reason": finish_reason,
+        }],
+        "usage": {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens,
+            "total_tokens": row.prompt_tokens + row.completion_tokens,
+        },
+    })))
+}
+
+/// What every chunk of one completion repeats.
+struct Meta {
+    id: String,
+    created: i64,
+    model: String,
+}
+
+impl Meta {
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Bytes {
+        event(&json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
+        }))
+    }
+}
+
+fn event(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// Feeds one stream: the role chunk, each token, then the row's outcome and `[DONE]`. Stops
+/// early when the client goes away (the channel closes).
+async fn stream_chat(
+    mut tokens: async_nats::Subscriber,
+    results: ResultsClient,
+    request_id: String,
+    meta: Meta,
+    wait_until: Instant,
+    tx: futures::channel::mpsc::UnboundedSender<Result<Bytes, actix_web::Error>>,
+) {
+    let send = |bytes: Bytes| tx.unbounded_send(Ok(bytes)).is_ok();
+    if !send(meta.chunk(json!({ "role": "assistant", "content": "" }), None)) {
+        return;
+    }
+    let mut streamed = String::new();
+    let mut next_index = 0u32;
+    let mut saw_last = false;
+    let mut row: Option<(Row, Instant)> = None;
+    let mut next_poll = Instant::now();
+    let finished_row = loop {
+        if let Some((r, found)) = &row
+            && (saw_last || found.elapsed() >= TOKEN_GRACE || r.status != "COMPLETED")
+        {
+            break Some(r.clone());
+        }
+        if Instant::now() >= wait_until {
+            break None;
+        }
+        let poll_at = tokio::time::Instant::from_std(next_poll.max(Instant::now()));
+        tokio::select! {
+            message = tokens.next(), if !saw_last => {
+                let Some(message) = message else { saw_last = true; continue };
+                match TokenChunk::decode(message.payload) {
+                    Ok(chunk) => {
+                        if chunk.index >= next_index && !chunk.text.is_empty() {
+                            streamed.push_str(&chunk.text);
+                            if !send(meta.chunk(json!({ "content": chunk.text }), None)) {
+                                return;
+                            }
+                        }
+                        next_index = next_index.max(chunk.index + 1);
+                        saw_last |= chunk.last;
+                    }
+                    Err(e) => warn!(request_id, error = %e, "undecodable token chunk"),
+                }
+            }
+            _ = tokio::time::sleep_until(poll_at), if row.is_none() => {
+                next_poll = Instant::now() + POLL_INTERVAL;
+                match fetch_row(&results, &request_id).await {
+                    Ok(Some(r)) => row = Some((r, Instant::now())),
+                    Ok(None) => {}
+                    Err(e) => warn!(request_id, error = %e, "sink row not read; retrying"),
+                }
+            }
+            // Row found, tokens still coming: wake up to re-check the grace period.
+            _ = tokio::time::sleep(POLL_INTERVAL), if row.is_some() => {}
+        }
+    };
+    drop(tokens);
+    let tail = match finished_row {
+        None => event(&OpenAiError::invalid(
+            StatusCode::GATEWAY_TIMEOUT,
+            None,
+            "timeout",
+            "the request did not finish before its deadline",
+        )
+        .body()),
+        Some(row) => match outcome(&row) {
+            Ok(finish_reason) => {
+                // Whatever of the final text the tokens did not carry (a missed token, a
+                // refusal of a request that generated nothing) goes out before the end.
+                let rest = match row.completion.strip_prefix(streamed.as_str()) {
+                    Some(rest) => rest,
+                    None if streamed.is_empty() => row.completion.as_str(),
+                    None => "",
+                };
+                if !rest.is_empty() && !send(meta.chunk(json!({ "content": rest }), None)) {
+                    return;
+                }
+                meta.chunk(json!({}), Some(finish_reason))
+            }
+            Err(e) => event(&e.body()),
+        },
+    };
+    if send(tail) {
+        let _ = send(Bytes::from_static(DONE));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_user_message_is_the_text() {
+        let chat = decode_chat(
+            br#"{"model":"m","messages":[{"role":"system","content":"be nice"},{"role":"user","content":"hi"},
+                {"role":"assistant","content":"hello"},{"role":"user","content":[{"type":"text","text":"again"}]}],
+                "temperature":0.5,"top_p":0.9,"max_tokens":12,"stop":"\n","seed":3,"user":"bob","stream":true,
+                "stream_options":{"include_usage":true},"n":1}"#,
+        )
+        .unwrap();
+        assert_eq!(chat.text, "again");
+        assert_eq!((chat.model.as_deref(), chat.user.as_deref(), chat.stream), (Some("m"), Some("bob"), true));
+        assert_eq!(
+            chat.params,
+            GenerationParams {
+                max_new_tokens: 12,
+                temperature: Some(0.5),
+                top_p: Some(0.9),
+                top_k: 0,
+                seed: Some(3),
+                stop: vec!["\n".into()],
+            }
+        );
+        let chat = decode_chat(br#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#).unwrap();
+        assert_eq!(chat.params.stop, ["a", "b"]);
+        assert!(!chat.stream);
+    }
+
+    #[test]
+    fn bad_requests_name_their_param() {
+        let err = |body: &str| decode_chat(body.as_bytes()).unwrap_err();
+        let e = err(r#"{"messages":[]}"#);
+        assert_eq!((e.status, e.param, e.code.as_str()), (StatusCode::BAD_REQUEST, Some("messages"), "no_user_message"));
+        let e = err(r#"{"model":"m"}"#);
+        assert_eq!((e.param, e.code.as_str()), (Some("messages"), "missing_field"));
+        let e = err(r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#);
+        assert_eq!((e.param, e.code.as_str()), (Some("temperature"), "wrong_type"));
+        let e = err(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#);
+        assert_eq!(e.param, Some("n"));
+        assert_eq!(err("{").code, "malformed_json");
+        let body = OpenAiError::from(SubmitError::BadParams("max_new_tokens must be at most 5, got 9".into())).body();
+        assert_eq!(body["error"]["param"], "max_tokens");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["message"], "bad params: max_tokens must be at most 5, got 9");
+    }
+
+    #[test]
+    fn rows_map_to_finish_reasons_or_errors() {
+        let row = |status: &str, reason: &str| Row { status: status.into(), reason: reason.into(), ..Default::default() };
+        assert_eq!(outcome(&row("COMPLETED", "eos")).unwrap(), "stop");
+        assert_eq!(outcome(&row("COMPLETED", "length")).unwrap(), "length");
+        assert_eq!(outcome(&row("BLOCKED_OUTPUT", "toxicity")).unwrap(), "content_filter");
+        assert_eq!(outcome(&row("BLOCKED_INPUT", "")).unwrap(), "content_filter");
+        let e = outcome(&row("RATE_LIMITED", "")).unwrap_err();
+        assert_eq!((e.status, e.kind, e.code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited"));
+        assert_eq!(outcome(&row("EXPIRED", "")).unwrap_err().status, StatusCode::GATEWAY_TIMEOUT);
+        let e = outcome(&row("REJECTED", "prompt_too_long")).unwrap_err();
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "prompt_too_long"));
+        assert_eq!(outcome(&row("FAILED", "x")).unwrap_err().kind, "server_error");
+    }
+}

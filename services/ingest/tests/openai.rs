@@ -1,0 +1,208 @@
+//! The OpenAI-compatible chat API end to end: NATS and all seven services as deployed (one
+//! process each), asked real questions over `POST /v1/chat/completions`. Needs
+//! `models/prepared/manifest.json` (`scripts/prepare-models.sh`) and every service binary
+//! (`cargo build --workspace --bins`). When `.tools/venv/bin/python` has the `openai` package,
+//! the official client is driven against the API too.
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use millrace_testkit::{NatsServer, ServiceProcess, free_addr, workspace_root};
+use serde_json::{Value, json};
+
+const READY: Duration = Duration::from_secs(120);
+
+/// NATS and the seven services. Services are declared first so they stop before NATS.
+struct Mesh {
+    services: Vec<ServiceProcess>,
+    _data: tempfile::TempDir,
+    _nats: NatsServer,
+    ingest: SocketAddr,
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let nats = NatsServer::start().await.expect("nats-server");
+        let data = tempfile::tempdir().unwrap();
+        let models = format!("--models-dir={}", workspace_root().join("models/prepared").display());
+        let nats_url = format!("--nats-url={}", nats.url());
+        let ingest = free_addr();
+        let sink = free_addr();
+        let grpc = || format!("--grpc-addr={}", free_addr());
+        let specs: Vec<(&str, Vec<String>)> = vec![
+            (
+                "sink",
+                vec![
+                    format!("--http-addr={sink}"),
+                    grpc(),
+                    format!("--database-url=sqlite://{}/sink.db", data.path().display()),
+                ],
+            ),
+            ("inference", vec![models.clone(), grpc()]),
+            ("batcher", vec![]),
+            ("session", vec![models.clone(), grpc()]),
+            ("moderation", vec![models.clone(), grpc()]),
+            ("preprocess", vec![models.clone()]),
+            ("ingest", vec![format!("--http-addr={ingest}"), grpc(), format!("--sink-url=http://{sink}")]),
+        ];
+        let mut services = Vec::new();
+        for (name, mut args) in specs {
+            args.push(nats_url.clone());
+            args.push("--stream-storage=memory".to_owned());
+            services.push(ServiceProcess::spawn(name, &args).unwrap_or_else(|e| panic!("spawn {name}: {e}")));
+        }
+        for service in &services {
+            if let Err(e) = service.wait_ready(READY).await {
+                panic!("a service is not ready: {e}; log:\n{}", service.logs());
+            }
+        }
+        Mesh { services, _data: data, _nats: nats, ingest }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ingest)
+    }
+
+    fn logs(&self) -> String {
+        self.services.iter().map(|s| s.logs()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+async fn chat(mesh: &Mesh, session: &str, body: &Value) -> reqwest::Response {
+    client()
+        .post(mesh.url("/v1/chat/completions"))
+        .header("x-session-id", session)
+        .json(body)
+        .send()
+        .await
+        .expect("POST /v1/chat/completions")
+}
+
+fn question(text: &str) -> Value {
+    json!({
+        "model": "smollm2-135m",
+        "messages": [
+            { "role": "system", "content": "You are a helpful assistant." },
+            { "role": "user", "content": text },
+        ],
+        "temperature": 0,
+        "max_tokens": 48,
+        "user": "oai-test",
+    })
+}
+
+/// The data of each `data:` event of a server-sent-event body.
+fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data event: {e:?}")).to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn openai_chat_completions_over_the_whole_mesh() {
+    let mesh = Mesh::start().await;
+
+    // Plain: the answer is the sink's row, in OpenAI's shape.
+    let response = chat(&mesh, "oai-sync", &question("What is the capital of France?")).await;
+    assert_eq!(response.status().as_u16(), 200, "logs:\n{}", mesh.logs());
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["id"], format!("chatcmpl-{request_id}"), "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "smollm2-135m");
+    assert!(body["created"].as_i64().unwrap() > 1_600_000_000);
+    let choice = &body["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(content.contains("Paris"), "{body}");
+    eprintln!("plain answer: {content:?}");
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()), "{body}");
+    let usage = &body["usage"];
+    let (prompt, completion) = (usage["prompt_tokens"].as_u64().unwrap(), usage["completion_tokens"].as_u64().unwrap());
+    assert!(prompt > 0 && completion > 0, "{body}");
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+
+    // Streaming: role chunk, content chunks, a finishing chunk, [DONE]; the pieces are the
+    // stored completion.
+    let mut streamed = question("What is the capital of Germany?");
+    streamed["stream"] = json!(true);
+    let response = chat(&mesh, "oai-stream", &streamed).await;
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let events = sse_events(&response.text().await.unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk", "{chunk}");
+        assert_eq!(chunk["id"], format!("chatcmpl-{request_id}"));
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = &chunks[chunks.len() - 1]["choices"][0];
+    assert!(["stop", "length"].contains(&last["finish_reason"].as_str().unwrap()), "{last}");
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let row: Value =
+        client().get(mesh.url(&format!("/v1/queries/{request_id}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(row["status"], "COMPLETED", "{row}");
+    assert!(!text.is_empty());
+    assert_eq!(text, row["completion"].as_str().unwrap(), "{chunks:?}");
+
+    // Errors in OpenAI's shape.
+    for (body, status, code, param) in [
+        (json!({ "model": "smollm2-135m", "messages": [] }), 400, "no_user_message", "messages"),
+        (json!({ "model": "gpt-9", "messages": [{ "role": "user", "content": "hi" }] }), 422, "unknown_model", "model"),
+        (json!({ "messages": [{ "role": "user", "content": "hi" }], "temperature": 5 }), 422, "bad_params", "temperature"),
+    ] {
+        let response = chat(&mesh, "oai-errors", &body).await;
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+        assert_eq!(error["error"]["code"], code, "{error}");
+        assert_eq!(error["error"]["param"], param, "{error}");
+        assert!(error["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{error}");
+    }
+
+    // The official Python client (scripts/test.sh installs it into .tools/venv).
+    let python = workspace_root().join(".tools/venv/bin/python");
+    let has_openai = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    assert!(has_openai, "no `openai` package in {}: run scripts/test.sh (it installs it)", python.display());
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0, timeout=120)
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+r = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=48,
+                                   extra_headers={"X-Session-Id": "oai-python"})
+assert r.object == "chat.completion", r
+assert "Paris" in r.choices[0].message.content, r
+assert r.usage.total_tokens > 0, r
+parts, finish = [], None
+for chunk in client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=48,
+                                            stream=True, extra_headers={"X-Session-Id": "oai-python-stream"}):
+    if chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+    finish = chunk.choices[0].finish_reason or finish
+assert finish in ("stop", "length"), finish
+assert "Paris" in "".join(parts), parts
+try:
+    client.chat.completions.create(model="gpt-9", messages=messages)
+    raise SystemExit("unknown model accepted")
+except openai.APIStatusError as e:
+    assert e.status_code == 422 and e.body["code"] == "unknown_model", e.body
+print("official client OK")
+"#;
+    let output = Command::new(&python).args(["-c", script, &mesh.url("/v1")]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "official client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout).trim());
+}
