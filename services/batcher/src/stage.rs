@@ -122,14 +122,7 @@ pub struct PromptStage {
 impl Handler for PromptStage {
     async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
         let prompt: Prompt = delivery.decode()?;
-        let Some(ctx) = prompt.ctx.as_ref().filter(|c| !c.request_id.is_empty()) else {
-            return Err(StageError::poison(
-                TerminalStatus::Failed,
-                "missing_request_id",
-                "a prompt without a request id cannot be batched or answered",
-                None,
-            ));
-        };
+        let ctx = millrace_bus::require_request(prompt.ctx.as_ref())?;
         let Some(model) = model_of(&delivery.subject, &ctx.model) else {
             return Err(StageError::poison(
                 TerminalStatus::Failed,

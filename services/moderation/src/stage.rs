@@ -9,7 +9,7 @@ use millrace_bus::publisher::Outbound;
 use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
 use millrace_proto::Message as _;
 use millrace_proto::v1::{
-    AdmittedQuery, CleanedQuery, Completion, RequestContext, Result as TerminalResult, TerminalStatus,
+    AdmittedQuery, CleanedQuery, Completion, Result as TerminalResult, TerminalStatus,
 };
 
 use crate::moderator::{ModerationError, Moderator};
@@ -27,15 +27,6 @@ fn retry(e: ModerationError) -> StageError {
     StageError::transient(e.to_string(), RETRY)
 }
 
-/// The request id a result can be stored under; without one the message is poison.
-#[allow(clippy::result_large_err)] // the bus's own error type, returned once per message
-fn request_id(ctx: Option<&RequestContext>) -> Result<String, StageError> {
-    match ctx {
-        Some(c) if !c.request_id.is_empty() => Ok(c.request_id.clone()),
-        _ => Err(StageError::poison(TerminalStatus::Failed, "missing_request_id", "message has no request id", None)),
-    }
-}
-
 pub struct InputStage {
     pub moderator: Moderator,
     pub publisher: Publisher,
@@ -44,7 +35,7 @@ pub struct InputStage {
 impl Handler for InputStage {
     async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
         let query: CleanedQuery = delivery.decode()?;
-        request_id(query.ctx.as_ref())?;
+        millrace_bus::require_request(query.ctx.as_ref())?;
         let (decision, policy) = self.moderator.check(query.text.clone(), Stage::Input).await.map_err(retry)?;
         self.publisher.publish(input_outbound(query, &decision, policy.refusal(), delivery.received_unix_us)).await?;
         Ok(())
@@ -59,7 +50,7 @@ pub struct OutputStage {
 impl Handler for OutputStage {
     async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
         let completion: Completion = delivery.decode()?;
-        request_id(completion.ctx.as_ref())?;
+        millrace_bus::require_request(completion.ctx.as_ref())?;
         let (decision, policy) = self.moderator.check(completion.text.clone(), Stage::Output).await.map_err(retry)?;
         self.publisher
             .publish(output_outbound(completion, &decision, policy.refusal(), delivery.received_unix_us))
@@ -157,7 +148,7 @@ pub fn output_outbound(mut c: Completion, decision: &Decision, refusal: &str, re
 
 #[cfg(test)]
 mod tests {
-    use millrace_proto::v1::{StageTiming, Timings, Verdict};
+    use millrace_proto::v1::{RequestContext, StageTiming, Timings, Verdict};
 
     use super::*;
     use crate::normalize::normalize;

@@ -11,13 +11,13 @@
 //! `cargo bench -p millrace-preprocess` (MILLRACE_BENCH_N scales the message counts; needs
 //! `models/prepared` and nats-server, as the tests do).
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Publisher, StageConsumer, Topology, msg_id};
+use millrace_bus::{BusSettings, StageConsumer, msg_id};
 use millrace_preprocess::budget::TokenModels;
 use millrace_preprocess::clean::{Overflow, Policy, Preprocessor};
 use millrace_preprocess::normalize::normalize;
@@ -179,14 +179,7 @@ async fn through_nats(
         workers,
         ..Default::default()
     };
-    let client = millrace_bus::connect(&nats.url(), "bench", Duration::from_secs(5))
-        .await
-        .unwrap();
-    let publisher = Publisher::new(client, &settings);
-    Topology::mesh(&settings)
-        .provision(publisher.jetstream())
-        .await
-        .unwrap();
+    let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
     let stage = PreprocessStage {
         preprocessor,
         publisher: publisher.clone(),

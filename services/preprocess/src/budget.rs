@@ -109,11 +109,7 @@ impl TokenModels {
 
     pub fn from_manifest(manifest: &Manifest) -> Result<Self, BudgetError> {
         let mut models = BTreeMap::new();
-        for entry in manifest
-            .models
-            .iter()
-            .filter(|m| m.kind == ModelKind::Generate)
-        {
+        for entry in manifest.models_of(ModelKind::Generate) {
             let tokenizer = manifest
                 .model_tokenizer(&entry.name)
                 .map_err(|e| BudgetError::Manifest(e.to_string()))?;

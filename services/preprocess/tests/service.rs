@@ -8,7 +8,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Publisher, Topology, msg_id};
+use millrace_bus::{BusSettings, Publisher, msg_id};
 use millrace_proto::v1::{
     CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings,
 };
@@ -41,14 +41,7 @@ impl Mesh {
             nats_url: nats.url(),
             ..Default::default()
         };
-        let client = millrace_bus::connect(&nats.url(), "test", Duration::from_secs(5))
-            .await
-            .unwrap();
-        let publisher = Publisher::new(client, &settings);
-        Topology::mesh(&settings)
-            .provision(publisher.jetstream())
-            .await
-            .unwrap();
+        let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
         Mesh {
             publisher,
             process,

@@ -157,7 +157,7 @@ impl PromptModels {
     pub fn load(dir: &Path) -> Result<Self, PromptError> {
         let manifest = Manifest::load(dir).map_err(|e| PromptError::Models(e.to_string()))?;
         let mut models = BTreeMap::new();
-        for entry in manifest.models.iter().filter(|m| m.kind == ModelKind::Generate) {
+        for entry in manifest.models_of(ModelKind::Generate) {
             let loaded =
                 manifest.chat_template(&entry.name).and_then(|t| Ok((t, manifest.model_tokenizer(&entry.name)?)));
             match loaded {

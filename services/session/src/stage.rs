@@ -73,14 +73,7 @@ pub struct AdmittedStage<B> {
 impl<B: KvBackend> Handler for AdmittedStage<B> {
     async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
         let query: AdmittedQuery = delivery.decode()?;
-        let Some(ctx) = query.ctx.clone().filter(|c| !c.request_id.is_empty()) else {
-            return Err(StageError::poison(
-                TerminalStatus::Failed,
-                "missing_request_id",
-                "an admitted query without a request id cannot be answered",
-                None,
-            ));
-        };
+        let ctx = millrace_bus::require_request(query.ctx.as_ref())?.clone();
         if ctx.user.is_empty() {
             let detail = "an admitted query names no user: its conversation cannot be kept";
             return Err(StageError::poison(TerminalStatus::Failed, "missing_user", detail, Some(ctx)));

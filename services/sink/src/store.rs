@@ -140,38 +140,6 @@ impl Store {
         });
         Ok((page, next))
     }
-
-    pub async fn dead_letters(&self, request_id: &str) -> Result<Vec<DeadLetterRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, request_id, stage, stream, subject, stream_sequence, deliveries, reason, detail, \
-             payload_hex, failed_unix_ms FROM dead_letters WHERE request_id = $1 ORDER BY id",
-        )
-        .bind(request_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeadLetterRow {
-                    id: r.try_get("id")?,
-                    request_id: r.try_get("request_id")?,
-                    stage: r.try_get("stage")?,
-                    stream: r.try_get("stream")?,
-                    subject: r.try_get("subject")?,
-                    stream_sequence: r.try_get::<i64, _>("stream_sequence")? as u64,
-                    deliveries: r.try_get::<i64, _>("deliveries")? as u64,
-                    reason: r.try_get("reason")?,
-                    detail: r.try_get("detail")?,
-                    payload_hex: r.try_get("payload_hex")?,
-                    failed_unix_ms: r.try_get("failed_unix_ms")?,
-                })
-            })
-            .collect()
-    }
-
-    /// Rows in the results table (for checks and the demo).
-    pub async fn count_results(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM results").fetch_one(&self.pool).await?.try_get("n")?)
-    }
 }
 
 fn normalize_url(url: &str) -> Result<String, StoreError> {

@@ -86,6 +86,14 @@ impl StageError {
     }
 }
 
+/// The request context of a decoded message, which must name its request: a message that does
+/// not can never be answered, so it is poison (`missing_request_id`).
+pub fn require_request(ctx: Option<&RequestContext>) -> Result<&RequestContext, StageError> {
+    ctx.filter(|c| !c.request_id.is_empty()).ok_or_else(|| {
+        StageError::poison(TerminalStatus::Failed, "missing_request_id", "the message names no request", None)
+    })
+}
+
 impl From<BusError> for StageError {
     /// A publish that failed is worth retrying: the stream may be full or NATS reconnecting.
     fn from(e: BusError) -> Self {

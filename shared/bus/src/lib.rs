@@ -17,7 +17,7 @@ pub mod trace;
 
 use std::time::Duration;
 
-pub use consumer::{Delivery, Handler, StageConsumer, StageError};
+pub use consumer::{Delivery, Handler, StageConsumer, StageError, require_request};
 pub use publisher::{Publisher, Published};
 pub use settings::BusSettings;
 pub use topology::{Edge, Topology};

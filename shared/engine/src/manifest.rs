@@ -73,6 +73,11 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// The models of one kind, in manifest order.
+    pub fn models_of(&self, kind: ModelKind) -> impl Iterator<Item = &ModelEntry> {
+        self.models.iter().filter(move |m| m.kind == kind)
+    }
+
     pub fn model(&self, name: &str) -> Result<&ModelEntry, EngineError> {
         self.models.iter().find(|m| m.name == name).ok_or_else(|| {
             let known: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();

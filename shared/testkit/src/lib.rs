@@ -1,6 +1,6 @@
 //! Test harness: a real `nats-server -js` on a free port with its own store, the service
 //! binaries as child processes, readiness waits and clean teardown.
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -74,22 +74,12 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    pub fn store_dir(&self) -> &Path {
-        self.store.path()
-    }
-
     /// Kills the server (SIGKILL), keeping its store.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-
-    /// Starts the server again on the same port and store.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill();
-        self.spawn().await
     }
 }
 
@@ -110,18 +100,6 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) -> anyhow::Result<()> {
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-}
-
-/// Polls until a TCP connection to `addr` succeeds.
-pub async fn wait_tcp(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{addr} not listening after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 /// A service binary of this workspace running as a child process, as it is deployed.
