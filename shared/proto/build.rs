@@ -1,5 +1,6 @@
 //! Compiles `proto/millrace/v1/*.proto` with the pure-Rust `protox`, so no system `protoc`
-//! is needed, then generates prost types and tonic services from the descriptor set.
+//! is needed, then generates prost types and tonic services from the descriptor set, which is
+//! also kept (encoded) for gRPC reflection.
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&files, [&root])?;
+    // For gRPC reflection: every service serves the descriptors of all Millrace contracts.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("millrace_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -15,7 +15,14 @@ pub struct IngestConfig {
     /// Base URL of the sink's results API, asked by `GET /v1/queries/{id}`.
     #[arg(long, env = "MILLRACE_SINK_URL", default_value = "http://127.0.0.1:8090")]
     pub sink_url: String,
-    /// Largest request body accepted, bytes; larger bodies get 413 without being read whole.
+    /// gRPC address of moderation, whose `Check` releases streamed text to clients; empty =
+    /// stream nothing before a request's end.
+    #[arg(long, env = "MILLRACE_MODERATION_URL", default_value = "http://127.0.0.1:50053")]
+    pub moderation_url: String,
+    /// Unfinished requests one WebSocket may have; more are refused with `too_many_in_flight`.
+    #[arg(long, env = "MILLRACE_INGEST_WS_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub ws_max_in_flight: usize,
+    /// Largest request body (or WebSocket frame) accepted, bytes; larger bodies get 413 without being read whole.
     #[arg(long, env = "MILLRACE_INGEST_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
     #[command(flatten)]

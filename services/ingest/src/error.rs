@@ -7,7 +7,6 @@ use tonic::Code;
 
 use crate::submit::SubmitError;
 
-/// gRPC metadata key carrying the machine-readable code, as `error.code` does over HTTP.
 /// How long an overloaded client should wait before retrying, seconds (`Retry-After`).
 const RETRY_AFTER_S: u32 = 1;
 
@@ -24,6 +23,11 @@ pub enum ApiError {
     Unavailable(#[source] BusError),
     #[error("the results store cannot be reached: {0}")]
     ResultsUnavailable(String),
+    #[error("request {0} did not finish before its deadline")]
+    DeadlinePassed(String),
+    /// One WebSocket follows at most this many unfinished requests.
+    #[error("this socket already has {0} unfinished requests")]
+    SocketBusy(usize),
     #[error("internal error")]
     Internal(#[source] BusError),
 }
@@ -46,6 +50,8 @@ impl ApiError {
             Self::Overloaded(_) => ("overloaded", StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted),
             Self::Unavailable(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             Self::ResultsUnavailable(_) => ("results_unavailable", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            Self::DeadlinePassed(_) => ("timeout", StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
+            Self::SocketBusy(_) => ("too_many_in_flight", StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted),
             Self::Internal(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         }
     }
@@ -63,7 +69,7 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, Self::Overloaded(_)) {
+        if matches!(self, Self::Overloaded(_) | Self::SocketBusy(_)) {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_S));
         }
         response.json(serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } }))

@@ -7,7 +7,7 @@ use millrace_bus::topology::ephemeral;
 use millrace_bus::{Edge, Publisher, msg_id};
 use millrace_proto::v1::{Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
 use millrace_proto::{Message, now_unix_us};
-use tracing::warn;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::config::SubmitPolicy;
@@ -23,6 +23,8 @@ const CANCEL_STAGE: &str = "ingest.cancel";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub request_id: String,
+    /// The model the request runs on (the policy's default when the client named none).
+    pub model: String,
     /// False when the stream already held this request (an idempotent retry): nothing new was
     /// published.
     pub created: bool,
@@ -53,7 +55,8 @@ impl Gateway {
 
     /// Publishes a `Query` built by [`Gateway::prepare`], deduplicated on `<request_id>/ingest`.
     pub async fn publish(&self, query: Query) -> Result<Accepted, ApiError> {
-        let request_id = query.ctx.as_ref().expect("into_query sets the context").request_id.clone();
+        let ctx = query.ctx.as_ref().expect("into_query sets the context");
+        let (request_id, model) = (ctx.request_id.clone(), ctx.model.clone());
         let published = self
             .publisher
             .publish(Outbound {
@@ -63,7 +66,7 @@ impl Gateway {
             })
             .await
             .inspect_err(|e| warn!(request_id, error = %e, "submit not published"))?;
-        Ok(Accepted { request_id, created: !published.duplicate })
+        Ok(Accepted { request_id, model, created: !published.duplicate })
     }
 
     /// The policy submits are checked against.
@@ -107,6 +110,38 @@ impl Gateway {
             warn!(request_id, error = %e, "cancel notice not sent");
         }
         Ok(())
+    }
+}
+
+/// Cancels its request when dropped before it is disarmed: a client that goes away (a closed socket, a
+/// dropped stream or HTTP connection) before its request ended cancels it, so batcher and
+/// inference stop spending work on an answer no one reads. [`CancelOnDrop::finished`] disarms it.
+pub struct CancelOnDrop {
+    gateway: Gateway,
+    request_id: Option<String>,
+}
+
+impl CancelOnDrop {
+    pub fn new(gateway: Gateway, request_id: &str) -> Self {
+        Self { gateway, request_id: Some(request_id.to_owned()) }
+    }
+
+    /// The request ended: nothing to cancel.
+    pub fn finished(&mut self) {
+        self.request_id = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(request_id) = self.request_id.take() {
+            let gateway = self.gateway.clone();
+            tokio::spawn(async move {
+                info!(request_id, "client gone before the end: cancelling");
+                // A failure is logged by `cancel`; the request then simply runs to its end.
+                let _ = gateway.cancel(&request_id).await;
+            });
+        }
     }
 }
 

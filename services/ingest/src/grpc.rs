@@ -1,23 +1,73 @@
-//! gRPC `millrace.v1.Ingest`: `Submit`, validated and published exactly as `POST /v1/queries`.
+//! gRPC `millrace.v1.Ingest`: `Submit`, validated and published exactly as `POST /v1/queries`,
+//! and `Generate`, which also follows the request: `accepted`, the moderated text as `token`
+//! events, then the terminal `result` (as `Results.Get` returns it). Cancelling the call before
+//! the result cancels the request. Every answer carries the request id in `x-request-id`
+//! metadata.
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
 use millrace_proto::now_unix_us;
+use millrace_proto::v1::generate_event::Event as GenerateEventKind;
 use millrace_proto::v1::ingest_server::Ingest;
-use millrace_proto::v1::{SubmitRequest, SubmitResponse};
+use millrace_proto::v1::{GenerateEvent, SubmitRequest, SubmitResponse, TokenChunk};
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::gateway::Gateway;
+use crate::follow::{Event, Follower, Frontend};
 use crate::submit::Submission;
 
+const REQUEST_ID: &str = "x-request-id";
+
 pub struct IngestApi {
-    pub gateway: Gateway,
+    pub frontend: Frontend,
 }
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Ingest for IngestApi {
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
         let received_unix_us = now_unix_us();
-        let accepted = self.gateway.submit(submission(request.into_inner()), received_unix_us).await?;
-        Ok(Response::new(SubmitResponse { request_id: accepted.request_id, created: accepted.created }))
+        let accepted = self.frontend.gateway.submit(submission(request.into_inner()), received_unix_us).await?;
+        let request_id = accepted.request_id.clone();
+        Ok(with_request_id(Response::new(SubmitResponse { request_id: accepted.request_id, created: accepted.created }), &request_id))
     }
+
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<SubmitRequest>) -> Result<Response<GenerateStream>, Status> {
+        let received_unix_us = now_unix_us();
+        let (accepted, follower) = self.frontend.submit_and_follow(submission(request.into_inner()), received_unix_us).await?;
+        let request_id = accepted.request_id.clone();
+        let first = GenerateEvent {
+            event: Some(GenerateEventKind::Accepted(SubmitResponse { request_id: accepted.request_id, created: accepted.created })),
+        };
+        let events = futures::stream::once(async move { Ok(first) }).chain(follow(follower));
+        Ok(with_request_id(Response::new(Box::pin(events) as GenerateStream), &request_id))
+    }
+}
+
+fn with_request_id<T>(mut response: Response<T>, request_id: &str) -> Response<T> {
+    if let Ok(value) = MetadataValue::try_from(request_id) {
+        response.metadata_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// The follower's events as gRPC events; the stream owns the follower, so tonic dropping it
+/// (the client cancelled) cancels the request.
+fn follow(follower: Follower) -> impl Stream<Item = Result<GenerateEvent, Status>> + Send {
+    futures::stream::unfold((follower, 0u32), |(mut follower, index)| async move {
+        let request_id = follower.request_id().to_owned();
+        let (event, index) = match follower.next().await? {
+            Ok(Event::Text(text)) => {
+                (GenerateEventKind::Token(TokenChunk { request_id, index, text, last: false }), index + 1)
+            }
+            Ok(Event::Finished(row)) => (GenerateEventKind::Result(row.into_record()), index),
+            Err(e) => return Some((Err(Status::from(e)), (follower, index))),
+        };
+        Some((Ok(GenerateEvent { event: Some(event) }), (follower, index)))
+    })
 }
 
 /// proto3 cannot tell an empty string or a zero from "not given", so both read as not given —

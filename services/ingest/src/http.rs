@@ -4,17 +4,21 @@
 //! each field get their own error code and every error has the same JSON body.
 use std::net::SocketAddr;
 
-use actix_web::dev::Server;
-use actix_web::http::header::{self, ContentType, HeaderName, ToStrError};
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, ContentType, HeaderName, HeaderValue, ToStrError};
+use actix_web::middleware::{Next, from_fn};
 use actix_web::{App, HttpMessage, HttpRequest, HttpResponse, HttpServer, mime, web};
 use bytes::Bytes;
 use millrace_proto::now_unix_us;
 use serde_json::json;
+use tracing::info;
+use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::gateway::{Gateway, parse_request_id};
+use crate::follow::Frontend;
+use crate::gateway::parse_request_id;
 use crate::json::decode_submission;
-use crate::results::ResultsClient;
 use crate::submit::{Submission, SubmitError};
 
 pub(crate) const TENANT: HeaderName = HeaderName::from_static("x-tenant");
@@ -24,14 +28,16 @@ pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 /// What the handlers share; each worker gets a clone.
 #[derive(Clone)]
 pub struct HttpApi {
-    pub gateway: Gateway,
-    pub results: ResultsClient,
+    pub frontend: Frontend,
     pub max_body_bytes: usize,
+    pub ws_max_in_flight: usize,
 }
 
 /// The server, bound; run it with `millrace_runtime::serve_http`.
 pub fn server(api: HttpApi, addr: SocketAddr) -> std::io::Result<Server> {
-    Ok(HttpServer::new(move || App::new().app_data(web::Data::new(api.clone())).configure(routes))
+    Ok(HttpServer::new(move || {
+        App::new().app_data(web::Data::new(api.clone())).wrap(from_fn(request_id_on_every_response)).configure(routes)
+    })
         // The shell owns SIGTERM and drains every child; an in-flight submit waits at most one
         // PubAck timeout (5 s by default).
         .disable_signals()
@@ -44,7 +50,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/queries", web::post().to(submit))
         .route("/v1/queries/{id}", web::get().to(status))
         .route("/v1/queries/{id}", web::delete().to(cancel))
-        .configure(crate::openai::routes);
+        .configure(crate::openai::routes)
+        .configure(crate::ws::routes);
 }
 
 /// 202 `{"request_id", "status": "ACCEPTED"}` once the query is on the stream; 200 with status
@@ -57,7 +64,7 @@ async fn submit(req: HttpRequest, body: web::Payload, api: web::Data<HttpApi>) -
         header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
     let body = read_body(body, api.max_body_bytes).await?;
     let submission = decode_submission(&body)?;
-    let accepted = api.gateway.submit(Submission { tenant, idempotency_key, ..submission }, received_unix_us).await?;
+    let accepted = api.frontend.gateway.submit(Submission { tenant, idempotency_key, ..submission }, received_unix_us).await?;
     let (mut response, status) =
         if accepted.created { (HttpResponse::Accepted(), "ACCEPTED") } else { (HttpResponse::Ok(), "DUPLICATE") };
     Ok(response
@@ -69,9 +76,11 @@ async fn submit(req: HttpRequest, body: web::Payload, api: web::Data<HttpApi>) -
 /// ingest never issued also reads as pending: the sink cannot tell the two apart.
 async fn status(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpResponse, ApiError> {
     let request_id = parse_request_id(&id)?;
-    Ok(match api.results.get(&request_id).await? {
-        Some(row) => HttpResponse::Ok().content_type(ContentType::json()).body(row),
-        None => HttpResponse::Ok().json(json!({ "request_id": request_id, "status": "PENDING" })),
+    let mut response = HttpResponse::Ok();
+    response.insert_header((REQUEST_ID, request_id.as_str()));
+    Ok(match api.frontend.results.get(&request_id).await? {
+        Some(row) => response.content_type(ContentType::json()).body(row),
+        None => response.json(json!({ "request_id": request_id, "status": "PENDING" })),
     })
 }
 
@@ -79,8 +88,29 @@ async fn status(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpRe
 /// (unless the request already has a terminal result, which then stands).
 async fn cancel(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpResponse, ApiError> {
     let request_id = parse_request_id(&id)?;
-    api.gateway.cancel(&request_id).await?;
-    Ok(HttpResponse::Accepted().json(json!({ "request_id": request_id, "status": "CANCELLING" })))
+    api.frontend.gateway.cancel(&request_id).await?;
+    Ok(HttpResponse::Accepted()
+        .insert_header((REQUEST_ID, request_id.as_str()))
+        .json(json!({ "request_id": request_id, "status": "CANCELLING" })))
+}
+
+/// Answers that name no request (refused input, a status read, `/v1/models`) get a fresh id of
+/// their own, logged with the refusal, so any answer can be traced to a log line.
+async fn request_id_on_every_response(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let mut response = next.call(req).await?;
+    if !response.headers().contains_key(REQUEST_ID) {
+        let id = Uuid::now_v7().hyphenated().to_string();
+        let status = response.status();
+        if status.is_client_error() || status.is_server_error() {
+            info!(request_id = id, %status, path = response.request().path(), "request refused");
+        }
+        let value = HeaderValue::from_str(&id).expect("a UUID is a valid header value");
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    Ok(response)
 }
 
 /// `application/json` or any `application/*+json`.

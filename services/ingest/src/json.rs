@@ -14,7 +14,13 @@ use crate::submit::{Submission, SubmitError};
 pub fn decode_submission(body: &[u8]) -> Result<Submission, SubmitError> {
     let text = std::str::from_utf8(body).map_err(|e| SubmitError::InvalidUtf8 { valid_up_to: e.valid_up_to() })?;
     let value: Value = serde_json::from_str(text).map_err(|e| SubmitError::MalformedJson(e.to_string()))?;
-    let mut fields = Fields::new(value, None)?;
+    submission_from_json(value, None)
+}
+
+/// Decodes a submit already parsed as JSON; `path` names where it sits in a larger document
+/// (a WebSocket frame's `query`), for error messages.
+pub fn submission_from_json(value: Value, path: Option<&'static str>) -> Result<Submission, SubmitError> {
+    let mut fields = Fields::new(value, path)?;
     let submission = Submission {
         user: fields.take("user")?,
         session: fields.take("session")?,

@@ -26,10 +26,13 @@
 //! - [`error`]: the one mapping of failures to codes, HTTP statuses and gRPC codes.
 pub mod config;
 pub mod error;
+pub mod follow;
 pub mod gateway;
 pub mod grpc;
+pub mod guard;
 pub mod http;
 pub mod json;
 pub mod openai;
 pub mod results;
 pub mod submit;
+pub mod ws;

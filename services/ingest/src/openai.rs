@@ -11,45 +11,34 @@
 //!   `Idempotency-Key` work as on `/v1/queries`; other OpenAI fields are accepted and ignored
 //!   (`n` above 1 is refused).
 //!
-//! The request gets a 60 s deadline (or the policy's maximum, if lower). The non-streaming answer
-//! is always built from the sink's terminal row (moderation may have replaced the generated text
-//! with a refusal). A stream subscribes to the request's token subject before the query is
-//! published, sends each token as a `chat.completion.chunk`, and ends with the row's outcome:
-//! `finish_reason` `stop`/`length`, or `content_filter` for a blocked request; a request that
-//! ended otherwise (rate limited, expired, ...) ends the stream with an `{"error": ...}` event.
-//! Every failure is `{"error": {"message", "type", "param", "code"}}`; every answer about an
-//! accepted request carries `X-Request-Id`.
-use std::time::{Duration, Instant};
-
+//! The request gets a 60 s deadline (or the policy's maximum, if lower). Both answers follow the
+//! request with a [`Follower`]: the plain one is built from the terminal result (moderation may
+//! have replaced the generated text with a refusal); a stream sends the moderated text as it is
+//! released, each piece a `chat.completion.chunk`, and ends with the outcome: `finish_reason`
+//! `stop`/`length`, or `content_filter` for a blocked request; a request that ended otherwise
+//! (rate limited, expired, ...) ends the stream with an `{"error": ...}` event. A client that
+//! disconnects before the end cancels its request. Every failure is
+//! `{"error": {"message", "type", "param", "code"}}`; every answer carries `X-Request-Id`.
 use actix_web::http::StatusCode;
 use actix_web::http::header::HeaderName;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::Bytes;
-use futures::StreamExt;
-use millrace_bus::topology::ephemeral;
-use millrace_proto::v1::{GenerationParams, TokenChunk};
-use millrace_proto::{Message, now_unix_us};
+use millrace_proto::now_unix_us;
+use millrace_proto::row::ResultRow;
+use millrace_proto::v1::GenerationParams;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
-use tracing::warn;
 
 use crate::error::ApiError;
+use crate::follow::{Event, Follower};
 use crate::http::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, TENANT, check_content_type, header, read_body};
-use crate::results::ResultsClient;
 use crate::submit::{Submission, SubmitError};
 
 const SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 const DEFAULT_USER: &str = "anonymous";
 /// Deadline of a chat request, milliseconds (capped by the policy's maximum).
 const CHAT_DEADLINE_MS: u32 = 60_000;
-/// How long after the request's deadline a terminal row is still waited for (the stage that
-/// expires the request needs a moment to report it).
-const DEADLINE_GRACE: Duration = Duration::from_secs(5);
-/// How often the sink is asked for the terminal row.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// How long a stream waits for its remaining tokens once the terminal row exists.
-const TOKEN_GRACE: Duration = Duration::from_secs(1);
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions)).route("/v1/models", web::get().to(models));
@@ -263,20 +252,8 @@ fn last_user_text(messages: &[Map<String, Value>]) -> Result<String, OpenAiError
     }
 }
 
-/// The sink row fields the answer is built from.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct Row {
-    pub status: String,
-    pub reason: String,
-    pub detail: String,
-    pub completion: String,
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-}
-
 /// How a terminal row answers a chat: a finish reason, or an error.
-fn outcome(row: &Row) -> Result<&'static str, OpenAiError> {
+fn outcome(row: &ResultRow) -> Result<&'static str, OpenAiError> {
     let error = |status: StatusCode, fallback: &str| {
         let code = if row.reason.is_empty() { fallback } else { row.reason.as_str() };
         let message = if row.detail.is_empty() { format!("request {}: {code}", row.status) } else { row.detail.clone() };
@@ -293,19 +270,9 @@ fn outcome(row: &Row) -> Result<&'static str, OpenAiError> {
     }
 }
 
-/// The terminal row, or `None` while there is none.
-async fn fetch_row(results: &ResultsClient, request_id: &str) -> Result<Option<Row>, OpenAiError> {
-    match results.get(request_id).await {
-        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            OpenAiError::invalid(StatusCode::BAD_GATEWAY, None, "results_unreadable", format!("bad sink row: {e}"))
-        }),
-        Ok(None) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 async fn models(api: web::Data<HttpApi>) -> HttpResponse {
     let data: Vec<Value> = api
+        .frontend
         .gateway
         .policy()
         .allowed_models
@@ -328,7 +295,7 @@ async fn chat_completions(
         header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
     let body = read_body(body, api.max_body_bytes).await?;
     let chat = decode_chat(&body)?;
-    let deadline_ms = CHAT_DEADLINE_MS.min(api.gateway.policy().max_deadline_ms);
+    let deadline_ms = CHAT_DEADLINE_MS.min(api.frontend.gateway.policy().max_deadline_ms);
     let submission = Submission {
         tenant,
         idempotency_key,
@@ -340,44 +307,28 @@ async fn chat_completions(
         deadline_ms: Some(i64::from(deadline_ms)),
         priority: 0,
     };
-    let query = api.gateway.prepare(submission, received_unix_us)?;
-    let ctx = query.ctx.clone().expect("prepare sets the context");
-    let request_id = ctx.request_id.clone();
-    let wait_until = Instant::now() + Duration::from_millis(u64::from(deadline_ms)) + DEADLINE_GRACE;
-    let meta = Meta { id: format!("chatcmpl-{request_id}"), created: received_unix_us / 1_000_000, model: ctx.model };
+    let (accepted, mut follower) = api.frontend.submit_and_follow(submission, received_unix_us).await?;
+    let request_id = accepted.request_id.clone();
+    let meta = Meta {
+        id: format!("chatcmpl-{request_id}"),
+        created: received_unix_us / 1_000_000,
+        model: accepted.model,
+    };
     if chat.stream {
-        // Subscribed before the query is published, so no token can be missed.
-        let tokens = api.gateway.nats().subscribe(ephemeral::tokens(&request_id)).await.map_err(|e| {
-            OpenAiError::invalid(StatusCode::SERVICE_UNAVAILABLE, None, "unavailable", format!("token subscription: {e}"))
-        })?;
-        api.gateway.publish(query).await?;
-        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, actix_web::Error>>();
-        let results = api.results.clone();
-        let id = request_id.clone();
-        actix_web::rt::spawn(async move { stream_chat(tokens, results, id, meta, wait_until, tx).await });
+        let events = stream_chat(follower, meta);
         return Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header((REQUEST_ID, request_id.as_str()))
             .insert_header(("cache-control", "no-cache"))
-            .streaming(rx));
+            .streaming(events));
     }
-    api.gateway.publish(query).await?;
     let row = loop {
-        match fetch_row(&api.results, &request_id).await {
-            Ok(Some(row)) => break row,
-            Ok(None) => {}
-            Err(e) => warn!(request_id, error = %e, "sink row not read; retrying"),
+        match follower.next().await {
+            Some(Ok(Event::Finished(row))) => break row,
+            Some(Ok(Event::Text(_))) => {}
+            Some(Err(e)) => return Err(OpenAiError::from(e).with_request_id(&request_id)),
+            None => unreachable!("a follower ends with its result or an error"),
         }
-        if Instant::now() >= wait_until {
-            return Err(OpenAiError::invalid(
-                StatusCode::GATEWAY_TIMEOUT,
-                None,
-                "timeout",
-                "the request did not finish before its deadline",
-            )
-            .with_request_id(&request_id));
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
     };
     let finish_reason = outcome(&row).map_err(|e| e.with_request_id(&request_id))?;
     Ok(HttpResponse::Ok().insert_header((REQUEST_ID, request_id.as_str())).json(json!({
@@ -424,95 +375,34 @@ fn event(value: &Value) -> Bytes {
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
-/// Feeds one stream: the role chunk, each token, then the row's outcome and `[DONE]`. Stops
-/// early when the client goes away (the channel closes).
-async fn stream_chat(
-    mut tokens: async_nats::Subscriber,
-    results: ResultsClient,
-    request_id: String,
-    meta: Meta,
-    wait_until: Instant,
-    tx: futures::channel::mpsc::UnboundedSender<Result<Bytes, actix_web::Error>>,
-) {
-    let send = |bytes: Bytes| tx.unbounded_send(Ok(bytes)).is_ok();
-    if !send(meta.chunk(json!({ "role": "assistant", "content": "" }), None)) {
-        return;
+/// One stream's events: the role chunk, the text as it is released, then the outcome and
+/// `[DONE]`. The follower lives inside the stream, so a client that goes away (actix drops the
+/// stream) cancels its request.
+fn stream_chat(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
+    enum State {
+        Start(Follower),
+        Following(Follower),
+        Done,
+        End,
     }
-    let mut streamed = String::new();
-    let mut next_index = 0u32;
-    let mut saw_last = false;
-    let mut row: Option<(Row, Instant)> = None;
-    let mut next_poll = Instant::now();
-    let finished_row = loop {
-        if let Some((r, found)) = &row
-            && (saw_last || found.elapsed() >= TOKEN_GRACE || r.status != "COMPLETED")
-        {
-            break Some(r.clone());
-        }
-        if Instant::now() >= wait_until {
-            break None;
-        }
-        let poll_at = tokio::time::Instant::from_std(next_poll.max(Instant::now()));
-        tokio::select! {
-            message = tokens.next(), if !saw_last => {
-                let Some(message) = message else { saw_last = true; continue };
-                match TokenChunk::decode(message.payload) {
-                    Ok(chunk) => {
-                        if chunk.index >= next_index && !chunk.text.is_empty() {
-                            streamed.push_str(&chunk.text);
-                            if !send(meta.chunk(json!({ "content": chunk.text }), None)) {
-                                return;
-                            }
-                        }
-                        next_index = next_index.max(chunk.index + 1);
-                        saw_last |= chunk.last;
-                    }
-                    Err(e) => warn!(request_id, error = %e, "undecodable token chunk"),
-                }
-            }
-            _ = tokio::time::sleep_until(poll_at), if row.is_none() => {
-                next_poll = Instant::now() + POLL_INTERVAL;
-                match fetch_row(&results, &request_id).await {
-                    Ok(Some(r)) => row = Some((r, Instant::now())),
-                    Ok(None) => {}
-                    Err(e) => warn!(request_id, error = %e, "sink row not read; retrying"),
-                }
-            }
-            // Row found, tokens still coming: wake up to re-check the grace period.
-            _ = tokio::time::sleep(POLL_INTERVAL), if row.is_some() => {}
-        }
-    };
-    drop(tokens);
-    let tail = match finished_row {
-        None => event(&OpenAiError::invalid(
-            StatusCode::GATEWAY_TIMEOUT,
-            None,
-            "timeout",
-            "the request did not finish before its deadline",
-        )
-        .body()),
-        Some(row) => match outcome(&row) {
-            Ok(finish_reason) => {
-                // Whatever of the final text the tokens did not carry (a missed token, a
-                // refusal of a request that generated nothing) goes out before the end.
-                let rest = match row.completion.strip_prefix(streamed.as_str()) {
-                    Some(rest) => rest,
-                    None if streamed.is_empty() => row.completion.as_str(),
-                    None => "",
-                };
-                if !rest.is_empty() && !send(meta.chunk(json!({ "content": rest }), None)) {
-                    return;
-                }
-                meta.chunk(json!({}), Some(finish_reason))
-            }
-            Err(e) => event(&e.body()),
-        },
-    };
-    if send(tail) {
-        let _ = send(Bytes::from_static(DONE));
-    }
+    futures::stream::unfold((State::Start(follower), meta), |(state, meta)| async move {
+        let (bytes, next) = match state {
+            State::Start(follower) => (meta.chunk(json!({ "role": "assistant", "content": "" }), None), State::Following(follower)),
+            State::Following(mut follower) => match follower.next().await {
+                Some(Ok(Event::Text(text))) => (meta.chunk(json!({ "content": text }), None), State::Following(follower)),
+                Some(Ok(Event::Finished(row))) => match outcome(&row) {
+                    Ok(finish_reason) => (meta.chunk(json!({}), Some(finish_reason)), State::Done),
+                    Err(e) => (event(&e.body()), State::Done),
+                },
+                Some(Err(e)) => (event(&OpenAiError::from(e).body()), State::Done),
+                None => (Bytes::from_static(DONE), State::End),
+            },
+            State::Done => (Bytes::from_static(DONE), State::End),
+            State::End => return None,
+        };
+        Some((Ok(bytes), (next, meta)))
+    })
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,7 +454,7 @@ mod tests {
 
     #[test]
     fn rows_map_to_finish_reasons_or_errors() {
-        let row = |status: &str, reason: &str| Row { status: status.into(), reason: reason.into(), ..Default::default() };
+        let row = |status: &str, reason: &str| ResultRow { status: status.into(), reason: reason.into(), ..Default::default() };
         assert_eq!(outcome(&row("COMPLETED", "eos")).unwrap(), "stop");
         assert_eq!(outcome(&row("COMPLETED", "length")).unwrap(), "length");
         assert_eq!(outcome(&row("BLOCKED_OUTPUT", "toxicity")).unwrap(), "content_filter");

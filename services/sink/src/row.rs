@@ -1,30 +1,9 @@
-//! The sink's row: one terminal outcome of one request, as stored and as served.
-use millrace_proto::v1::{DlqRecord, Result as TerminalResult, ResultRecord, StageTiming, TerminalStatus, Timings, Verdict};
+//! The sink's dead-letter row; result rows are [`millrace_proto::row::ResultRow`], shared
+//! with ingest, which hands the same shape to clients.
+use millrace_proto::v1::DlqRecord;
 use serde::Serialize;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ResultRow {
-    pub request_id: String,
-    pub tenant: String,
-    pub user: String,
-    pub session: String,
-    pub model: String,
-    pub model_version: String,
-    /// Upper-case terminal status name (`COMPLETED`, `FAILED`, …).
-    pub status: String,
-    pub reason: String,
-    pub detail: String,
-    /// The stage that ended the request.
-    pub stage: String,
-    pub prompt: String,
-    pub completion: String,
-    pub verdicts: Vec<Verdict>,
-    pub timings: Vec<StageTiming>,
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub accepted_unix_ms: i64,
-    pub stored_unix_ms: i64,
-}
+pub use millrace_proto::row::{InvalidResult, ResultRow};
 
 /// A dead-letter record as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,105 +19,6 @@ pub struct DeadLetterRow {
     pub detail: String,
     pub payload_hex: String,
     pub failed_unix_ms: i64,
-}
-
-/// Why a message cannot become a row.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum InvalidResult {
-    #[error("result has no request id")]
-    MissingRequestId,
-    #[error("result has no terminal status")]
-    MissingStatus,
-}
-
-impl InvalidResult {
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::MissingRequestId => "missing_request_id",
-            Self::MissingStatus => "missing_status",
-        }
-    }
-}
-
-impl ResultRow {
-    pub fn from_result(result: TerminalResult, stored_unix_ms: i64) -> Result<Self, InvalidResult> {
-        let ctx = result.ctx.unwrap_or_default();
-        if ctx.request_id.is_empty() {
-            return Err(InvalidResult::MissingRequestId);
-        }
-        let status = match TerminalStatus::try_from(result.status) {
-            Ok(TerminalStatus::Unspecified) | Err(_) => return Err(InvalidResult::MissingStatus),
-            Ok(status) => status,
-        };
-        Ok(Self {
-            request_id: ctx.request_id,
-            tenant: ctx.tenant,
-            user: ctx.user,
-            session: ctx.session,
-            model: ctx.model,
-            model_version: result.model_version,
-            status: status.name().to_owned(),
-            reason: result.reason,
-            detail: result.detail,
-            stage: result.stage,
-            prompt: result.prompt,
-            completion: result.completion,
-            verdicts: result.verdicts,
-            timings: result.timings.unwrap_or_default().stages,
-            prompt_tokens: result.prompt_tokens,
-            completion_tokens: result.completion_tokens,
-            accepted_unix_ms: ctx.accepted_unix_ms,
-            stored_unix_ms,
-        })
-    }
-
-    /// The FAILED row a dead letter stands for, when no other terminal row got there first.
-    pub fn failed_from_dead_letter(record: &DlqRecord, stored_unix_ms: i64) -> Self {
-        let ctx = record.ctx.clone().unwrap_or_default();
-        Self {
-            request_id: record.request_id.clone(),
-            tenant: ctx.tenant,
-            user: ctx.user,
-            session: ctx.session,
-            model: ctx.model,
-            model_version: String::new(),
-            status: TerminalStatus::Failed.name().to_owned(),
-            reason: record.reason.clone(),
-            detail: record.detail.clone(),
-            stage: record.stage.clone(),
-            prompt: String::new(),
-            completion: String::new(),
-            verdicts: Vec::new(),
-            timings: Vec::new(),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            accepted_unix_ms: ctx.accepted_unix_ms,
-            stored_unix_ms,
-        }
-    }
-
-    pub fn into_record(self) -> ResultRecord {
-        ResultRecord {
-            status: TerminalStatus::parse(&self.status).unwrap_or_default() as i32,
-            request_id: self.request_id,
-            tenant: self.tenant,
-            user: self.user,
-            session: self.session,
-            model: self.model,
-            model_version: self.model_version,
-            reason: self.reason,
-            detail: self.detail,
-            prompt: self.prompt,
-            completion: self.completion,
-            verdicts: self.verdicts,
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            timings: Some(Timings { stages: self.timings }),
-            accepted_unix_ms: self.accepted_unix_ms,
-            stored_unix_ms: self.stored_unix_ms,
-            stage: self.stage,
-        }
-    }
 }
 
 impl DeadLetterRow {
@@ -161,34 +41,7 @@ impl DeadLetterRow {
 
 #[cfg(test)]
 mod tests {
-    use millrace_proto::v1::RequestContext;
-
     use super::*;
-
-    fn result(request_id: &str, status: TerminalStatus) -> TerminalResult {
-        TerminalResult {
-            ctx: Some(RequestContext { request_id: request_id.into(), user: "u1".into(), ..Default::default() }),
-            status: status as i32,
-            completion: "Paris".into(),
-            timings: Some(Timings { stages: vec![StageTiming { stage: "ingest".into(), received_unix_us: 1, finished_unix_us: 2 }] }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_result_becomes_a_row_and_a_record() {
-        let row = ResultRow::from_result(result("r1", TerminalStatus::Completed), 7).unwrap();
-        assert_eq!((row.status.as_str(), row.user.as_str(), row.stored_unix_ms), ("COMPLETED", "u1", 7));
-        let record = row.into_record();
-        assert_eq!(record.status, TerminalStatus::Completed as i32);
-        assert_eq!(record.timings.unwrap().stages.len(), 1);
-    }
-
-    #[test]
-    fn results_without_id_or_status_are_invalid() {
-        assert_eq!(ResultRow::from_result(result("", TerminalStatus::Completed), 0), Err(InvalidResult::MissingRequestId));
-        assert_eq!(ResultRow::from_result(result("r", TerminalStatus::Unspecified), 0), Err(InvalidResult::MissingStatus));
-    }
 
     #[test]
     fn dead_letters_are_keyed_by_their_stream_position() {

@@ -5,6 +5,11 @@ pub mod v1 {
     tonic::include_proto!("millrace.v1");
 }
 
+pub mod row;
+
+/// The encoded `FileDescriptorSet` of every Millrace contract, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/millrace_descriptor.bin"));
+
 pub use prost::Message;
 use v1::{StageTiming, TerminalStatus, Timings};
 

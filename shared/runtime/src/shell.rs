@@ -85,8 +85,15 @@ impl Setup {
     }
 
     /// A tonic router that already serves `grpc.health.v1.Health`, following readiness.
+    /// A gRPC server with `grpc.health.v1` (following readiness) and reflection (v1) over the
+    /// Millrace contracts and health, so `grpcurl` and friends need no `.proto` files.
     pub fn grpc_router(&self) -> Router {
-        tonic::transport::Server::builder().add_service(self.health_service.clone())
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(millrace_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the built-in descriptor sets are valid");
+        tonic::transport::Server::builder().add_service(self.health_service.clone()).add_service(reflection)
     }
 
     fn follow_readiness_in_grpc_health(&self) {

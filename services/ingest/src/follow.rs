@@ -1,0 +1,228 @@
+//! Following one request to its end, for every API that answers with the outcome (OpenAI
+//! chat, WebSocket, gRPC `Generate`).
+//!
+//! Two core-NATS subscriptions, opened before the query is published so nothing is missed:
+//! the raw tokens inference streams (`mr.v1.tokens.<id>`), released through a [`StreamGuard`],
+//! and the request's terminal result (`mr.v1.results.<id>`: the `RESULTS` stream keeps its copy
+//! for the sink; a core subscriber sees the same publish at once). The sink is also asked now
+//! and then: a request whose result was published before the subscriptions existed (an
+//! idempotent retry of a finished request) or a lost core message still ends.
+//!
+//! The events: released text in order, then, once the terminal result is in, whatever of its
+//! completion was not released yet, then the result itself. So for a completed request the
+//! streamed text always equals the stored completion.
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use millrace_bus::topology::ephemeral;
+use millrace_bus::{BusError, Edge};
+use millrace_proto::row::ResultRow;
+use millrace_proto::v1::moderation_client::ModerationClient;
+use millrace_proto::v1::{Result as TerminalResult, TerminalStatus, TokenChunk};
+use millrace_proto::{Message, now_unix_ms};
+use tonic::transport::Channel;
+use tracing::warn;
+
+use crate::error::ApiError;
+use crate::gateway::{Accepted, CancelOnDrop, Gateway};
+use crate::guard::StreamGuard;
+use crate::results::ResultsClient;
+use crate::submit::Submission;
+
+/// How long after the request's deadline its terminal result is still waited for (the stage
+/// that expires the request needs a moment to report it).
+const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+/// How often the sink is asked, as a safety net behind the result subscription.
+const SINK_POLL: Duration = Duration::from_secs(1);
+/// How long a completed result waits for the raw tokens still in flight (their text comes from
+/// the result anyway; waiting only keeps the stream's pieces in their natural size).
+const TOKEN_GRACE: Duration = Duration::from_millis(200);
+/// How often the grace period is re-checked.
+const GRACE_TICK: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Moderated text, in order.
+    Text(String),
+    /// The terminal outcome; the last event.
+    Finished(Box<ResultRow>),
+}
+
+/// What the following APIs share: submitting, the sink, the stream moderation checks.
+#[derive(Clone)]
+pub struct Frontend {
+    pub gateway: Gateway,
+    pub results: ResultsClient,
+    /// `Moderation.Check`, which releases streamed text; `None` streams nothing before the end.
+    pub moderation: Option<ModerationClient<Channel>>,
+}
+
+impl Frontend {
+    /// Validates and publishes the submit with a follower subscribed first.
+    pub async fn submit_and_follow(
+        &self,
+        submission: Submission,
+        received_unix_us: i64,
+    ) -> Result<(Accepted, Follower), ApiError> {
+        let query = self.gateway.prepare(submission, received_unix_us)?;
+        let ctx = query.ctx.as_ref().expect("prepare sets the context");
+        let until_deadline = Duration::from_millis((ctx.deadline_unix_ms - now_unix_ms()).max(0) as u64);
+        let follower = Follower::start(self, &ctx.request_id.clone(), Instant::now() + until_deadline + DEADLINE_GRACE).await?;
+        let accepted = self.gateway.publish(query).await?;
+        Ok((accepted, follower))
+    }
+}
+
+/// One request's events; dropped before the end, it cancels the request.
+pub struct Follower {
+    request_id: String,
+    cancel: CancelOnDrop,
+    tokens: async_nats::Subscriber,
+    results: async_nats::Subscriber,
+    sink: ResultsClient,
+    guard: StreamGuard,
+    wait_until: Instant,
+    /// Raw token index expected next (redeliveries and duplicates are skipped).
+    next_index: u32,
+    saw_last_token: bool,
+    /// The terminal result and when it arrived.
+    finished: Option<(ResultRow, Instant)>,
+    ready: VecDeque<Event>,
+    done: bool,
+    next_sink_poll: Instant,
+}
+
+impl Follower {
+    /// Subscribes; publish the query only after this returns.
+    async fn start(frontend: &Frontend, request_id: &str, wait_until: Instant) -> Result<Self, ApiError> {
+        let nats = frontend.gateway.nats();
+        let unavailable =
+            |e: async_nats::SubscribeError| ApiError::Unavailable(BusError::Unavailable(format!("subscription: {e}")));
+        let tokens = nats.subscribe(ephemeral::tokens(request_id)).await.map_err(unavailable)?;
+        let results = nats.subscribe(Edge::RESULTS.subject_for(request_id)).await.map_err(unavailable)?;
+        Ok(Self {
+            request_id: request_id.to_owned(),
+            cancel: CancelOnDrop::new(frontend.gateway.clone(), request_id),
+            tokens,
+            results,
+            sink: frontend.results.clone(),
+            guard: StreamGuard::new(frontend.moderation.clone()),
+            wait_until,
+            next_index: 0,
+            saw_last_token: false,
+            finished: None,
+            ready: VecDeque::new(),
+            done: false,
+            next_sink_poll: Instant::now() + SINK_POLL,
+        })
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The next event; `None` after [`Event::Finished`] or the deadline error.
+    pub async fn next(&mut self) -> Option<Result<Event, ApiError>> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(Ok(event));
+            }
+            if self.done {
+                return None;
+            }
+            if let Some((row, arrived)) = &self.finished
+                && (self.saw_last_token || arrived.elapsed() >= TOKEN_GRACE || row.status != TerminalStatus::Completed.name())
+            {
+                let row = row.clone();
+                self.finish(row);
+                continue;
+            }
+            if Instant::now() >= self.wait_until {
+                self.done = true;
+                return Some(Err(ApiError::DeadlinePassed(self.request_id.clone())));
+            }
+            let deadline = tokio::time::Instant::from_std(self.wait_until);
+            let sink_poll = tokio::time::Instant::from_std(self.next_sink_poll);
+            tokio::select! {
+                message = self.tokens.next(), if !self.saw_last_token => match message {
+                    Some(message) => self.on_token(&message.payload).await,
+                    None => self.saw_last_token = true,
+                },
+                message = self.results.next(), if self.finished.is_none() => {
+                    if let Some(message) = message {
+                        self.on_result(&message.payload);
+                    }
+                }
+                _ = tokio::time::sleep_until(sink_poll), if self.finished.is_none() => self.poll_sink().await,
+                _ = tokio::time::sleep(GRACE_TICK), if self.finished.is_some() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    async fn on_token(&mut self, payload: &[u8]) {
+        let chunk = match TokenChunk::decode(payload) {
+            Ok(chunk) => chunk,
+            Err(e) => return warn!(request_id = self.request_id, error = %e, "undecodable token chunk"),
+        };
+        self.saw_last_token |= chunk.last;
+        if chunk.index < self.next_index {
+            return;
+        }
+        self.next_index = chunk.index + 1;
+        // After the result, the rest comes from its completion: no more checks.
+        if self.finished.is_none()
+            && let Some(text) = self.guard.push(&self.request_id, &chunk.text).await
+        {
+            self.ready.push_back(Event::Text(text));
+        }
+    }
+
+    fn on_result(&mut self, payload: &[u8]) {
+        let row = TerminalResult::decode(payload).map_err(|e| e.to_string()).and_then(|result| {
+            ResultRow::from_result(result, 0).map_err(|e| e.to_string())
+        });
+        match row {
+            Ok(row) => self.finished = Some((row, Instant::now())),
+            Err(e) => warn!(request_id = self.request_id, error = %e, "unreadable terminal result"),
+        }
+    }
+
+    async fn poll_sink(&mut self) {
+        self.next_sink_poll = Instant::now() + SINK_POLL;
+        match self.sink.get(&self.request_id).await {
+            Ok(Some(bytes)) => match serde_json::from_slice::<ResultRow>(&bytes) {
+                Ok(row) => self.finished = Some((row, Instant::now())),
+                Err(e) => warn!(request_id = self.request_id, error = %e, "bad sink row"),
+            },
+            Ok(None) => {}
+            Err(e) => warn!(request_id = self.request_id, error = %e, "sink row not read; retrying"),
+        }
+    }
+
+    /// Queues what the result adds to the released text, then the result: the rest of a
+    /// completion, or the refusal of a blocked request that had nothing released.
+    fn finish(&mut self, row: ResultRow) {
+        self.done = true;
+        self.cancel.finished();
+        let released = self.guard.released();
+        let blocked = [TerminalStatus::BlockedInput, TerminalStatus::BlockedOutput].map(|s| s.name());
+        let rest = if row.status == TerminalStatus::Completed.name() {
+            // `None` cannot happen while moderation leaves completions as generated; if it
+            // ever does, the stream stays short rather than contradicting itself.
+            row.completion.strip_prefix(released).or_else(|| {
+                warn!(request_id = self.request_id, "the completion does not extend the streamed text");
+                None
+            })
+        } else if blocked.contains(&row.status.as_str()) && released.is_empty() {
+            Some(row.completion.as_str())
+        } else {
+            None
+        };
+        if let Some(rest) = rest.filter(|rest| !rest.is_empty()) {
+            self.ready.push_back(Event::Text(rest.to_owned()));
+        }
+        self.ready.push_back(Event::Finished(Box::new(row)));
+    }
+}
