@@ -18,6 +18,7 @@ pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod pool;
 pub mod request;
 pub mod stage;

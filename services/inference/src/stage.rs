@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::cancel::CancelRegistry;
+use crate::metrics::GENERATIONS;
 use crate::pool::{Engines, Outcome};
 use crate::request::{Defaults, check_model, deadline_at, generation_request, seed_from_request_id};
 
@@ -102,6 +103,9 @@ impl BatchStage {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => return Err(StageError::transient(format!("generation job: {e}"), ENGINE_RETRY)),
         };
+        for generation in outcomes.iter().flatten() {
+            GENERATIONS.with_label_values(&[generation.finish.as_str()]).inc();
+        }
         // Closed only once the job succeeded: a failed batch is retried and streams again.
         for (request_id, index) in request_ids.iter().zip(sent) {
             publish_chunk(&client, request_id, index, String::new(), true).await;

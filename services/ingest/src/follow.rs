@@ -19,7 +19,7 @@ use millrace_bus::topology::ephemeral;
 use millrace_bus::{BusError, Edge};
 use millrace_proto::row::ResultRow;
 use millrace_proto::v1::moderation_client::ModerationClient;
-use millrace_proto::v1::{Result as TerminalResult, TerminalStatus, TokenChunk};
+use millrace_proto::v1::{RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk};
 use millrace_proto::{Message, now_unix_ms};
 use tonic::transport::Channel;
 use tracing::warn;
@@ -68,7 +68,7 @@ impl Frontend {
         let query = self.gateway.prepare(submission, received_unix_us)?;
         let ctx = query.ctx.as_ref().expect("prepare sets the context");
         let until_deadline = Duration::from_millis((ctx.deadline_unix_ms - now_unix_ms()).max(0) as u64);
-        let follower = Follower::start(self, &ctx.request_id.clone(), Instant::now() + until_deadline + DEADLINE_GRACE).await?;
+        let follower = Follower::start(self, ctx.clone(), Instant::now() + until_deadline + DEADLINE_GRACE).await?;
         let accepted = self.gateway.publish(query).await?;
         Ok((accepted, follower))
     }
@@ -77,6 +77,7 @@ impl Frontend {
 /// One request's events; dropped before the end, it cancels the request.
 pub struct Follower {
     request_id: String,
+    ctx: RequestContext,
     cancel: CancelOnDrop,
     tokens: async_nats::Subscriber,
     results: async_nats::Subscriber,
@@ -95,15 +96,17 @@ pub struct Follower {
 
 impl Follower {
     /// Subscribes; publish the query only after this returns.
-    async fn start(frontend: &Frontend, request_id: &str, wait_until: Instant) -> Result<Self, ApiError> {
+    async fn start(frontend: &Frontend, ctx: RequestContext, wait_until: Instant) -> Result<Self, ApiError> {
         let nats = frontend.gateway.nats();
+        let request_id = ctx.request_id.as_str();
         let unavailable =
             |e: async_nats::SubscribeError| ApiError::Unavailable(BusError::Unavailable(format!("subscription: {e}")));
         let tokens = nats.subscribe(ephemeral::tokens(request_id)).await.map_err(unavailable)?;
         let results = nats.subscribe(Edge::RESULTS.subject_for(request_id)).await.map_err(unavailable)?;
         Ok(Self {
             request_id: request_id.to_owned(),
-            cancel: CancelOnDrop::new(frontend.gateway.clone(), request_id),
+            cancel: CancelOnDrop::new(frontend.gateway.clone(), ctx.clone()),
+            ctx,
             tokens,
             results,
             sink: frontend.results.clone(),
@@ -120,6 +123,11 @@ impl Follower {
 
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The request's context, as published.
+    pub fn context(&self) -> &RequestContext {
+        &self.ctx
     }
 
     /// The next event; `None` after [`Event::Finished`] or the deadline error.

@@ -84,12 +84,16 @@ impl Gateway {
     /// cancelled request silently: the notice must never go out without the terminal row that
     /// accounts for the request. The sink keeps the first terminal row, so cancelling a request
     /// that already finished changes nothing.
-    pub async fn cancel(&self, request_id: &str) -> Result<(), ApiError> {
+    ///
+    /// `ctx` is the request's context where the caller knows it (a follower does), so the
+    /// CANCELLED row names the request's user, tenant and model; otherwise only its id.
+    pub async fn cancel(&self, ctx: &RequestContext) -> Result<(), ApiError> {
+        let request_id = ctx.request_id.as_str();
         let received_unix_us = now_unix_us();
         let mut timings = Timings::default();
         timings.record(STAGE, received_unix_us);
         let result = TerminalResult {
-            ctx: Some(RequestContext { request_id: request_id.to_owned(), ..Default::default() }),
+            ctx: Some(ctx.clone()),
             timings: Some(timings),
             status: TerminalStatus::Cancelled.into(),
             reason: CANCELLED_BY_CLIENT.to_owned(),
@@ -118,28 +122,28 @@ impl Gateway {
 /// inference stop spending work on an answer no one reads. [`CancelOnDrop::finished`] disarms it.
 pub struct CancelOnDrop {
     gateway: Gateway,
-    request_id: Option<String>,
+    ctx: Option<RequestContext>,
 }
 
 impl CancelOnDrop {
-    pub fn new(gateway: Gateway, request_id: &str) -> Self {
-        Self { gateway, request_id: Some(request_id.to_owned()) }
+    pub fn new(gateway: Gateway, ctx: RequestContext) -> Self {
+        Self { gateway, ctx: Some(ctx) }
     }
 
     /// The request ended: nothing to cancel.
     pub fn finished(&mut self) {
-        self.request_id = None;
+        self.ctx = None;
     }
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(request_id) = self.request_id.take() {
+        if let Some(ctx) = self.ctx.take() {
             let gateway = self.gateway.clone();
             tokio::spawn(async move {
-                info!(request_id, "client gone before the end: cancelling");
+                info!(request_id = ctx.request_id, "client gone before the end: cancelling");
                 // A failure is logged by `cancel`; the request then simply runs to its end.
-                let _ = gateway.cancel(&request_id).await;
+                let _ = gateway.cancel(&ctx).await;
             });
         }
     }

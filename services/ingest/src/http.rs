@@ -11,6 +11,7 @@ use actix_web::middleware::{Next, from_fn};
 use actix_web::{App, HttpMessage, HttpRequest, HttpResponse, HttpServer, mime, web};
 use bytes::Bytes;
 use millrace_proto::now_unix_us;
+use millrace_proto::v1::RequestContext;
 use serde_json::json;
 use tracing::info;
 use uuid::Uuid;
@@ -88,7 +89,7 @@ async fn status(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpRe
 /// (unless the request already has a terminal result, which then stands).
 async fn cancel(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpResponse, ApiError> {
     let request_id = parse_request_id(&id)?;
-    api.frontend.gateway.cancel(&request_id).await?;
+    api.frontend.gateway.cancel(&RequestContext { request_id: request_id.clone(), ..Default::default() }).await?;
     Ok(HttpResponse::Accepted()
         .insert_header((REQUEST_ID, request_id.as_str()))
         .json(json!({ "request_id": request_id, "status": "CANCELLING" })))

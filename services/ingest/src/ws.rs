@@ -27,6 +27,7 @@ use actix_ws::{AggregatedMessage, Session};
 use futures::StreamExt;
 use futures::channel::mpsc;
 use millrace_proto::now_unix_us;
+use millrace_proto::v1::RequestContext;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tracing::debug;
@@ -68,8 +69,9 @@ struct Socket {
     tenant: Option<String>,
     max_in_flight: usize,
     session: Session,
-    /// The unfinished requests' tasks; aborting one drops its follower, which cancels it.
-    running: HashMap<String, JoinHandle<()>>,
+    /// The unfinished requests: their tasks (aborting one drops its follower, which cancels the
+    /// request) and contexts.
+    running: HashMap<String, (JoinHandle<()>, RequestContext)>,
 }
 
 impl Socket {
@@ -117,7 +119,7 @@ impl Socket {
         if !self.running.is_empty() {
             debug!(unfinished = self.running.len(), "socket closed: cancelling its unfinished requests");
         }
-        for (_, task) in self.running.drain() {
+        for (_, (task, _)) in self.running.drain() {
             task.abort();
         }
     }
@@ -143,8 +145,9 @@ impl Socket {
                 match self.frontend.submit_and_follow(submission, received_unix_us).await {
                     Ok((accepted, follower)) => {
                         let request_id = accepted.request_id.clone();
+                        let ctx = follower.context().clone();
                         let task = tokio::task::spawn_local(follow(follower, tx.clone()));
-                        self.running.insert(request_id.clone(), task);
+                        self.running.insert(request_id.clone(), (task, ctx));
                         Some(json!({
                             "type": "accepted",
                             "ref": reference,
@@ -157,15 +160,15 @@ impl Socket {
             }
             // The request's follower stays: it reports the terminal result, CANCELLED or
             // whatever ended the request first.
-            ClientFrame::Cancel { request_id } => match self.running.contains_key(&request_id) {
-                true => self
+            ClientFrame::Cancel { request_id } => match self.running.get(&request_id) {
+                Some((_, ctx)) => self
                     .frontend
                     .gateway
-                    .cancel(&request_id)
+                    .cancel(ctx)
                     .await
                     .err()
                     .map(|e| error_frame(None, Some(&request_id), e.code(), e.to_string())),
-                false => Some(error_frame(
+                None => Some(error_frame(
                     None,
                     Some(&request_id),
                     "unknown_request",

@@ -3,70 +3,12 @@
 //! `models/prepared/manifest.json` (`scripts/prepare-models.sh`) and every service binary
 //! (`cargo build --workspace --bins`). When `.tools/venv/bin/python` has the `openai` package,
 //! the official client is driven against the API too.
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr, workspace_root};
+use millrace_testkit::mesh::{Mesh, MeshOptions};
+use millrace_testkit::workspace_root;
 use serde_json::{Value, json};
-
-const READY: Duration = Duration::from_secs(120);
-
-/// NATS and the seven services. Services are declared first so they stop before NATS.
-struct Mesh {
-    services: Vec<ServiceProcess>,
-    _data: tempfile::TempDir,
-    _nats: NatsServer,
-    ingest: SocketAddr,
-}
-
-impl Mesh {
-    async fn start() -> Mesh {
-        let nats = NatsServer::start().await.expect("nats-server");
-        let data = tempfile::tempdir().unwrap();
-        let models = format!("--models-dir={}", workspace_root().join("models/prepared").display());
-        let nats_url = format!("--nats-url={}", nats.url());
-        let ingest = free_addr();
-        let sink = free_addr();
-        let grpc = || format!("--grpc-addr={}", free_addr());
-        let specs: Vec<(&str, Vec<String>)> = vec![
-            (
-                "sink",
-                vec![
-                    format!("--http-addr={sink}"),
-                    grpc(),
-                    format!("--database-url=sqlite://{}/sink.db", data.path().display()),
-                ],
-            ),
-            ("inference", vec![models.clone(), grpc()]),
-            ("batcher", vec![]),
-            ("session", vec![models.clone(), grpc()]),
-            ("moderation", vec![models.clone(), grpc()]),
-            ("preprocess", vec![models.clone()]),
-            ("ingest", vec![format!("--http-addr={ingest}"), grpc(), format!("--sink-url=http://{sink}")]),
-        ];
-        let mut services = Vec::new();
-        for (name, mut args) in specs {
-            args.push(nats_url.clone());
-            args.push("--stream-storage=memory".to_owned());
-            services.push(ServiceProcess::spawn(name, &args).unwrap_or_else(|e| panic!("spawn {name}: {e}")));
-        }
-        for service in &services {
-            if let Err(e) = service.wait_ready(READY).await {
-                panic!("a service is not ready: {e}; log:\n{}", service.logs());
-            }
-        }
-        Mesh { services, _data: data, _nats: nats, ingest }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.ingest)
-    }
-
-    fn logs(&self) -> String {
-        self.services.iter().map(|s| s.logs()).collect::<Vec<_>>().join("\n")
-    }
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
@@ -74,7 +16,7 @@ fn client() -> reqwest::Client {
 
 async fn chat(mesh: &Mesh, session: &str, body: &Value) -> reqwest::Response {
     client()
-        .post(mesh.url("/v1/chat/completions"))
+        .post(mesh.ingest_url("/v1/chat/completions"))
         .header("x-session-id", session)
         .json(body)
         .send()
@@ -105,7 +47,7 @@ fn sse_events(body: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn openai_chat_completions_over_the_whole_mesh() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start(MeshOptions::default()).await.expect("mesh");
 
     // Plain: the answer is the sink's row, in OpenAI's shape.
     let response = chat(&mesh, "oai-sync", &question("What is the capital of France?")).await;
@@ -149,7 +91,7 @@ async fn openai_chat_completions_over_the_whole_mesh() {
     assert!(chunks[..chunks.len() - 1].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     let row: Value =
-        client().get(mesh.url(&format!("/v1/queries/{request_id}"))).send().await.unwrap().json().await.unwrap();
+        client().get(mesh.ingest_url(&format!("/v1/queries/{request_id}"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(row["status"], "COMPLETED", "{row}");
     assert!(!text.is_empty());
     assert_eq!(text, row["completion"].as_str().unwrap(), "{chunks:?}");
@@ -197,7 +139,7 @@ except openai.APIStatusError as e:
     assert e.status_code == 422 and e.body["code"] == "unknown_model", e.body
 print("official client OK")
 "#;
-    let output = Command::new(&python).args(["-c", script, &mesh.url("/v1")]).output().unwrap();
+    let output = Command::new(&python).args(["-c", script, &mesh.ingest_url("/v1")]).output().unwrap();
     assert!(
         output.status.success(),
         "official client failed:\n{}\n{}",

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod mesh;
+
 /// A free TCP port on loopback (bound then released; the OS does not hand it out again soon).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind loopback").port()
@@ -149,6 +151,10 @@ impl ServiceProcess {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn pid(&self) -> Option<u32> {
