@@ -72,30 +72,46 @@ show() { # method url [json body] [extra curl args...]
         curl -sS -X "$method" "$url" "$@" -w '\n  → HTTP %{http_code}\n'
     fi
 }
-id_of() { sed -n 's/.*"request_id":"\([^"]*\)".*/\1/p'; }
 
-# Submits a query and prints its terminal outcome once the sink has it.
+# Asks over the OpenAI-compatible streaming API, printing the answer as it streams, then the
+# stored row's outcome and per-stage timings.
 ask() { # user session text
-    local body id row
-    body=$(python3 -c 'import json,sys; print(json.dumps({"user":sys.argv[1],"session":sys.argv[2],"text":sys.argv[3],"params":{"max_new_tokens":48}}))' "$1" "$2" "$3")
-    id=$(curl -sS -X POST $INGEST/v1/queries -H 'content-type: application/json' -d "$body" | id_of)
-    printf '\n  %s> %s\n' "$1" "$3"
-    for _ in $(seq 1 600); do
-        row=$(curl -sS "$INGEST/v1/queries/$id")
-        case "$row" in *'"status":"PENDING"'*) sleep 0.1 ;; *) break ;; esac
-    done
-    python3 -c "$(cat <<'PY'
-import json, sys
-r = json.loads(sys.argv[1])
-timings = r.get("timings") or []
+    printf '\n  %s> %s\n  ' "$1" "$3"
+    python3 - "$INGEST" "$1" "$2" "$3" <<'PY'
+import json, sys, time, urllib.request
+base, user, session, text = sys.argv[1:]
+body = {"messages": [{"role": "user", "content": text}], "user": user, "max_tokens": 48, "stream": True}
+request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json", "x-session-id": session})
+finish = None
+with urllib.request.urlopen(request) as response:
+    request_id = response.headers["x-request-id"]
+    for line in response:
+        data = line.decode().strip().removeprefix("data: ")
+        if not data or data == "[DONE]":
+            continue
+        event = json.loads(data)
+        if "error" in event:
+            finish = event["error"]["code"]
+            continue
+        choice = event["choices"][0]
+        print(choice["delta"].get("content", ""), end="", flush=True)
+        finish = choice["finish_reason"] or finish
+print()
+for _ in range(100):  # the sink writes rows in small batches
+    row = json.load(urllib.request.urlopen(f"{base}/v1/queries/{request_id}"))
+    if row["status"] != "PENDING":
+        break
+    time.sleep(0.05)
+timings = row.get("timings") or []
 total = (timings[-1]["finished_unix_us"] - timings[0]["received_unix_us"]) / 1000 if timings else 0
-print(f"  [{r['status']}{' · ' + r['reason'] if r.get('reason') else ''}] {r.get('completion','')}")
-print("    " + " → ".join(f"{t['stage']} {(t['finished_unix_us'] - t['received_unix_us']) / 1000:.1f}ms" for t in timings) + f"  (total {total:.0f} ms)")
+print(f"  [{row['status']}{' · ' + row['reason'] if row.get('reason') else ''} · finish_reason {finish}]")
+print("    " + " → ".join(f"{t['stage']} {(t['finished_unix_us'] - t['received_unix_us']) / 1000:.1f}ms" for t in timings)
+      + f"  (total {total:.0f} ms)")
 PY
-)" "$row"
 }
 
-bold "1. a short conversation: each answer streams through all seven services"
+bold "1. a short conversation, streamed as it is generated (POST /v1/chat/completions, stream: true)"
 ask ada s1 "What is the capital of France?"
 ask ada s1 "What is it famous for?"
 ask ada s1 "Thank you!"
@@ -135,7 +151,8 @@ PY
 
 bold "Millrace is running"
 cat <<INFO
-  ingest   HTTP $INGEST/v1/queries   gRPC 127.0.0.1:50051 (millrace.v1.Ingest)
+  ingest   HTTP $INGEST/v1/queries · $INGEST/v1/chat/completions (OpenAI) · ws://127.0.0.1:8080/v1/ws
+           gRPC 127.0.0.1:50051 (millrace.v1.Ingest: Submit, Generate; reflection on)
   sink     HTTP $SINK/v1/results     gRPC 127.0.0.1:50057 (millrace.v1.Results)
   gRPC     inference 127.0.0.1:50055 (Generate, Embed, Classify) · moderation :50053 (Check)
            session :50054 (Get, Delete)
