@@ -1,8 +1,15 @@
 //! Bus benchmark against a real nats-server (file storage): publish throughput with PubAcks
-//! awaited one by one vs pipelined, and a consume → publish → ack relay hop (max rate, and
-//! p50/p99 latency at a fixed open-loop rate). Prints a table.
+//! awaited one by one vs pipelined, and chains of consume → publish → ack relays: one hop, and
+//! the bare 7-hop chain that the whole mesh (7 stage hops) is measured against. Each chain is
+//! timed at its max rate (a burst), at a fixed open-loop rate (p50/p99 end to end), and on a
+//! ramp of open-loop rates. Prints a table.
 //!
-//! `cargo bench -p millrace-bus --bench bus` (MILLRACE_BENCH_N scales the message counts).
+//! `cargo bench -p millrace-bus --bench bus`
+//! Env: `MILLRACE_BENCH` picks sections (comma-separated; default all): `publish`, `hop`
+//! (one relay), `chain` (`MILLRACE_BENCH_HOPS` relays, default 7), `ramp` (the chain at each
+//! open-loop rate of `MILLRACE_BENCH_RAMP`, default 1000,2000,4000,8000, for 5 s each).
+//! `MILLRACE_BENCH_N` scales the burst counts (default 20000).
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,101 +17,148 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, msg_id};
+use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, Topology, msg_id};
 use millrace_proto::v1::{Query, RequestContext, Timings};
 use millrace_proto::{Message as _, now_unix_us};
 use millrace_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
 const PAYLOAD_BYTES: usize = 300;
+/// The open-loop rate of the latency rows, and its message count (5 s).
+const STEADY_RATE: f64 = 500.0;
+const STEADY_N: usize = 2500;
+const RAMP_SECONDS: f64 = 5.0;
+/// Messages sent through a fresh chain before timing: the first ones wait for its pulls to start.
+const WARMUP: usize = 200;
 
-fn message(i: usize) -> Outbound {
+/// Message `i`, stamped as sent at `sent_unix_us`, for `edge`.
+fn message(i: usize, edge: Edge, sent_unix_us: i64) -> Outbound {
     let mut timings = Timings::default();
     timings.stages.push(Default::default());
-    timings.stages[0].received_unix_us = now_unix_us();
+    timings.stages[0].received_unix_us = sent_unix_us;
     let mut q = Query { ctx: Some(RequestContext { request_id: format!("b{i}"), ..Default::default() }), timings: Some(timings), text: String::new() };
     q.text = "x".repeat(PAYLOAD_BYTES.saturating_sub(q.encoded_len()));
-    Outbound { subject: Edge::QUERIES.subject_for(""), msg_id: msg_id(&format!("b{i}"), "bench"), payload: q.encode_to_vec().into() }
+    Outbound { subject: edge.subject_for(""), msg_id: msg_id(&format!("b{i}"), "bench"), payload: q.encode_to_vec().into() }
 }
 
-async fn fresh(settings: &BusSettings) -> (NatsServer, Publisher, BusSettings) {
+async fn server(settings: &BusSettings) -> (NatsServer, BusSettings) {
     let nats = NatsServer::start().await.expect("nats-server");
     let settings = BusSettings { nats_url: nats.url(), ..settings.clone() };
-    let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
-    (nats, publisher, settings)
+    (nats, settings)
+}
+
+/// A connection of its own, as each service of the mesh has (with its own publish window).
+async fn connection(settings: &BusSettings, name: &str) -> Publisher {
+    let client = millrace_bus::connect(&settings.nats_url, name, Duration::from_secs(5)).await.unwrap();
+    Publisher::new(client, settings)
 }
 
 async fn publish_awaiting_each(publisher: &Publisher, n: usize) -> f64 {
     let t = Instant::now();
     for i in 0..n {
-        publisher.publish(message(i)).await.unwrap();
+        publisher.publish(message(i, Edge::QUERIES, now_unix_us())).await.unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-async fn publish_pipelined(publisher: &Publisher, n: usize) -> f64 {
-    let t = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1024) {
-        publisher.publish_all(chunk.iter().map(|&i| message(i)).collect::<Vec<_>>()).await.unwrap();
+/// Publishes messages `ids` in chunks of 1024 PubAcks awaited together; returns msgs/s.
+async fn publish_pipelined(publisher: &Publisher, edge: Edge, ids: Range<usize>) -> f64 {
+    let (n, t) = (ids.len(), Instant::now());
+    for chunk in ids.collect::<Vec<_>>().chunks(1024) {
+        publisher.publish_all(chunk.iter().map(|&i| message(i, edge, now_unix_us())).collect::<Vec<_>>()).await.unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-/// The hop under test: QUERIES → (this stage) → CLEAN, acked after the PubAck.
+/// One hop of a chain: consumes its edge and publishes each message on to the next edge
+/// (deduplicated by `<request_id>/<stage>`), acked after the PubAck.
 struct Relay {
     publisher: Publisher,
+    to: Edge,
+    stage: &'static str,
 }
 
 impl Handler for Relay {
     async fn handle(&self, d: &Delivery) -> Result<(), StageError> {
         let id = d.request_id().unwrap_or_default();
         self.publisher
-            .publish(Outbound { subject: Edge::CLEAN.subject_for(""), msg_id: msg_id(&id, "relay"), payload: d.payload.clone() })
+            .publish(Outbound { subject: self.to.subject_for(""), msg_id: msg_id(&id, self.stage), payload: d.payload.clone() })
             .await?;
         Ok(())
     }
 }
 
-struct HopResult {
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// Edge `i` of a bench chain: a stream of its own, configured as the mesh's edges are.
+fn chain_edge(i: usize) -> Edge {
+    Edge { stream: leak(format!("BENCH_HOP{i}")), subject: leak(format!("bench.hop{i}")), keyed: false }
+}
+
+struct ChainResult {
+    /// Messages per second end to end: `n` over first publish → last arrival.
     rate: f64,
+    /// Publish → arrival at the last edge.
     latency: Histogram<u64>,
 }
 
-/// Runs the relay; sends `n` messages at `rate`/s (open loop; None = all at once) and measures
-/// each one's publish → arrival-at-CLEAN latency.
-async fn relay_hop(settings: &BusSettings, n: usize, rate: Option<f64>) -> HopResult {
-    let (_nats, publisher, settings) = fresh(settings).await;
+/// Streams 0..=hops with a relay between each consecutive pair (each on its own connection) and
+/// a reader of the last; after a warm-up, sends `n` messages into stream 0 at `rate`/s (open
+/// loop, each stamped with its intended send time; None = all at once, pipelined) and times
+/// each to the last edge.
+async fn relay_chain(settings: &BusSettings, hops: usize, n: usize, rate: Option<f64>) -> ChainResult {
+    let (_nats, settings) = server(settings).await;
+    let edges: Vec<Edge> = (0..=hops).map(chain_edge).collect();
+    let readers: Vec<ConsumerSpec> =
+        edges.iter().enumerate().map(|(i, &edge)| ConsumerSpec { edge, durable: leak(format!("hop{i}")) }).collect();
+    let source = connection(&settings, "bench-source").await;
+    Topology::new(&settings, &edges, &readers).provision(source.jetstream()).await.unwrap();
+
     let stop = CancellationToken::new();
-    let relay = StageConsumer::new("relay", ConsumerSpec::PREPROCESS, Arc::new(Relay { publisher: publisher.clone() }), publisher.clone(), settings);
-    let relaying = tokio::spawn({
+    let mut relays = Vec::new();
+    for i in 0..hops {
+        let publisher = connection(&settings, readers[i].durable).await;
+        let relay = Relay { publisher: publisher.clone(), to: edges[i + 1], stage: readers[i].durable };
+        let consumer = StageConsumer::new(readers[i].durable, readers[i], Arc::new(relay), publisher, settings.clone());
         let stop = stop.clone();
-        async move { relay.run(stop, || ()).await }
-    });
-    let downstream: async_nats::jetstream::consumer::PullConsumer =
-        publisher.jetstream().get_stream("MR_CLEAN").await.unwrap().get_consumer("moderation-input").await.unwrap();
-    let mut arrivals = downstream.stream().max_messages_per_batch(512).messages().await.unwrap();
+        relays.push(tokio::spawn(async move { consumer.run(stop, || ()).await }));
+    }
+
+    let sink = connection(&settings, "bench-sink").await;
+    let last: async_nats::jetstream::consumer::PullConsumer =
+        sink.jetstream().get_stream(edges[hops].stream).await.unwrap().get_consumer(readers[hops].durable).await.unwrap();
+    let mut arrivals = last.stream().max_messages_per_batch(512).messages().await.unwrap();
+    // Warm-up messages take the ids after the measured ones.
+    publish_pipelined(&source, edges[0], n..n + WARMUP).await;
+    for _ in 0..WARMUP {
+        arrivals.next().await.unwrap().unwrap().ack().await.unwrap();
+    }
     let receiving = tokio::spawn(async move {
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
         for _ in 0..n {
             let m = arrivals.next().await.unwrap().unwrap();
             let q = Query::decode(m.payload.clone()).unwrap();
             let sent = q.timings.unwrap().stages[0].received_unix_us;
-            latency.record((now_unix_us() - sent).max(1) as u64).unwrap();
+            latency.saturating_record((now_unix_us() - sent).max(1) as u64);
             m.ack().await.unwrap();
         }
         latency
     });
+
     let t = Instant::now();
     match rate {
         None => {
-            publish_pipelined(&publisher, n).await;
+            publish_pipelined(&source, edges[0], 0..n).await;
         }
         Some(rate) => {
+            let start_unix_us = now_unix_us();
             let mut pending = Vec::new();
             for i in 0..n {
-                let intended = t + Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until(intended.into()).await;
-                pending.push(publisher.send(message(i)).await.unwrap());
+                let offset = Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until((t + offset).into()).await;
+                pending.push(source.send(message(i, edges[0], start_unix_us + offset.as_micros() as i64)).await.unwrap());
             }
             futures::future::try_join_all(pending).await.unwrap();
         }
@@ -112,28 +166,60 @@ async fn relay_hop(settings: &BusSettings, n: usize, rate: Option<f64>) -> HopRe
     let latency = receiving.await.unwrap();
     let rate = n as f64 / t.elapsed().as_secs_f64();
     stop.cancel();
-    relaying.await.unwrap().unwrap();
-    HopResult { rate, latency }
+    for relay in relays {
+        relay.await.unwrap().unwrap();
+    }
+    ChainResult { rate, latency }
+}
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
 fn main() {
-    let n: usize = std::env::var("MILLRACE_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let n: usize = env("MILLRACE_BENCH_N", "20000").parse().expect("MILLRACE_BENCH_N");
+    let hops: usize = env("MILLRACE_BENCH_HOPS", "7").parse().expect("MILLRACE_BENCH_HOPS");
+    let sections = env("MILLRACE_BENCH", "publish,hop,chain,ramp");
+    let ramp: Vec<f64> = env("MILLRACE_BENCH_RAMP", "1000,2000,4000,8000").split(',').map(|r| r.trim().parse().expect("MILLRACE_BENCH_RAMP")).collect();
+    let runs = |section: &str| sections.split(',').any(|s| s.trim() == section);
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let mut rows = Vec::new();
+    let mut row = |what: String, rate: f64, latency: Option<&Histogram<u64>>| {
+        let (p50, p99) = latency.map_or((String::new(), String::new()), |h| (format!("{:.2}", ms(h, 0.5)), format!("{:.2}", ms(h, 0.99))));
+        let line = format!("| {what:<52} | {rate:>8.0} | {p50:>7} | {p99:>7} |");
+        eprintln!("{line}");
+        rows.push(line);
+    };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let settings = BusSettings::default();
-        let (_nats, publisher, _) = fresh(&settings).await;
-        let awaited = publish_awaiting_each(&publisher, n / 10).await;
-        let (_nats2, publisher2, _) = fresh(&settings).await;
-        let pipelined = publish_pipelined(&publisher2, n).await;
-        let burst = relay_hop(&settings, n, None).await;
-        let steady = relay_hop(&settings, 2500, Some(500.0)).await;
-        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        println!("\nMillrace bus, {PAYLOAD_BYTES} B messages, file storage, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        println!("| measurement                                   | msgs/s   | p50 ms | p99 ms |");
-        println!("|-----------------------------------------------|----------|--------|--------|");
-        println!("| publish, each PubAck awaited ({:>6} msgs)    | {awaited:>8.0} |        |        |", n / 10);
-        println!("| publish, PubAcks pipelined ({n:>6} msgs)      | {pipelined:>8.0} |        |        |");
-        println!("| relay hop, burst of {n:>6} (max rate)         | {:>8.0} | {:>6.1} | {:>6.1} |", burst.rate, ms(&burst.latency, 0.5), ms(&burst.latency, 0.99));
-        println!("| relay hop, open loop at 500/s (2500 msgs)     | {:>8.0} | {:>6.2} | {:>6.2} |", steady.rate, ms(&steady.latency, 0.5), ms(&steady.latency, 0.99));
+        if runs("publish") {
+            let (_nats, settings) = server(&settings).await;
+            let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
+            row(format!("publish, each PubAck awaited ({} msgs)", n / 10), publish_awaiting_each(&publisher, n / 10).await, None);
+            let (_nats, settings) = server(&settings).await;
+            let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
+            row(format!("publish, PubAcks pipelined ({n} msgs)"), publish_pipelined(&publisher, Edge::QUERIES, 0..n).await, None);
+        }
+        let chains = [("hop", 1), ("chain", hops)].into_iter().filter(|&(section, _)| runs(section));
+        for (_, hops) in chains {
+            let name = if hops == 1 { "relay hop".to_owned() } else { format!("{hops}-hop relay chain") };
+            let burst = relay_chain(&settings, hops, n, None).await;
+            row(format!("{name}, burst of {n} (max rate)"), burst.rate, Some(&burst.latency));
+            let steady = relay_chain(&settings, hops, STEADY_N, Some(STEADY_RATE)).await;
+            row(format!("{name}, open loop at {STEADY_RATE}/s ({STEADY_N} msgs)"), steady.rate, Some(&steady.latency));
+        }
+        if runs("ramp") {
+            for &rate in &ramp {
+                let r = relay_chain(&settings, hops, (rate * RAMP_SECONDS) as usize, Some(rate)).await;
+                row(format!("{hops}-hop relay chain, open loop at {rate}/s ({RAMP_SECONDS} s)"), r.rate, Some(&r.latency));
+            }
+        }
     });
+    println!("\nMillrace bus, {PAYLOAD_BYTES} B messages, file storage, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("| {:<52} | msgs/s   | p50 ms  | p99 ms  |", "measurement");
+    println!("|{}|----------|---------|---------|", "-".repeat(54));
+    for line in rows {
+        println!("{line}");
+    }
 }
