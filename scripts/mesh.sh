@@ -29,6 +29,7 @@ stop_all() {
     for pid in "${services[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${services[@]}"; do wait "$pid" 2>/dev/null || true; done
     if [ ${#pids[@]} -gt 0 ]; then kill -TERM "${pids[0]}" 2>/dev/null || true; wait "${pids[0]}" 2>/dev/null || true; fi
+    pids=()
     echo "all processes stopped"
 }
 trap stop_all EXIT
