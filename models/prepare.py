@@ -667,7 +667,7 @@ def build_llama_decoder(cfg: LlamaConfig, w: LlamaWeights, graph_name: str):
     inputs:  input_ids [batch, sequence] int64, attention_mask [batch, total_sequence] int64
              (left padding allowed), position_ids [batch, sequence] int64,
              past_key_values.{i}.key/.value [batch, kv_heads, past_sequence, head_dim]
-    outputs: logits [batch, sequence, vocab], present.{i}.key/.value
+    outputs: logits [batch, 1, vocab] (the last position's), present.{i}.key/.value
              [batch, kv_heads, total_sequence, head_dim]   (total = past + sequence)
     Grouped-query attention broadcasts each KV head over its group of query heads (5-D
     MatMuls) instead of copying it.
@@ -687,7 +687,7 @@ def build_llama_decoder(cfg: LlamaConfig, w: LlamaWeights, graph_name: str):
         vi("attention_mask", TP.INT64, ["batch", "total_sequence"]),
         vi("position_ids", TP.INT64, ["batch", "sequence"]),
     ]
-    graph_outputs = [vi("logits", TP.FLOAT, ["batch", "sequence", cfg.vocab_size])]
+    graph_outputs = [vi("logits", TP.FLOAT, ["batch", 1, cfg.vocab_size])]
     for i in range(cfg.num_layers):
         graph_inputs += [vi(f"past_key_values.{i}.{t}", TP.FLOAT, kv_shape) for t in ("key", "value")]
         graph_outputs += [
@@ -774,6 +774,10 @@ def build_llama_decoder(cfg: LlamaConfig, w: LlamaWeights, graph_name: str):
         down = g.op("MatMul", [act, g.weight(wp + ".mlp.down_proj.weight_t", lw.down.T)], m + "/down_proj")
         x = g.op("Add", [x, down], p + "/mlp_residual")
 
+    # Only the last position's next token is ever needed (left padding puts every row's last
+    # token there): scoring the vocabulary for the other prompt positions was most of a short
+    # model's prefill, and copying those logits out most of the rest.
+    x = g.op("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])], "/model/last_position")
     x = _rms_norm(g, x, w.norm, cfg.rms_norm_eps, "/model/norm", "model.norm.weight")
     head = w.lm_head if w.lm_head is not None else w.embed  # tied embeddings
     g.op("MatMul", [x, g.weight("lm_head.weight_t", head.T)], "/lm_head", output="logits")

@@ -188,7 +188,9 @@ impl Generator {
             let positions = positions_for(&mask, step_ids.ncols());
             let (logits, presents) = self.run(&step_ids, &mask, &positions, past)?;
             past = presents;
-            let (seq, vocab) = (step_ids.ncols(), self.spec.vocab_size);
+            let vocab = self.spec.vocab_size;
+            // Graphs score the last position only ([batch, 1, vocab]); older ones score all.
+            let seq = logits.len() / (vocab * active.len());
             let mut next = Vec::with_capacity(active.len());
             for (b, &i) in active.iter().enumerate() {
                 if rows[i].finish.is_some() {
@@ -230,7 +232,7 @@ impl Generator {
             let positions = positions_for(&mask, n);
             let (logits, _) = self.run(&input, &mask, &positions, self.empty_past(1)?)?;
             let vocab = self.spec.vocab_size;
-            let token = crate::sampling::argmax(&logits[(n - 1) * vocab..n * vocab]);
+            let token = crate::sampling::argmax(&logits[logits.len() - vocab..]);
             out.push(token);
             if self.spec.eos_token_ids.contains(&token) {
                 break;
@@ -249,7 +251,7 @@ impl Generator {
             .collect()
     }
 
-    /// One forward pass: returns the logits (flattened [batch, seq, vocab]) and the presents
+    /// One forward pass: returns the logits (flattened [batch, 1 or seq, vocab]) and the presents
     /// (key, value per layer, in order).
     fn run(
         &mut self,
