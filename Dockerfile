@@ -113,23 +113,13 @@ CMD ["sh", "-c", "echo 'millrace: name a service as the command: ingest | prepro
 FROM ${PYTHON_IMAGE} AS ort-gpu
 ARG ORT_GPU_VERSION=1.31.1
 ARG ORT_GPU_SHA256=e26c475fe361b2015f45b4b824bd13f0bb20204e59b62814e6f0acd5f3d491a6
+COPY scripts/extract-ort-gpu.py /tmp/extract-ort-gpu.py
 RUN --mount=type=cache,id=millrace-pip,target=/root/.cache/pip \
     echo "onnxruntime-gpu==${ORT_GPU_VERSION} --hash=sha256:${ORT_GPU_SHA256}" > /tmp/req.txt \
  && pip download --no-deps --only-binary=:all: --require-hashes --disable-pip-version-check \
         --python-version 3.11 --platform manylinux_2_28_x86_64 -d /tmp/wheel -r /tmp/req.txt \
  && mkdir -p /out \
- && python - <<'EOF'
-import glob, shutil, zipfile
-wheel = glob.glob("/tmp/wheel/onnxruntime_gpu-*.whl")[0]
-wanted = ("libonnxruntime.so.", "libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so")
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        base = name.rsplit("/", 1)[-1]
-        if name.startswith("onnxruntime/capi/") and base.startswith(wanted):
-            with z.open(name) as src, open(f"/out/{base}", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            print("extracted", base)
-EOF
+ && python /tmp/extract-ort-gpu.py /tmp/wheel /out
 
 # ---------------------------------------------------------------------------------------------
 # Optional GPU image for the inference service (`--target runtime-gpu`): the same binaries and

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 export MILLRACE_PROFILE=release
-cargo build --release --bins
+source scripts/mesh.sh
 mode=${1:-all}
 API=${MILLRACE_BENCH_API:-grpc}
 OUT=target/bench
@@ -30,7 +30,6 @@ fresh_mesh() { # model
     MILLRACE_DATA_DIR=$(mktemp -d -t millrace-bench-XXXX)
     unset MILLRACE_DATABASE_URL
     export MILLRACE_INFERENCE_MODEL=$1 MILLRACE_INGEST_ALLOWED_MODELS=$1
-    source scripts/mesh.sh
     start_mesh
 }
 
@@ -49,11 +48,16 @@ model() {
     bold "engine bench: SmolLM2, 32 new tokens, the engine alone"
     MILLRACE_BENCH_BATCHES=${MILLRACE_BENCH_BATCHES:-1,8,16,32} cargo bench -p millrace-engine --bench generate 2>&1 \
         | tee "$OUT/engine-bench.txt" | grep '^|'
+    # Batches as large as the engine bench's best; one batch in flight, so that under load the
+    # next batch gathers everything that arrived while the last one ran (inference has one
+    # session: a second batch in flight would only wait there, small); short prompts, like
+    # the engine bench's.
+    export MILLRACE_MAX_BATCH_SIZE=32 MILLRACE_MAX_IN_FLIGHT=1
     fresh_mesh smollm2-135m
     bold "model-bound: completions/s through the whole mesh at saturation (SmolLM2, $API)"
     target/release/loadtest find-max --api "$API" --model smollm2-135m --max-new-tokens 32 \
-        --start-rate 2 --step-factor 1.4 --step-duration-s 30 --refine 2 --drain-timeout-s 60 \
-        --users 256 --deadline-ms 120000 --out "$OUT/mesh-model"
+        --start-rate 3 --step-factor 1.25 --step-duration-s 45 --refine 2 --drain-timeout-s 60 \
+        --prompt-mix short=1 --users 256 --deadline-ms 120000 --out "$OUT/mesh-model"
     stop_all
     .tools/venv/bin/python - "$OUT/engine-bench.txt" "$OUT/mesh-model/results.json" <<'PY'
 import json, sys

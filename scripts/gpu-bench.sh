@@ -174,18 +174,7 @@ bundle)
     mkdir -p "$wheel_dir"
     ls "$wheel_dir"/onnxruntime_gpu-$ORT_GPU_VERSION-*.whl >/dev/null 2>&1 \
         || .tools/venv/bin/pip download -q --no-deps -d "$wheel_dir" "onnxruntime-gpu==$ORT_GPU_VERSION"
-    # Only the libraries the CUDA execution provider needs (not TensorRT, not the Python binding).
-    python3 - "$wheel_dir" "$stage/ort" <<'PY'
-import glob, shutil, sys, zipfile
-wheel = sorted(glob.glob(f"{sys.argv[1]}/onnxruntime_gpu-*.whl"))[-1]
-wanted = ("libonnxruntime.so.", "libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so")
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        base = name.rsplit("/", 1)[-1]
-        if name.startswith("onnxruntime/capi/") and base.startswith(wanted):
-            with z.open(name) as src, open(f"{sys.argv[2]}/{base}", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-PY
+    python3 scripts/extract-ort-gpu.py "$wheel_dir" "$stage/ort"
     chmod +x "$stage"/ort/*
 
     # The models, and a manifest naming only them, whose library is the GPU build.

@@ -3,19 +3,16 @@
 # MILLRACE_* environment, waits until every one is ready, and stops them all cleanly on exit
 # (services drain first, NATS last).
 #
-# In: MILLRACE_PROFILE (debug|release), MILLRACE_DATA_DIR (data), MILLRACE_NATS_PORT (4222).
-# Out: BIN, DATA, LOGS, INGEST, SINK, MILLRACE_NATS_URL; functions bold, start_mesh.
+# In: MILLRACE_PROFILE (debug|release), MILLRACE_NATS_PORT (4222); MILLRACE_DATA_DIR (data)
+# when start_mesh runs. Out: BIN, INGEST, SINK, MILLRACE_NATS_URL; functions bold, start_mesh
+# (sets DATA, LOGS), stop_all.
 
 PROFILE=${MILLRACE_PROFILE:-debug}
 if [ "$PROFILE" = release ]; then cargo build --release --bins; else cargo build --bins; fi
 BIN=target/$PROFILE
 
-DATA=${MILLRACE_DATA_DIR:-data}
-LOGS=$DATA/logs
-mkdir -p "$LOGS" "$DATA/nats"
 NATS_PORT=${MILLRACE_NATS_PORT:-4222}
 export MILLRACE_NATS_URL=nats://127.0.0.1:$NATS_PORT
-export MILLRACE_DATABASE_URL=${MILLRACE_DATABASE_URL:-sqlite://$DATA/sink.db}
 INGEST=http://127.0.0.1:8080
 SINK=http://127.0.0.1:8090
 
@@ -52,6 +49,10 @@ wait_ready() { # name url
 }
 
 start_mesh() {
+    DATA=${MILLRACE_DATA_DIR:-data}
+    LOGS=$DATA/logs
+    mkdir -p "$LOGS" "$DATA/nats"
+    export MILLRACE_DATABASE_URL=${MILLRACE_DATABASE_URL:-sqlite://$DATA/sink.db}
     bold "starting NATS and the services"
     start nats .tools/venv/bin/nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m 8222 -sd "$DATA/nats"
     wait_ready nats "http://127.0.0.1:8222/healthz?js-enabled-only=true"

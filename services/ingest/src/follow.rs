@@ -35,11 +35,6 @@ use crate::submit::Submission;
 const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 /// How often the sink is asked, as a safety net behind the result subscription.
 const SINK_POLL: Duration = Duration::from_secs(1);
-/// How long a completed result waits for the raw tokens still in flight (their text comes from
-/// the result anyway; waiting only keeps the stream's pieces in their natural size).
-const TOKEN_GRACE: Duration = Duration::from_millis(200);
-/// How often the grace period is re-checked.
-const GRACE_TICK: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -87,8 +82,8 @@ pub struct Follower {
     /// Raw token index expected next (redeliveries and duplicates are skipped).
     next_index: u32,
     saw_last_token: bool,
-    /// The terminal result and when it arrived.
-    finished: Option<(ResultRow, Instant)>,
+    /// The terminal result, once in.
+    finished: Option<ResultRow>,
     ready: VecDeque<Event>,
     done: bool,
     next_sink_poll: Instant,
@@ -139,10 +134,7 @@ impl Follower {
             if self.done {
                 return None;
             }
-            if let Some((row, arrived)) = &self.finished
-                && (self.saw_last_token || arrived.elapsed() >= TOKEN_GRACE || row.status != TerminalStatus::Completed.name())
-            {
-                let row = row.clone();
+            if let Some(row) = self.finished.take() {
                 self.finish(row);
                 continue;
             }
@@ -152,24 +144,29 @@ impl Follower {
             }
             let deadline = tokio::time::Instant::from_std(self.wait_until);
             let sink_poll = tokio::time::Instant::from_std(self.next_sink_poll);
+            let checking = self.guard.checking();
             tokio::select! {
                 message = self.tokens.next(), if !self.saw_last_token => match message {
-                    Some(message) => self.on_token(&message.payload).await,
+                    Some(message) => self.on_token(&message.payload),
                     None => self.saw_last_token = true,
                 },
+                released = self.guard.checked(&self.request_id), if checking => {
+                    if let Some(text) = released {
+                        self.ready.push_back(Event::Text(text));
+                    }
+                }
                 message = self.results.next(), if self.finished.is_none() => {
                     if let Some(message) = message {
                         self.on_result(&message.payload);
                     }
                 }
                 _ = tokio::time::sleep_until(sink_poll), if self.finished.is_none() => self.poll_sink().await,
-                _ = tokio::time::sleep(GRACE_TICK), if self.finished.is_some() => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
         }
     }
 
-    async fn on_token(&mut self, payload: &[u8]) {
+    fn on_token(&mut self, payload: &[u8]) {
         let chunk = match TokenChunk::decode(payload) {
             Ok(chunk) => chunk,
             Err(e) => return warn!(request_id = self.request_id, error = %e, "undecodable token chunk"),
@@ -180,10 +177,8 @@ impl Follower {
         }
         self.next_index = chunk.index + 1;
         // After the result, the rest comes from its completion: no more checks.
-        if self.finished.is_none()
-            && let Some(text) = self.guard.push(&self.request_id, &chunk.text).await
-        {
-            self.ready.push_back(Event::Text(text));
+        if self.finished.is_none() {
+            self.guard.push(&chunk.text);
         }
     }
 
@@ -192,16 +187,23 @@ impl Follower {
             ResultRow::from_result(result, 0).map_err(|e| e.to_string())
         });
         match row {
-            Ok(row) => self.finished = Some((row, Instant::now())),
+            Ok(row) => self.on_finished(row),
             Err(e) => warn!(request_id = self.request_id, error = %e, "unreadable terminal result"),
         }
+    }
+
+    /// The terminal result is in: a check under way no longer matters, the result's
+    /// completion (moderated by the mesh) supplies the rest.
+    fn on_finished(&mut self, row: ResultRow) {
+        self.guard.stop();
+        self.finished = Some(row);
     }
 
     async fn poll_sink(&mut self) {
         self.next_sink_poll = Instant::now() + SINK_POLL;
         match self.sink.get(&self.request_id).await {
             Ok(Some(bytes)) => match serde_json::from_slice::<ResultRow>(&bytes) {
-                Ok(row) => self.finished = Some((row, Instant::now())),
+                Ok(row) => self.on_finished(row),
                 Err(e) => warn!(request_id = self.request_id, error = %e, "bad sink row"),
             },
             Ok(None) => {}

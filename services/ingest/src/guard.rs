@@ -10,8 +10,12 @@
 //!
 //! Fails closed: a block, or a check that cannot be made, releases nothing more; the client
 //! then gets whatever the terminal result allows.
+use std::future::Future;
+use std::pin::Pin;
+
 use millrace_proto::v1::CheckRequest;
 use millrace_proto::v1::moderation_client::ModerationClient;
+use tonic::Status;
 use tonic::transport::Channel;
 use tracing::warn;
 
@@ -72,10 +76,16 @@ impl Segmenter {
     }
 }
 
-/// A segmenter plus the moderation checks that release its segments.
+/// The outcome of one check: the segment's end and whether it may go out.
+type Check = Pin<Box<dyn Future<Output = (usize, Result<bool, Status>)> + Send>>;
+
+/// A segmenter plus the moderation checks that release its segments. One check runs at a time,
+/// in the background of the caller's loop ([`StreamGuard::checked`]), so tokens keep arriving
+/// and a terminal result is noticed while a check is under way.
 pub struct StreamGuard {
     checker: Option<ModerationClient<Channel>>,
     segmenter: Segmenter,
+    pending: Option<Check>,
     /// Set by a block or a failed check: nothing more is released.
     closed: bool,
 }
@@ -83,25 +93,36 @@ pub struct StreamGuard {
 impl StreamGuard {
     /// `checker` None: nothing is released early (the stream comes from the terminal result).
     pub fn new(checker: Option<ModerationClient<Channel>>) -> Self {
-        Self { closed: checker.is_none(), checker, segmenter: Segmenter::default() }
+        Self { closed: checker.is_none(), checker, segmenter: Segmenter::default(), pending: None }
     }
 
     pub fn released(&self) -> &str {
         self.segmenter.released()
     }
 
-    /// Takes a raw piece; returns the text now released, if any.
-    pub async fn push(&mut self, request_id: &str, piece: &str) -> Option<String> {
+    /// Takes a raw piece, starting a check if a segment is ready and none runs.
+    pub fn push(&mut self, piece: &str) {
         self.segmenter.push(piece);
-        if self.closed {
-            return None;
-        }
-        let cut = self.segmenter.next_cut()?;
-        let checker = self.checker.as_mut()?;
-        let request = CheckRequest { text: self.segmenter.through(cut).to_owned(), stage: "output".into() };
-        match checker.check(request).await {
-            Ok(response) if response.get_ref().action != "block" => Some(self.segmenter.release(cut).to_owned()),
-            Ok(_) => {
+        self.start_check();
+    }
+
+    /// Whether a check is under way ([`StreamGuard::checked`] has something to wait for).
+    pub fn checking(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Waits for the running check; returns the text it released, if any, and starts the
+    /// next check when another segment is ready.
+    pub async fn checked(&mut self, request_id: &str) -> Option<String> {
+        let (cut, outcome) = self.pending.as_mut()?.await;
+        self.pending = None;
+        match outcome {
+            Ok(true) => {
+                let released = self.segmenter.release(cut).to_owned();
+                self.start_check();
+                Some(released)
+            }
+            Ok(false) => {
                 self.closed = true;
                 None
             }
@@ -111,6 +132,24 @@ impl StreamGuard {
                 None
             }
         }
+    }
+
+    /// Stops checking: the rest of the text comes from elsewhere (the terminal result).
+    pub fn stop(&mut self) {
+        self.pending = None;
+        self.closed = true;
+    }
+
+    fn start_check(&mut self) {
+        if self.closed || self.pending.is_some() {
+            return;
+        }
+        let (Some(cut), Some(checker)) = (self.segmenter.next_cut(), self.checker.as_ref()) else { return };
+        let mut checker = checker.clone();
+        let request = CheckRequest { text: self.segmenter.through(cut).to_owned(), stage: "output".into() };
+        self.pending = Some(Box::pin(async move {
+            (cut, checker.check(request).await.map(|response| response.into_inner().action != "block"))
+        }));
     }
 }
 
@@ -150,9 +189,9 @@ mod tests {
 
     #[test]
     fn a_guard_without_checker_releases_nothing() {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut guard = StreamGuard::new(None);
-        assert_eq!(runtime.block_on(guard.push("r", "many words here ")), None);
+        guard.push("many words here ");
+        assert!(!guard.checking());
         assert_eq!(guard.released(), "");
     }
 }
