@@ -23,8 +23,11 @@ pub async fn serve_http(ctx: ChildContext, server: actix_web::dev::Server) -> an
 pub async fn serve_grpc(ctx: ChildContext, addr: SocketAddr, router: Router) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     ctx.set_ready();
+    // The server's own TCP_NODELAY default does not reach a listener handed in: without it,
+    // Nagle holds a stream's small messages (a token, a moderation answer) for an ACK.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     router
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), ctx.shutdown.cancelled())
+        .serve_with_incoming_shutdown(incoming, ctx.shutdown.cancelled())
         .await?;
     Ok(())
 }
