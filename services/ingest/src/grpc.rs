@@ -58,9 +58,9 @@ fn with_request_id<T>(mut response: Response<T>, request_id: &str) -> Response<T
 /// (the client cancelled) cancels the request.
 fn follow(follower: Follower) -> impl Stream<Item = Result<GenerateEvent, Status>> + Send {
     futures::stream::unfold((follower, 0u32), |(mut follower, index)| async move {
-        let request_id = follower.request_id().to_owned();
         let (event, index) = match follower.next().await? {
             Ok(Event::Text(text)) => {
+                let request_id = follower.request_id().to_owned();
                 (GenerateEventKind::Token(TokenChunk { request_id, index, text, last: false }), index + 1)
             }
             Ok(Event::Finished(row)) => (GenerateEventKind::Result(row.into_record()), index),

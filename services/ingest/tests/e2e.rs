@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const MODEL: &str = "smollm2-135m";
+/// How long a stream's frames, and the burst's rows, may take.
 const ROW_WAIT: Duration = Duration::from_secs(180);
 
 /// The default policy plus a rule that blocks answers naming Paris.
@@ -60,15 +61,7 @@ struct Streamed {
 }
 
 async fn stored_row(mesh: &Mesh, request_id: &str) -> Value {
-    let deadline = Instant::now() + ROW_WAIT;
-    loop {
-        let response = reqwest::get(mesh.sink_url(&format!("/v1/results/{request_id}"))).await.unwrap();
-        if response.status() == 200 {
-            return response.json().await.unwrap();
-        }
-        assert!(Instant::now() < deadline, "no row for {request_id}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh.stored_row(request_id).await.expect("a stored row")
 }
 
 // --- the three streaming clients ---

@@ -90,15 +90,7 @@ async fn openai_chat_completions_over_the_whole_mesh() {
     assert!(["stop", "length"].contains(&last["finish_reason"].as_str().unwrap()), "{last}");
     assert!(chunks[..chunks.len() - 1].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    // The stream ends when the result is published; the sink stores it a moment later.
-    let row = loop {
-        let row: Value =
-            client().get(mesh.ingest_url(&format!("/v1/queries/{request_id}"))).send().await.unwrap().json().await.unwrap();
-        if row["status"] != "PENDING" {
-            break row;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let row = mesh.stored_row(&request_id).await.unwrap();
     assert_eq!(row["status"], "COMPLETED", "{row}");
     assert!(!text.is_empty());
     assert_eq!(text, row["completion"].as_str().unwrap(), "{chunks:?}");

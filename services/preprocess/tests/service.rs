@@ -168,14 +168,7 @@ impl Mesh {
         );
         assert!(!r.detail.is_empty());
         assert_eq!(r.ctx.as_ref().unwrap().request_id, request_id);
-        let stages: Vec<_> = r
-            .timings
-            .as_ref()
-            .unwrap()
-            .stages
-            .iter()
-            .map(|s| s.stage.as_str())
-            .collect();
+        let stages = stage_names(r.timings.as_ref());
         assert_eq!(stages, ["ingest", "preprocess"]);
         r
     }
@@ -221,14 +214,7 @@ async fn redacts_and_counts_rejects_bad_input_and_keeps_going() {
         (ctx.model.as_str(), ctx.tenant.as_str()),
         (MODEL, "default")
     );
-    let stages: Vec<_> = q
-        .timings
-        .as_ref()
-        .unwrap()
-        .stages
-        .iter()
-        .map(|s| s.stage.as_str())
-        .collect();
+    let stages = stage_names(q.timings.as_ref());
     assert_eq!(stages, ["ingest", "preprocess"]);
 
     mesh.rejected("r-empty", "empty_text").await;
@@ -284,4 +270,9 @@ async fn too_many_tokens_is_truncated_by_policy() {
     );
     assert!(q.text.len() < LONG.len() * 20);
     assert!(q.redactions["email"] >= 1);
+}
+
+/// The stages a message's timings name, in order.
+fn stage_names(timings: Option<&Timings>) -> Vec<&str> {
+    timings.expect("timings").stages.iter().map(|s| s.stage.as_str()).collect()
 }

@@ -2,12 +2,14 @@
 //! one process each as deployed, on free ports, with a SQLite sink in a temp folder and the
 //! prepared models (`scripts/prepare-models.sh`).
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{NatsServer, ServiceProcess, free_addr, workspace_root};
 
 /// How long a service may take to become ready (loading models included).
 const READY: Duration = Duration::from_secs(120);
+/// How long a request's row may take (a debug build working through a burst on two cores).
+const ROW_WAIT: Duration = Duration::from_secs(180);
 
 /// What differs between meshes; every other flag is the service's default.
 #[derive(Debug, Clone)]
@@ -92,6 +94,20 @@ impl Mesh {
     /// A sink HTTP URL (`path` starts with `/`).
     pub fn sink_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.sink_http)
+    }
+
+    /// The sink's row for a request, once stored (a stream ends when the result is published;
+    /// the sink stores it a moment later).
+    pub async fn stored_row(&self, request_id: &str) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + ROW_WAIT;
+        loop {
+            let response = reqwest::get(self.sink_url(&format!("/v1/results/{request_id}"))).await?;
+            if response.status() == reqwest::StatusCode::OK {
+                return Ok(response.json().await?);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no row for {request_id} within {ROW_WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A service's Prometheus metrics text.
