@@ -59,9 +59,8 @@ async fn run(publisher: &Publisher, prompts: &[String], rate: f64, seconds: f64,
         js.get_stream("MR_COMPLETIONS").await.unwrap().get_consumer("moderation-output").await.unwrap();
     let mut arrivals = consumer.messages().await.unwrap();
     let start = Instant::now();
-    let intended: HashMap<String, Instant> = (0..n)
-        .map(|i| (format!("{round}-{i}"), start + Duration::from_secs_f64(i as f64 / rate)))
-        .collect();
+    let intended: HashMap<String, Instant> =
+        (0..n).map(|i| (format!("{round}-{i}"), start + Duration::from_secs_f64(i as f64 / rate))).collect();
     let sender = {
         let publisher = publisher.clone();
         let prompts = prompts.to_vec();
@@ -93,7 +92,11 @@ async fn run(publisher: &Publisher, prompts: &[String], rate: f64, seconds: f64,
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000, 3).unwrap();
     let mut last = start;
     while (latency.len() as usize) < n {
-        let m = tokio::time::timeout(Duration::from_secs(300), arrivals.next()).await.expect("completions stalled").unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(300), arrivals.next())
+            .await
+            .expect("completions stalled")
+            .unwrap()
+            .unwrap();
         let completion = Completion::decode(m.payload.clone()).unwrap();
         m.ack().await.unwrap();
         let rid = completion.ctx.unwrap_or_default().request_id;
@@ -116,10 +119,8 @@ fn main() {
     let new_tokens: u32 = env("MILLRACE_BENCH_NEW_TOKENS", 16);
     let models = workspace_root().join("models/prepared");
     let template = Manifest::load(&models).expect("prepared models").chat_template(MODEL).expect("template");
-    let prompts: Vec<String> = QUESTIONS
-        .iter()
-        .map(|q| template.render(&[ChatMessage::new("user", q)], true).expect("render"))
-        .collect();
+    let prompts: Vec<String> =
+        QUESTIONS.iter().map(|q| template.render(&[ChatMessage::new("user", q)], true).expect("render")).collect();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

@@ -18,7 +18,11 @@ fn main() -> ExitCode {
         let bus = config.shell.bus.clone();
         if bus.workers < config.max_batch_size.get() {
             // Each queued prompt holds a worker until its batch is published.
-            warn!(workers = bus.workers, max_batch_size = config.max_batch_size, "fewer workers than max batch size: batches never fill by size");
+            warn!(
+                workers = bus.workers,
+                max_batch_size = config.max_batch_size,
+                "fewer workers than max batch size: batches never fill by size"
+            );
         }
         let (queue, inbox) = stage::channel(bus.workers.max(1) + 64);
         let batching = Arc::new(Batching {
@@ -30,7 +34,8 @@ fn main() -> ExitCode {
             fault_abort_after_publish: config.fault_abort_after_publish,
         });
         let handler = PromptStage { queue: queue.clone(), publisher: publisher.clone() };
-        let prompts = Arc::new(StageConsumer::new(STAGE, ConsumerSpec::BATCHER, Arc::new(handler), publisher.clone(), bus));
+        let prompts =
+            Arc::new(StageConsumer::new(STAGE, ConsumerSpec::BATCHER, Arc::new(handler), publisher.clone(), bus));
         let client = publisher.client();
         Ok(vec![
             ChildSpec::new("batch-queue", move |ctx| {

@@ -26,12 +26,20 @@ pub static BATCH_TOKENS: LazyLock<HistogramVec> = LazyLock::new(|| {
 /// Arrival in the queue to dispatch: 100 µs … ~26 s.
 pub static QUEUE_WAIT: LazyLock<HistogramVec> = LazyLock::new(|| {
     let buckets = prometheus::exponential_buckets(0.0001, 2.0, 19).expect("valid buckets");
-    histogram("millrace_batcher_queue_wait_seconds", "Time a request waited in the batcher queue before its batch", buckets)
+    histogram(
+        "millrace_batcher_queue_wait_seconds",
+        "Time a request waited in the batcher queue before its batch",
+        buckets,
+    )
 });
 
 pub static DISPATCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("millrace_batcher_dispatches_total", "Batches dispatched, by reason", &["model", "reason"])
-        .expect("metric registers once")
+    register_int_counter_vec!(
+        "millrace_batcher_dispatches_total",
+        "Batches dispatched, by reason",
+        &["model", "reason"]
+    )
+    .expect("metric registers once")
 });
 
 /// Requests dropped before a batch, by reason (`expired`, `cancelled`).
@@ -46,7 +54,8 @@ pub static DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Cancel notices heard (whether or not their request was here).
 pub static CANCEL_NOTICES: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!("millrace_batcher_cancel_notices_total", "Cancel notices received").expect("metric registers once")
+    register_int_counter!("millrace_batcher_cancel_notices_total", "Cancel notices received")
+        .expect("metric registers once")
 });
 
 pub static QUEUE_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {

@@ -261,12 +261,8 @@ impl<T> ModelQueue<T> {
     }
 
     fn sweep(&mut self, model: &str, now: Instant) -> Vec<Dropped<T>> {
-        let expired: Vec<Key> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.deadline.is_some_and(|d| d <= now))
-            .map(|(k, _)| *k)
-            .collect();
+        let expired: Vec<Key> =
+            self.entries.iter().filter(|(_, e)| e.deadline.is_some_and(|d| d <= now)).map(|(k, _)| *k).collect();
         expired.into_iter().map(|k| self.remove(model, k, DropReason::Expired)).collect()
     }
 
@@ -485,7 +481,13 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn limits() -> Limits {
-        Limits { max_batch_size: 4, max_batch_tokens: 100, max_wait: 20 * MS, max_in_flight: 2, dispatch_when_idle: true }
+        Limits {
+            max_batch_size: 4,
+            max_batch_tokens: 100,
+            max_wait: 20 * MS,
+            max_in_flight: 2,
+            dispatch_when_idle: true,
+        }
     }
 
     fn queues(limits: Limits) -> Queues<&'static str> {
@@ -661,7 +663,8 @@ mod tests {
     fn higher_priority_first_and_arrival_order_within_a_priority() {
         let t0 = Instant::now();
         let mut q = busy(limits(), t0);
-        for (i, (id, priority)) in [("l1", 0), ("h1", 5), ("l2", 0), ("m1", 1), ("h2", 5), ("l3", 0)].into_iter().enumerate()
+        for (i, (id, priority)) in
+            [("l1", 0), ("h1", 5), ("l2", 0), ("m1", 1), ("h2", 5), ("l3", 0)].into_iter().enumerate()
         {
             q.push(M, req(id, priority, 1), t0 + i as u32 * MS);
         }
@@ -681,7 +684,10 @@ mod tests {
         let mut q = busy(limits(), t0);
         let late = Request { deadline: Some(t0), ..req("late", 0, 1) };
         let Admission::Dropped(d) = q.push(M, late, t0) else { panic!("past its deadline on arrival") };
-        assert_eq!((d.reason, d.request_id.as_str(), d.payloads.as_slice()), (DropReason::Expired, "late", &["late"][..]));
+        assert_eq!(
+            (d.reason, d.request_id.as_str(), d.payloads.as_slice()),
+            (DropReason::Expired, "late", &["late"][..])
+        );
         q.push(M, Request { deadline: Some(t0 + 10 * MS), ..req("soon", 0, 1) }, t0);
         q.push(M, req("keep", 0, 1), t0);
         assert_eq!(q.next_wake(), Some(t0 + 10 * MS), "the deadline wakes the loop before max_wait");

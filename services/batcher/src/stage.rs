@@ -184,9 +184,11 @@ pub fn dropped_result(mut prompt: Prompt, reason: DropReason, waited: Duration, 
             "deadline_exceeded",
             format!("the deadline passed before the request was batched (queued {waited} ms)"),
         ),
-        DropReason::Cancelled => {
-            (TerminalStatus::Cancelled, "cancelled", format!("cancelled before the request was batched (queued {waited} ms)"))
-        }
+        DropReason::Cancelled => (
+            TerminalStatus::Cancelled,
+            "cancelled",
+            format!("cancelled before the request was batched (queued {waited} ms)"),
+        ),
     };
     let result = TerminalResult {
         ctx: prompt.ctx,
@@ -237,7 +239,8 @@ pub async fn run(
     on_ready: impl Fn(),
 ) -> Result<(), BusError> {
     let mut rx = inbox.rx.lock().await;
-    let mut queues = Queues::new(batching.limits, CancelMemory::new(batching.cancel_remember, batching.cancel_capacity));
+    let mut queues =
+        Queues::new(batching.limits, CancelMemory::new(batching.cancel_remember, batching.cancel_capacity));
     let stream = batching
         .publisher
         .jetstream()
@@ -401,7 +404,8 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
             Err(e) => {
                 warn!(batch_id = id, error = %e, "batch not published: its prompts are handed back");
                 for reply in replies {
-                    let _ = reply.send(Err(StageError::transient(format!("publishing batch {id}: {e}"), PUBLISH_RETRY)));
+                    let _ =
+                        reply.send(Err(StageError::transient(format!("publishing batch {id}: {e}"), PUBLISH_RETRY)));
                 }
             }
         }

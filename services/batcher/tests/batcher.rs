@@ -252,7 +252,10 @@ async fn expired_and_cancelled_requests_get_their_result_and_no_batch() {
     bus.publish_prompt(expired).await;
     let (id, r) = bus.result("expired").await;
     assert_eq!(id, "expired/batcher");
-    assert_eq!((r.status(), r.reason.as_str(), r.stage.as_str()), (TerminalStatus::Expired, "deadline_exceeded", "batcher"));
+    assert_eq!(
+        (r.status(), r.reason.as_str(), r.stage.as_str()),
+        (TerminalStatus::Expired, "deadline_exceeded", "batcher")
+    );
     assert_eq!((r.prompt_tokens, r.ctx.unwrap().request_id.as_str()), (10, "expired"));
 
     // Cancelled before it arrived: the notice is remembered.
@@ -347,7 +350,11 @@ async fn a_crash_between_publish_and_ack_completes_no_request_twice() {
     batcher.restart_without_faults().await;
     bus.wait_prompts_acked(&batcher).await;
     let duplicates = [("stream", Edge::BATCHES.stream)];
-    assert_eq!(batcher.metric("millrace_publish_duplicates_total", &duplicates).await, 1.0, "re-formed and deduplicated");
+    assert_eq!(
+        batcher.metric("millrace_publish_duplicates_total", &duplicates).await,
+        1.0,
+        "re-formed and deduplicated"
+    );
     let labels = [("model", MODEL), ("reason", "size")];
     assert_eq!(batcher.metric("millrace_batcher_dispatches_total", &labels).await, 1.0);
     assert_eq!(bus.undelivered_batches().await, 0, "no second batch reached inference");

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
 /// How long a notice is remembered: past the longest deadline ingest grants (600 s), the
 /// request has expired anyway.
 pub const REMEMBER: Duration = Duration::from_secs(600);

@@ -181,9 +181,9 @@ impl Follower {
     }
 
     fn on_result(&mut self, payload: &[u8]) {
-        let row = TerminalResult::decode(payload).map_err(|e| e.to_string()).and_then(|result| {
-            ResultRow::from_result(result, 0).map_err(|e| e.to_string())
-        });
+        let row = TerminalResult::decode(payload)
+            .map_err(|e| e.to_string())
+            .and_then(|result| ResultRow::from_result(result, 0).map_err(|e| e.to_string()));
         match row {
             Ok(row) => self.on_finished(row),
             Err(e) => warn!(request_id = self.ctx.request_id, error = %e, "unreadable terminal result"),

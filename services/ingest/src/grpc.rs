@@ -30,17 +30,24 @@ impl Ingest for IngestApi {
         let received_unix_us = now_unix_us();
         let accepted = self.frontend.gateway.submit(submission(request.into_inner()), received_unix_us).await?;
         let request_id = accepted.request_id.clone();
-        Ok(with_request_id(Response::new(SubmitResponse { request_id: accepted.request_id, created: accepted.created }), &request_id))
+        Ok(with_request_id(
+            Response::new(SubmitResponse { request_id: accepted.request_id, created: accepted.created }),
+            &request_id,
+        ))
     }
 
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<SubmitRequest>) -> Result<Response<GenerateStream>, Status> {
         let received_unix_us = now_unix_us();
-        let (accepted, follower) = self.frontend.submit_and_follow(submission(request.into_inner()), received_unix_us).await?;
+        let (accepted, follower) =
+            self.frontend.submit_and_follow(submission(request.into_inner()), received_unix_us).await?;
         let request_id = accepted.request_id.clone();
         let first = GenerateEvent {
-            event: Some(GenerateEventKind::Accepted(SubmitResponse { request_id: accepted.request_id, created: accepted.created })),
+            event: Some(GenerateEventKind::Accepted(SubmitResponse {
+                request_id: accepted.request_id,
+                created: accepted.created,
+            })),
         };
         let events = futures::stream::once(async move { Ok(first) }).chain(follow(follower));
         Ok(with_request_id(Response::new(Box::pin(events) as GenerateStream), &request_id))

@@ -39,12 +39,12 @@ pub fn server(api: HttpApi, addr: SocketAddr) -> std::io::Result<Server> {
     Ok(HttpServer::new(move || {
         App::new().app_data(web::Data::new(api.clone())).wrap(from_fn(request_id_on_every_response)).configure(routes)
     })
-        // The shell owns SIGTERM and drains every child; an in-flight submit waits at most one
-        // PubAck timeout (5 s by default).
-        .disable_signals()
-        .shutdown_timeout(10)
-        .bind(addr)?
-        .run())
+    // The shell owns SIGTERM and drains every child; an in-flight submit waits at most one
+    // PubAck timeout (5 s by default).
+    .disable_signals()
+    .shutdown_timeout(10)
+    .bind(addr)?
+    .run())
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -65,7 +65,8 @@ async fn submit(req: HttpRequest, body: web::Payload, api: web::Data<HttpApi>) -
         header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
     let body = read_body(body, api.max_body_bytes).await?;
     let submission = decode_submission(&body)?;
-    let accepted = api.frontend.gateway.submit(Submission { tenant, idempotency_key, ..submission }, received_unix_us).await?;
+    let accepted =
+        api.frontend.gateway.submit(Submission { tenant, idempotency_key, ..submission }, received_unix_us).await?;
     let (mut response, status) =
         if accepted.created { (HttpResponse::Accepted(), "ACCEPTED") } else { (HttpResponse::Ok(), "DUPLICATE") };
     Ok(response

@@ -16,8 +16,16 @@ use tonic::transport::{Channel, Endpoint};
 fn main() -> ExitCode {
     let config = IngestConfig::parse();
     Service::new("ingest", config.shell.clone(), IngestConfig::ADMIN_PORT).run(|setup| async move {
-        let IngestConfig { http_addr, grpc_addr, sink_url, moderation_url, ws_max_in_flight, max_body_bytes, policy, .. } =
-            config;
+        let IngestConfig {
+            http_addr,
+            grpc_addr,
+            sink_url,
+            moderation_url,
+            ws_max_in_flight,
+            max_body_bytes,
+            policy,
+            ..
+        } = config;
         anyhow::ensure!(
             policy.allowed_models.iter().all(|m| !m.is_empty()),
             "--allowed-models must name at least one model, without empty names"

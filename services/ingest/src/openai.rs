@@ -57,14 +57,7 @@ pub struct OpenAiError {
 
 impl OpenAiError {
     fn invalid(status: StatusCode, param: Option<&'static str>, code: &str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            kind: kind_of(status),
-            message: message.into(),
-            param,
-            code: code.to_owned(),
-            request_id: None,
-        }
+        Self { status, kind: kind_of(status), message: message.into(), param, code: code.to_owned(), request_id: None }
     }
 
     fn with_request_id(mut self, request_id: &str) -> Self {
@@ -146,15 +139,28 @@ fn param_of(e: &SubmitError) -> (Option<&'static str>, String) {
             .into_iter()
             .find(|name| p.contains(name))
             .map(|name| if name == "max_new_tokens" { "max_tokens" } else { name }),
-        SubmitError::WrongType { field, .. } | SubmitError::UnknownField(field) => CHAT_FIELDS.iter().copied().find(|f| f == field),
+        SubmitError::WrongType { field, .. } | SubmitError::UnknownField(field) => {
+            CHAT_FIELDS.iter().copied().find(|f| f == field)
+        }
         SubmitError::MissingField(field) => CHAT_FIELDS.iter().copied().find(|f| f == field),
         _ => None,
     };
     (param, message)
 }
 
-const CHAT_FIELDS: &[&str] =
-    &["model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "user", "stream", "n"];
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "user",
+    "stream",
+    "n",
+];
 
 /// A decoded chat request.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -187,7 +193,12 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     if let Some(n) = take::<u32>(&mut object, "n")?
         && n != 1
     {
-        return Err(OpenAiError::invalid(StatusCode::BAD_REQUEST, Some("n"), "unsupported_n", "only n = 1 is supported"));
+        return Err(OpenAiError::invalid(
+            StatusCode::BAD_REQUEST,
+            Some("n"),
+            "unsupported_n",
+            "only n = 1 is supported",
+        ));
     }
     let max_tokens = match take::<u32>(&mut object, "max_completion_tokens")? {
         Some(n) => Some(n),
@@ -234,7 +245,8 @@ fn last_user_text(messages: &[Map<String, Value>]) -> Result<String, OpenAiError
             "`messages` must contain at least one message with role \"user\"",
         )
     };
-    let message = messages.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user")).ok_or_else(no_user)?;
+    let message =
+        messages.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user")).ok_or_else(no_user)?;
     match message.get("content") {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Array(parts)) => Ok(parts
@@ -256,7 +268,8 @@ fn last_user_text(messages: &[Map<String, Value>]) -> Result<String, OpenAiError
 fn outcome(row: &ResultRow) -> Result<&'static str, OpenAiError> {
     let error = |status: StatusCode, fallback: &str| {
         let code = if row.reason.is_empty() { fallback } else { row.reason.as_str() };
-        let message = if row.detail.is_empty() { format!("request {}: {code}", row.status) } else { row.detail.clone() };
+        let message =
+            if row.detail.is_empty() { format!("request {}: {code}", row.status) } else { row.detail.clone() };
         Err(OpenAiError::invalid(status, None, code, message))
     };
     match row.status.as_str() {
@@ -309,11 +322,8 @@ async fn chat_completions(
     };
     let (accepted, mut follower) = api.frontend.submit_and_follow(submission, received_unix_us).await?;
     let request_id = accepted.request_id.clone();
-    let meta = Meta {
-        id: format!("chatcmpl-{request_id}"),
-        created: received_unix_us / 1_000_000,
-        model: accepted.model,
-    };
+    let meta =
+        Meta { id: format!("chatcmpl-{request_id}"), created: received_unix_us / 1_000_000, model: accepted.model };
     if chat.stream {
         let events = stream_chat(follower, meta);
         return Ok(HttpResponse::Ok()
@@ -387,9 +397,13 @@ fn stream_chat(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Re
     }
     futures::stream::unfold((State::Start(follower), meta), |(state, meta)| async move {
         let (bytes, next) = match state {
-            State::Start(follower) => (meta.chunk(json!({ "role": "assistant", "content": "" }), None), State::Following(follower)),
+            State::Start(follower) => {
+                (meta.chunk(json!({ "role": "assistant", "content": "" }), None), State::Following(follower))
+            }
             State::Following(mut follower) => match follower.next().await {
-                Some(Ok(Event::Text(text))) => (meta.chunk(json!({ "content": text }), None), State::Following(follower)),
+                Some(Ok(Event::Text(text))) => {
+                    (meta.chunk(json!({ "content": text }), None), State::Following(follower))
+                }
                 Some(Ok(Event::Finished(row))) => match outcome(&row) {
                     Ok(finish_reason) => (meta.chunk(json!({}), Some(finish_reason)), State::Done),
                     Err(e) => (event(&e.body()), State::Done),
@@ -438,7 +452,10 @@ mod tests {
     fn bad_requests_name_their_param() {
         let err = |body: &str| decode_chat(body.as_bytes()).unwrap_err();
         let e = err(r#"{"messages":[]}"#);
-        assert_eq!((e.status, e.param, e.code.as_str()), (StatusCode::BAD_REQUEST, Some("messages"), "no_user_message"));
+        assert_eq!(
+            (e.status, e.param, e.code.as_str()),
+            (StatusCode::BAD_REQUEST, Some("messages"), "no_user_message")
+        );
         let e = err(r#"{"model":"m"}"#);
         assert_eq!((e.param, e.code.as_str()), (Some("messages"), "missing_field"));
         let e = err(r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#);
@@ -454,13 +471,20 @@ mod tests {
 
     #[test]
     fn rows_map_to_finish_reasons_or_errors() {
-        let row = |status: &str, reason: &str| ResultRow { status: status.into(), reason: reason.into(), ..Default::default() };
+        let row = |status: &str, reason: &str| ResultRow {
+            status: status.into(),
+            reason: reason.into(),
+            ..Default::default()
+        };
         assert_eq!(outcome(&row("COMPLETED", "eos")).unwrap(), "stop");
         assert_eq!(outcome(&row("COMPLETED", "length")).unwrap(), "length");
         assert_eq!(outcome(&row("BLOCKED_OUTPUT", "toxicity")).unwrap(), "content_filter");
         assert_eq!(outcome(&row("BLOCKED_INPUT", "")).unwrap(), "content_filter");
         let e = outcome(&row("RATE_LIMITED", "")).unwrap_err();
-        assert_eq!((e.status, e.kind, e.code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited"));
+        assert_eq!(
+            (e.status, e.kind, e.code.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited")
+        );
         assert_eq!(outcome(&row("EXPIRED", "")).unwrap_err().status, StatusCode::GATEWAY_TIMEOUT);
         let e = outcome(&row("REJECTED", "prompt_too_long")).unwrap_err();
         assert_eq!((e.status, e.code.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "prompt_too_long"));

@@ -351,7 +351,8 @@ mod tests {
             let e = refused(Submission { params: params.clone(), ..valid() });
             assert!(matches!(e, SubmitError::BadParams(_)), "{params:?}: {e}");
         }
-        let edges = GenerationParams { max_new_tokens: 100, temperature: Some(2.0), top_p: Some(1.0), ..Default::default() };
+        let edges =
+            GenerationParams { max_new_tokens: 100, temperature: Some(2.0), top_p: Some(1.0), ..Default::default() };
         assert!(Submission { params: edges, ..valid() }.into_query(&policy(), 0).is_ok());
     }
 

@@ -42,7 +42,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/ws", web::get().to(upgrade));
 }
 
-async fn upgrade(req: HttpRequest, body: web::Payload, api: web::Data<HttpApi>) -> Result<HttpResponse, actix_web::Error> {
+async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    api: web::Data<HttpApi>,
+) -> Result<HttpResponse, actix_web::Error> {
     let tenant = header(&req, TENANT).map_err(|_| ApiError::from(SubmitError::BadIdentifier { field: "tenant" }))?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages = messages.max_frame_size(api.max_body_bytes).aggregate_continuations();
@@ -237,8 +241,8 @@ impl From<SubmitError> for FrameError {
 impl ClientFrame {
     /// The frame, or the error with the frame's `ref` when it could be read.
     fn decode(text: &str) -> Result<Self, (Option<String>, FrameError)> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| (None, SubmitError::MalformedJson(e.to_string()).into()))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| (None, SubmitError::MalformedJson(e.to_string()).into()))?;
         let Value::Object(mut object) = value else {
             return Err((None, FrameError::Bad("a frame is a JSON object".into())));
         };
@@ -270,7 +274,10 @@ impl ClientFrame {
                 }
                 _ => Err(fail(SubmitError::MissingField("request_id").into())),
             },
-            _ => Err(fail(FrameError::Bad(format!("`type` must be \"query\" or \"cancel\", got {}", kind.unwrap_or(Value::Null))))),
+            _ => Err(fail(FrameError::Bad(format!(
+                "`type` must be \"query\" or \"cancel\", got {}",
+                kind.unwrap_or(Value::Null)
+            )))),
         }
     }
 }
@@ -299,7 +306,8 @@ mod tests {
     #[test]
     fn cancel_frames_name_a_request() {
         let id = "0190a5b2-7c3d-7e4f-8a1b-2c3d4e5f6a7b";
-        let frame = ClientFrame::decode(&format!(r#"{{"type":"cancel","request_id":"{}"}}"#, id.to_uppercase())).unwrap();
+        let frame =
+            ClientFrame::decode(&format!(r#"{{"type":"cancel","request_id":"{}"}}"#, id.to_uppercase())).unwrap();
         assert_eq!(frame, ClientFrame::Cancel { request_id: id.into() });
     }
 

@@ -248,8 +248,10 @@ async fn conversations(mesh: &Mesh) {
             .unwrap()
             .into_inner();
         let turns: Vec<(&str, &str)> = state.turns.iter().map(|t| (t.role.as_str(), t.request_id.as_str())).collect();
-        let expected: Vec<(&str, &str)> =
-            answers.iter().flat_map(|a| [("user", a.request_id.as_str()), ("assistant", a.request_id.as_str())]).collect();
+        let expected: Vec<(&str, &str)> = answers
+            .iter()
+            .flat_map(|a| [("user", a.request_id.as_str()), ("assistant", a.request_id.as_str())])
+            .collect();
         assert_eq!(turns, expected, "{user}: {state:?}");
         assert_eq!(state.turns[0].content, TURNS[0]);
         let mut rows = Vec::new();
@@ -275,7 +277,8 @@ async fn blocked_input_and_output(mesh: &Mesh) {
 
         // The model answers "Paris"; the test policy blocks it in answers. The stream may carry
         // the moderated words before it, never the blocked one.
-        let blocked = ask(mesh, api, "mallory", &format!("blocked-out-{api:?}"), "What is the capital of France?").await;
+        let blocked =
+            ask(mesh, api, "mallory", &format!("blocked-out-{api:?}"), "What is the capital of France?").await;
         let row = stored_row(mesh, &blocked.request_id).await;
         assert_eq!(row["status"], "BLOCKED_OUTPUT", "{api:?}: {row}");
         assert!(blocked.status.starts_with("BLOCKED"), "{api:?}: {blocked:?}");

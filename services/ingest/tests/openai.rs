@@ -99,7 +99,12 @@ async fn openai_chat_completions_over_the_whole_mesh() {
     for (body, status, code, param) in [
         (json!({ "model": "smollm2-135m", "messages": [] }), 400, "no_user_message", "messages"),
         (json!({ "model": "gpt-9", "messages": [{ "role": "user", "content": "hi" }] }), 422, "unknown_model", "model"),
-        (json!({ "messages": [{ "role": "user", "content": "hi" }], "temperature": 5 }), 422, "bad_params", "temperature"),
+        (
+            json!({ "messages": [{ "role": "user", "content": "hi" }], "temperature": 5 }),
+            422,
+            "bad_params",
+            "temperature",
+        ),
     ] {
         let response = chat(&mesh, "oai-errors", &body).await;
         assert_eq!(response.status().as_u16(), status, "{body}");

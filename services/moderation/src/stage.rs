@@ -8,9 +8,7 @@ use std::time::Duration;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
 use millrace_proto::Message as _;
-use millrace_proto::v1::{
-    AdmittedQuery, CleanedQuery, Completion, Result as TerminalResult, TerminalStatus,
-};
+use millrace_proto::v1::{AdmittedQuery, CleanedQuery, Completion, Result as TerminalResult, TerminalStatus};
 
 use crate::moderator::{ModerationError, Moderator};
 use crate::policy::{Action, Decision, Stage};

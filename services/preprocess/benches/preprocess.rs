@@ -79,14 +79,7 @@ const PII: &[&str] = &[
     "192.168.1.10",
     "2001:db8::8a2e:370:7334",
 ];
-const UNICODE: &[&str] = &[
-    "Ｆｕｌｌ-ｗｉｄｔｈ",
-    "ﬁnal",
-    "café\u{200B}",
-    "naïve résumé",
-    "日本語のテキスト",
-    "🦀",
-];
+const UNICODE: &[&str] = &["Ｆｕｌｌ-ｗｉｄｔｈ", "ﬁnal", "café\u{200B}", "naïve résumé", "日本語のテキスト", "🦀"];
 
 /// A deterministic mix of ~300-character texts: even ones carry PII, every fourth Unicode.
 fn corpus(n: usize) -> Vec<String> {
@@ -129,14 +122,8 @@ fn rate(n: usize, f: impl FnMut(&str), texts: &[String]) -> f64 {
 }
 
 fn preprocessor() -> Preprocessor {
-    let models =
-        TokenModels::load(&workspace_root().join("models/prepared")).expect("models/prepared");
-    let policy = Policy {
-        max_chars: 8000,
-        reserve_tokens: 512,
-        overflow: Overflow::Reject,
-        detectors: Detectors::ALL,
-    };
+    let models = TokenModels::load(&workspace_root().join("models/prepared")).expect("models/prepared");
+    let policy = Policy { max_chars: 8000, reserve_tokens: 512, overflow: Overflow::Reject, detectors: Detectors::ALL };
     Preprocessor::new(policy, models)
 }
 
@@ -145,11 +132,7 @@ fn query(i: usize, text: &str) -> Outbound {
     let mut timings = Timings::default();
     timings.record("ingest", now_unix_us());
     let q = Query {
-        ctx: Some(RequestContext {
-            request_id: id.clone(),
-            model: MODEL.into(),
-            ..Default::default()
-        }),
+        ctx: Some(RequestContext { request_id: id.clone(), model: MODEL.into(), ..Default::default() }),
         timings: Some(timings),
         text: text.to_owned(),
     };
@@ -167,30 +150,13 @@ struct Hop {
 }
 
 /// N queries through QUERIES → preprocess (in-process, `workers`) → CLEAN.
-async fn through_nats(
-    texts: &[String],
-    n: usize,
-    workers: usize,
-    preprocessor: Arc<Preprocessor>,
-) -> Hop {
+async fn through_nats(texts: &[String], n: usize, workers: usize, preprocessor: Arc<Preprocessor>) -> Hop {
     let nats = NatsServer::start().await.expect("nats-server");
-    let settings = BusSettings {
-        nats_url: nats.url(),
-        workers,
-        ..Default::default()
-    };
+    let settings = BusSettings { nats_url: nats.url(), workers, ..Default::default() };
     let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
-    let stage = PreprocessStage {
-        preprocessor,
-        publisher: publisher.clone(),
-    };
-    let consumer = StageConsumer::new(
-        "preprocess",
-        ConsumerSpec::PREPROCESS,
-        Arc::new(stage),
-        publisher.clone(),
-        settings,
-    );
+    let stage = PreprocessStage { preprocessor, publisher: publisher.clone() };
+    let consumer =
+        StageConsumer::new("preprocess", ConsumerSpec::PREPROCESS, Arc::new(stage), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();
@@ -204,12 +170,7 @@ async fn through_nats(
         .get_consumer(ConsumerSpec::MODERATION_INPUT.durable)
         .await
         .unwrap();
-    let mut arrivals = downstream
-        .stream()
-        .max_messages_per_batch(512)
-        .messages()
-        .await
-        .unwrap();
+    let mut arrivals = downstream.stream().max_messages_per_batch(512).messages().await.unwrap();
     let receiving = tokio::spawn(async move {
         let mut latency = Histogram::<u64>::new(3).unwrap();
         let (mut prev, mut longest_pause) = (0i64, 0i64);
@@ -224,9 +185,7 @@ async fn through_nats(
                 longest_pause = longest_pause.max(received - prev);
             }
             prev = received;
-            latency
-                .record((now_unix_us() - sent).max(1) as u64)
-                .unwrap();
+            latency.record((now_unix_us() - sent).max(1) as u64).unwrap();
             m.ack().await.unwrap();
         }
         (latency, longest_pause)
@@ -234,28 +193,18 @@ async fn through_nats(
     let started = Instant::now();
     let all: Vec<usize> = (0..n).collect();
     for chunk in all.chunks(512) {
-        publisher
-            .publish_all(chunk.iter().map(|&i| query(i, &texts[i % texts.len()])))
-            .await
-            .unwrap();
+        publisher.publish_all(chunk.iter().map(|&i| query(i, &texts[i % texts.len()]))).await.unwrap();
     }
     let (latency, longest_pause) = receiving.await.unwrap();
     let rate = n as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     running.await.unwrap().unwrap();
     drop(nats);
-    Hop {
-        rate,
-        latency,
-        longest_pause_ms: longest_pause as f64 / 1000.0,
-    }
+    Hop { rate, latency, longest_pause_ms: longest_pause as f64 / 1000.0 }
 }
 
 fn main() {
-    let n: usize = std::env::var("MILLRACE_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let n: usize = std::env::var("MILLRACE_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let texts = corpus(1000);
     let mean_chars = texts.iter().map(|t| t.chars().count()).sum::<usize>() / texts.len();
     let preprocessor = Arc::new(preprocessor());
@@ -264,11 +213,7 @@ fn main() {
     let normalized: Vec<String> = texts.iter().map(|t| normalize(t)).collect();
 
     let normalize_rate = rate(n, |t| drop(std::hint::black_box(normalize(t))), &texts);
-    let redact_rate = rate(
-        n,
-        |t| drop(std::hint::black_box(redactor.redact(t))),
-        &normalized,
-    );
+    let redact_rate = rate(n, |t| drop(std::hint::black_box(redactor.redact(t))), &normalized);
     let count_rate = rate(
         n,
         |t| {
@@ -276,27 +221,11 @@ fn main() {
         },
         &normalized,
     );
-    let full_rate = rate(
-        n,
-        |t| {
-            drop(std::hint::black_box(
-                preprocessor.process(MODEL, t).unwrap(),
-            ))
-        },
-        &texts,
-    );
+    let full_rate = rate(n, |t| drop(std::hint::black_box(preprocessor.process(MODEL, t).unwrap())), &texts);
     let with_pii: Vec<String> = texts.iter().step_by(2).cloned().collect();
     let without_pii: Vec<String> = texts.iter().skip(1).step_by(2).cloned().collect();
-    let full_pii = rate(
-        n,
-        |t| drop(preprocessor.process(MODEL, t).unwrap()),
-        &with_pii,
-    );
-    let full_clean = rate(
-        n,
-        |t| drop(preprocessor.process(MODEL, t).unwrap()),
-        &without_pii,
-    );
+    let full_pii = rate(n, |t| drop(preprocessor.process(MODEL, t).unwrap()), &with_pii);
+    let full_clean = rate(n, |t| drop(preprocessor.process(MODEL, t).unwrap()), &without_pii);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (one, sixteen) = runtime.block_on(async {
@@ -311,9 +240,7 @@ fn main() {
     println!(
         "\nMillrace preprocess, {} texts of ~{mean_chars} chars (half with PII), model {MODEL}, {n} messages per row unless said, {} cores",
         texts.len(),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
         "| measurement                                        | msgs/s   | µs/msg | p50 ms | p99 ms | longest pause ms |"
@@ -329,16 +256,10 @@ fn main() {
         ("whole stage logic, texts with PII (1 core)", full_pii),
         ("whole stage logic, texts without PII (1 core)", full_clean),
     ] {
-        println!(
-            "| {name:<50} | {r:>8.0} | {:>6.1} |        |        |                  |",
-            us(r)
-        );
+        println!("| {name:<50} | {r:>8.0} | {:>6.1} |        |        |                  |", us(r));
     }
     for (name, hop) in [
-        (
-            format!("through NATS, workers=1, burst of {}", n / 10),
-            &one,
-        ),
+        (format!("through NATS, workers=1, burst of {}", n / 10), &one),
         (format!("through NATS, workers=16, burst of {n}"), &sixteen),
     ] {
         println!(

@@ -26,14 +26,9 @@ pub struct ModelTokenizer {
 impl ModelTokenizer {
     pub fn new(mut tokenizer: Tokenizer, context_length: usize) -> Self {
         // Counting must see every token: no truncation or padding a tokenizer.json may ask for.
-        tokenizer
-            .with_truncation(None)
-            .expect("disabling truncation cannot fail");
+        tokenizer.with_truncation(None).expect("disabling truncation cannot fail");
         tokenizer.with_padding(None);
-        Self {
-            tokenizer,
-            context_length,
-        }
+        Self { tokenizer, context_length }
     }
 
     pub fn context_length(&self) -> usize {
@@ -44,17 +39,12 @@ impl ModelTokenizer {
     /// adds those, and `--reserve-tokens` leaves room for them).
     pub fn count(&self, text: &str) -> Result<usize, BudgetError> {
         // No offsets needed to count.
-        let encoding = self
-            .tokenizer
-            .encode_fast(text, false)
-            .map_err(|e| BudgetError::Tokenizer(e.to_string()))?;
+        let encoding = self.tokenizer.encode_fast(text, false).map_err(|e| BudgetError::Tokenizer(e.to_string()))?;
         Ok(encoding.len())
     }
 
     fn encode(&self, text: &str) -> Result<tokenizers::Encoding, BudgetError> {
-        self.tokenizer
-            .encode(text, false)
-            .map_err(|e| BudgetError::Tokenizer(e.to_string()))
+        self.tokenizer.encode(text, false).map_err(|e| BudgetError::Tokenizer(e.to_string()))
     }
 
     /// The longest prefix of `text` ending on a token boundary within `max_tokens` tokens, and
@@ -62,11 +52,7 @@ impl ModelTokenizer {
     /// last kept token's end offset (exactly the original characters; decoding token ids back
     /// could turn a character split between tokens into U+FFFD) and re-counted, because a
     /// prefix can tokenize differently at its new end.
-    pub fn truncate(
-        &self,
-        text: &str,
-        max_tokens: usize,
-    ) -> Result<Option<(String, usize)>, BudgetError> {
+    pub fn truncate(&self, text: &str, max_tokens: usize) -> Result<Option<(String, usize)>, BudgetError> {
         let encoding = self.encode(text)?;
         if encoding.len() <= max_tokens {
             return Ok(None);
@@ -96,9 +82,7 @@ pub struct TokenModels {
 
 impl TokenModels {
     pub fn new(models: impl IntoIterator<Item = (String, ModelTokenizer)>) -> Self {
-        Self {
-            models: models.into_iter().collect(),
-        }
+        Self { models: models.into_iter().collect() }
     }
 
     /// Loads `<dir>/manifest.json` and the tokenizer of each of its generation models.
@@ -110,13 +94,8 @@ impl TokenModels {
     pub fn from_manifest(manifest: &Manifest) -> Result<Self, BudgetError> {
         let mut models = BTreeMap::new();
         for entry in manifest.models_of(ModelKind::Generate) {
-            let tokenizer = manifest
-                .model_tokenizer(&entry.name)
-                .map_err(|e| BudgetError::Manifest(e.to_string()))?;
-            models.insert(
-                entry.name.clone(),
-                ModelTokenizer::new(tokenizer, entry.context_length),
-            );
+            let tokenizer = manifest.model_tokenizer(&entry.name).map_err(|e| BudgetError::Manifest(e.to_string()))?;
+            models.insert(entry.name.clone(), ModelTokenizer::new(tokenizer, entry.context_length));
         }
         if models.is_empty() {
             return Err(BudgetError::NoModels);

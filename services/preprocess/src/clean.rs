@@ -57,13 +57,7 @@ pub enum Rejection {
     #[error(
         "the text is {tokens} tokens for model {model}; the budget is {budget} (context {context} − {reserve} reserved for the template and the answer)"
     )]
-    TooManyTokens {
-        model: String,
-        tokens: usize,
-        budget: usize,
-        context: usize,
-        reserve: usize,
-    },
+    TooManyTokens { model: String, tokens: usize, budget: usize, context: usize, reserve: usize },
 }
 
 impl Rejection {
@@ -95,11 +89,7 @@ pub struct Preprocessor {
 
 impl Preprocessor {
     pub fn new(policy: Policy, models: TokenModels) -> Self {
-        Self {
-            policy,
-            redactor: Redactor::new(policy.detectors),
-            models,
-        }
+        Self { policy, redactor: Redactor::new(policy.detectors), models }
     }
 
     pub fn policy(&self) -> &Policy {
@@ -113,26 +103,15 @@ impl Preprocessor {
     pub fn process(&self, model: &str, text: &str) -> Result<Cleaned, PreprocessError> {
         let normalized = normalize(text);
         if normalized.is_empty() {
-            return Err(Rejection::EmptyText {
-                original_chars: text.chars().count(),
-            }
-            .into());
+            return Err(Rejection::EmptyText { original_chars: text.chars().count() }.into());
         }
         let chars = normalized.chars().count();
         if chars > self.policy.max_chars {
-            return Err(Rejection::TextTooLong {
-                chars,
-                max: self.policy.max_chars,
-            }
-            .into());
+            return Err(Rejection::TextTooLong { chars, max: self.policy.max_chars }.into());
         }
         let Some(tokenizer) = self.models.get(model) else {
             let known = self.models.names().join(", ");
-            return Err(Rejection::UnknownModel {
-                model: model.to_owned(),
-                known,
-            }
-            .into());
+            return Err(Rejection::UnknownModel { model: model.to_owned(), known }.into());
         };
         let redaction = self.redactor.redact(&normalized);
         let context = tokenizer.context_length();
@@ -159,11 +138,7 @@ impl Preprocessor {
                 }
                 Some((prefix, tokens)) => {
                     let kept = drop_partial_placeholder(&prefix);
-                    let tokens = if kept.len() == prefix.len() {
-                        tokens
-                    } else {
-                        tokenizer.count(kept)?
-                    };
+                    let tokens = if kept.len() == prefix.len() { tokens } else { tokenizer.count(kept)? };
                     if kept.is_empty() {
                         // Not even one token fits (a reserve as large as the context).
                         return Err(too_many(tokenizer.count(&redaction.text)?).into());
@@ -172,17 +147,8 @@ impl Preprocessor {
                 }
             },
         };
-        let redactions = redaction
-            .counts
-            .into_iter()
-            .map(|(k, n)| (k.to_owned(), n))
-            .collect();
-        Ok(Cleaned {
-            text,
-            token_count: token_count as u32,
-            truncated,
-            redactions,
-        })
+        let redactions = redaction.counts.into_iter().map(|(k, n)| (k.to_owned(), n)).collect();
+        Ok(Cleaned { text, token_count: token_count as u32, truncated, redactions })
     }
 }
 
@@ -190,9 +156,7 @@ impl Preprocessor {
 fn drop_partial_placeholder(text: &str) -> &str {
     if let Some(open) = text.rfind('[') {
         let tail = &text[open + 1..];
-        let is_label_prefix = tail
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        let is_label_prefix = tail.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
         if is_label_prefix && !tail.contains(']') {
             return text[..open].trim_end();
         }
@@ -206,33 +170,18 @@ mod tests {
 
     #[test]
     fn partial_placeholders_at_the_end_are_dropped() {
-        assert_eq!(
-            drop_partial_placeholder("write to [EMAIL_1] or [EMA"),
-            "write to [EMAIL_1] or"
-        );
+        assert_eq!(drop_partial_placeholder("write to [EMAIL_1] or [EMA"), "write to [EMAIL_1] or");
         assert_eq!(drop_partial_placeholder("write to [EMAIL_1"), "write to");
         assert_eq!(drop_partial_placeholder("write to ["), "write to");
-        assert_eq!(
-            drop_partial_placeholder("write to [EMAIL_1]"),
-            "write to [EMAIL_1]"
-        );
+        assert_eq!(drop_partial_placeholder("write to [EMAIL_1]"), "write to [EMAIL_1]");
         assert_eq!(drop_partial_placeholder("a [note about"), "a [note about");
     }
 
     #[test]
     fn reasons() {
-        assert_eq!(
-            Rejection::EmptyText { original_chars: 3 }.reason(),
-            "empty_text"
-        );
-        assert_eq!(
-            Rejection::TextTooLong { chars: 9, max: 8 }.reason(),
-            "text_too_long"
-        );
-        let unknown = Rejection::UnknownModel {
-            model: "gpt-9".into(),
-            known: "a, b".into(),
-        };
+        assert_eq!(Rejection::EmptyText { original_chars: 3 }.reason(), "empty_text");
+        assert_eq!(Rejection::TextTooLong { chars: 9, max: 8 }.reason(), "text_too_long");
+        let unknown = Rejection::UnknownModel { model: "gpt-9".into(), known: "a, b".into() };
         assert_eq!(unknown.reason(), "unknown_model");
         assert!(unknown.to_string().contains("gpt-9"));
     }

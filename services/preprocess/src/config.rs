@@ -21,11 +21,7 @@ pub struct PreprocessConfig {
     pub max_chars: usize,
     /// Tokens of the model's context kept free for the chat template and the answer: the
     /// text's budget is context length − this.
-    #[arg(
-        long,
-        env = "MILLRACE_PREPROCESS_RESERVE_TOKENS",
-        default_value_t = 512
-    )]
+    #[arg(long, env = "MILLRACE_PREPROCESS_RESERVE_TOKENS", default_value_t = 512)]
     pub reserve_tokens: usize,
     /// Past the token budget: reject (REJECTED `too_many_tokens`) or truncate to the budget.
     #[arg(long, env = "MILLRACE_PREPROCESS_OVERFLOW", value_enum, default_value_t = Overflow::Reject)]
@@ -62,28 +58,16 @@ mod tests {
     fn defaults_and_overrides() {
         let c = PreprocessConfig::parse_from(["preprocess"]);
         let p = c.policy();
-        assert_eq!(
-            (p.max_chars, p.reserve_tokens, p.overflow),
-            (8000, 512, Overflow::Reject)
-        );
+        assert_eq!((p.max_chars, p.reserve_tokens, p.overflow), (8000, 512, Overflow::Reject));
         assert_eq!(p.detectors, Detectors::ALL);
         assert_eq!(c.models_dir, PathBuf::from("models/prepared"));
-        let c = PreprocessConfig::parse_from([
-            "preprocess",
-            "--overflow=truncate",
-            "--redact=email,ssn",
-            "--max-chars=10",
-        ]);
+        let c =
+            PreprocessConfig::parse_from(["preprocess", "--overflow=truncate", "--redact=email,ssn", "--max-chars=10"]);
         let p = c.policy();
         assert_eq!((p.max_chars, p.overflow), (10, Overflow::Truncate));
         assert_eq!(p.detectors, Detectors::of(&[PiiKind::Email, PiiKind::Ssn]));
-        assert_eq!(
-            PreprocessConfig::parse_from(["preprocess", "--redact="]).redact,
-            Detectors::NONE
-        );
+        assert_eq!(PreprocessConfig::parse_from(["preprocess", "--redact="]).redact, Detectors::NONE);
         assert!(PreprocessConfig::try_parse_from(["preprocess", "--overflow=drop"]).is_err());
-        assert!(
-            PreprocessConfig::try_parse_from(["preprocess", "--redact=email,passport"]).is_err()
-        );
+        assert!(PreprocessConfig::try_parse_from(["preprocess", "--redact=email,passport"]).is_err());
     }
 }

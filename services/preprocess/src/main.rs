@@ -15,12 +15,7 @@ use tracing::info;
 
 fn main() -> ExitCode {
     let config = PreprocessConfig::parse();
-    Service::new(
-        "preprocess",
-        config.shell.clone(),
-        PreprocessConfig::ADMIN_PORT,
-    )
-    .run(|setup| async move {
+    Service::new("preprocess", config.shell.clone(), PreprocessConfig::ADMIN_PORT).run(|setup| async move {
         let dir = config.models_dir.clone();
         let models = tokio::task::spawn_blocking(move || TokenModels::load(&dir)).await??;
         let policy = config.policy();
@@ -34,10 +29,7 @@ fn main() -> ExitCode {
         );
         let preprocessor = Arc::new(Preprocessor::new(policy, models));
         let publisher = setup.connect_bus().await?;
-        let stage = PreprocessStage {
-            preprocessor,
-            publisher: publisher.clone(),
-        };
+        let stage = PreprocessStage { preprocessor, publisher: publisher.clone() };
         let queries = Arc::new(StageConsumer::new(
             STAGE,
             ConsumerSpec::PREPROCESS,

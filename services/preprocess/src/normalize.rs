@@ -60,11 +60,7 @@ pub fn normalize(text: &str) -> String {
         }
     }
     // 3: NFKC is the identity on ASCII, the common case.
-    let normalized = if stripped.is_ascii() {
-        stripped
-    } else {
-        stripped.nfkc().collect::<String>()
-    };
+    let normalized = if stripped.is_ascii() { stripped } else { stripped.nfkc().collect::<String>() };
     collapse_whitespace(&normalized)
 }
 
@@ -120,10 +116,7 @@ mod tests {
         assert_eq!(normalize("pa\u{200B}ss\u{200C}wo\u{200D}rd"), "password");
         assert_eq!(normalize("\u{FEFF}hello\u{2060}"), "hello");
         assert_eq!(normalize("abc\u{202E}fed\u{202C}"), "abcfed");
-        assert_eq!(
-            normalize("\u{2066}iso\u{2069}late \u{200E}mark\u{200F}"),
-            "isolate mark"
-        );
+        assert_eq!(normalize("\u{2066}iso\u{2069}late \u{200E}mark\u{200F}"), "isolate mark");
         assert_eq!(normalize("co\u{00AD}operate"), "cooperate");
         // Removed before NFKC: the mark still composes with its letter.
         assert_eq!(normalize("e\u{200B}\u{0301}"), "\u{00E9}");
@@ -132,43 +125,26 @@ mod tests {
 
     #[test]
     fn control_characters_are_removed_but_newlines_and_tabs_kept_as_whitespace() {
-        assert_eq!(
-            normalize("a\u{0000}b\u{0007}c\u{001B}[31md\u{007F}e"),
-            "abc[31mde"
-        );
+        assert_eq!(normalize("a\u{0000}b\u{0007}c\u{001B}[31md\u{007F}e"), "abc[31mde");
         assert_eq!(normalize("C1\u{0080}\u{009F}ok"), "C1ok");
         assert_eq!(normalize("col1\tcol2"), "col1 col2");
-        assert_eq!(
-            normalize("line1\r\nline2\rline3\u{2028}line4"),
-            "line1\nline2\nline3\nline4"
-        );
+        assert_eq!(normalize("line1\r\nline2\rline3\u{2028}line4"), "line1\nline2\nline3\nline4");
     }
 
     #[test]
     fn whitespace_runs_collapse_and_paragraphs_survive() {
         assert_eq!(normalize("  hello    world \t "), "hello world");
         assert_eq!(normalize("a\u{00A0}\u{3000}\u{2003}b"), "a b");
-        assert_eq!(
-            normalize("para one.  \n\n\n\n   para two.\nsame para"),
-            "para one.\n\npara two.\nsame para"
-        );
+        assert_eq!(normalize("para one.  \n\n\n\n   para two.\nsame para"), "para one.\n\npara two.\nsame para");
         assert_eq!(normalize("one\n \t \ntwo"), "one\n\ntwo");
         assert_eq!(normalize("first\u{2029}second"), "first\n\nsecond");
-        assert_eq!(
-            normalize("\n\n  leading and trailing \n\n"),
-            "leading and trailing"
-        );
+        assert_eq!(normalize("\n\n  leading and trailing \n\n"), "leading and trailing");
         assert_eq!(normalize(" \t\n\r\n "), "");
     }
 
     #[test]
     fn normalizing_twice_changes_nothing() {
-        for s in [
-            "ﬁ  x\u{200B}y\n\n\nz ",
-            "ＡＢＣ \t１２３",
-            "plain text",
-            "a\r\n\r\nb",
-        ] {
+        for s in ["ﬁ  x\u{200B}y\n\n\nz ", "ＡＢＣ \t１２３", "plain text", "a\r\n\r\nb"] {
             let once = normalize(s);
             assert_eq!(normalize(&once), once);
         }

@@ -51,26 +51,12 @@ pub enum PiiKind {
 }
 
 impl PiiKind {
-    pub const ALL: [PiiKind; 7] = [
-        PiiKind::Email,
-        PiiKind::Phone,
-        PiiKind::Card,
-        PiiKind::Ipv4,
-        PiiKind::Ipv6,
-        PiiKind::Iban,
-        PiiKind::Ssn,
-    ];
+    pub const ALL: [PiiKind; 7] =
+        [PiiKind::Email, PiiKind::Phone, PiiKind::Card, PiiKind::Ipv4, PiiKind::Ipv6, PiiKind::Iban, PiiKind::Ssn];
 
     /// Which detector runs first: the stronger (validated) ones before the shape-only ones.
-    const PRIORITY: [PiiKind; 7] = [
-        PiiKind::Email,
-        PiiKind::Iban,
-        PiiKind::Card,
-        PiiKind::Ssn,
-        PiiKind::Ipv6,
-        PiiKind::Ipv4,
-        PiiKind::Phone,
-    ];
+    const PRIORITY: [PiiKind; 7] =
+        [PiiKind::Email, PiiKind::Iban, PiiKind::Card, PiiKind::Ssn, PiiKind::Ipv6, PiiKind::Ipv4, PiiKind::Phone];
 
     /// The name in configuration and in `CleanedQuery.redactions`.
     pub fn name(self) -> &'static str {
@@ -99,9 +85,7 @@ impl PiiKind {
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(name.trim()))
+        Self::ALL.into_iter().find(|k| k.name().eq_ignore_ascii_case(name.trim()))
     }
 
     /// Shape-only detectors, which leave URLs alone.
@@ -136,9 +120,7 @@ impl Detectors {
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "unknown PII kind {0:?} (expected all, none, or a list of email, phone, card, ipv4, ipv6, iban, ssn)"
-)]
+#[error("unknown PII kind {0:?} (expected all, none, or a list of email, phone, card, ipv4, ipv6, iban, ssn)")]
 pub struct UnknownKind(String);
 
 impl FromStr for Detectors {
@@ -160,11 +142,7 @@ impl FromStr for Detectors {
 impl fmt::Display for Detectors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<_> = self.kinds().map(PiiKind::name).collect();
-        if names.is_empty() {
-            f.write_str("none")
-        } else {
-            f.write_str(&names.join(","))
-        }
+        if names.is_empty() { f.write_str("none") } else { f.write_str(&names.join(",")) }
     }
 }
 
@@ -204,21 +182,15 @@ static PATTERNS: LazyLock<Patterns> = LazyLock::new(|| {
     let re = |p: &str| Regex::new(p).expect("PII pattern compiles");
     Patterns {
         url: re(r#"(?i)\b(?:[a-z][a-z0-9+.\-]{0,15}://|www\.)[^\s<>"'`]+"#),
-        email: re(
-            r"(?i)\b[a-z0-9][a-z0-9._%+\-]{0,63}@(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\b",
-        ),
+        email: re(r"(?i)\b[a-z0-9][a-z0-9._%+\-]{0,63}@(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\b"),
         iban: re(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,32}"),
         digit_run: re(r"\d+(?:[ \-]\d+)*"),
         ssn: re(r"\b\d{3}-\d{2}-\d{4}\b"),
         ipv6: re(r"(?i)(?:[0-9a-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{1,4})?"),
         ipv4: re(r"\b\d{1,3}(?:\.\d{1,3}){3}\b"),
         phone_international: re(r"\+\d{1,3}(?:[ .\-]?(?:\(\d{1,4}\)|\d{1,5})){1,7}"),
-        phone_nanp: re(
-            r"(?:\b1[ .\-]?)?(?:\([2-9]\d{2}\)[ .\-]?|\b[2-9]\d{2}[ .\-])\d{3}[ .\-]\d{4}\b",
-        ),
-        phone_trunk: re(
-            r"(?:\(0[1-9]\d{0,3}\)[ .\-]?|\b0[1-9]\d{0,3}[ .\-])\d{2,6}(?:[ .\-]\d{2,6}){0,3}\b",
-        ),
+        phone_nanp: re(r"(?:\b1[ .\-]?)?(?:\([2-9]\d{2}\)[ .\-]?|\b[2-9]\d{2}[ .\-])\d{3}[ .\-]\d{4}\b"),
+        phone_trunk: re(r"(?:\(0[1-9]\d{0,3}\)[ .\-]?|\b0[1-9]\d{0,3}[ .\-])\d{2,6}(?:[ .\-]\d{2,6}){0,3}\b"),
     }
 });
 
@@ -245,21 +217,12 @@ impl Redactor {
             return accepted;
         }
         let p = &*PATTERNS;
-        let shields: Vec<(usize, usize)> = if PiiKind::ALL
-            .iter()
-            .any(|k| k.is_weak() && self.detectors.contains(*k))
-        {
-            p.url
-                .find_iter(text)
-                .map(|m| (m.start(), m.end()))
-                .collect()
+        let shields: Vec<(usize, usize)> = if PiiKind::ALL.iter().any(|k| k.is_weak() && self.detectors.contains(*k)) {
+            p.url.find_iter(text).map(|m| (m.start(), m.end())).collect()
         } else {
             Vec::new()
         };
-        for kind in PiiKind::PRIORITY
-            .into_iter()
-            .filter(|k| self.detectors.contains(*k))
-        {
+        for kind in PiiKind::PRIORITY.into_iter().filter(|k| self.detectors.contains(*k)) {
             for finding in detect(kind, text) {
                 let clashes = |a: usize, b: usize| finding.start < b && a < finding.end;
                 if accepted.iter().any(|f| clashes(f.start, f.end)) {
@@ -279,10 +242,7 @@ impl Redactor {
     pub fn redact(&self, text: &str) -> Redaction {
         let findings = self.find(text);
         if findings.is_empty() {
-            return Redaction {
-                text: text.to_owned(),
-                counts: BTreeMap::new(),
-            };
+            return Redaction { text: text.to_owned(), counts: BTreeMap::new() };
         }
         let mut out = String::with_capacity(text.len());
         let mut numbers: HashMap<(PiiKind, &str), u32> = HashMap::new();
@@ -322,12 +282,7 @@ fn detect(kind: PiiKind, text: &str) -> Vec<Finding> {
 }
 
 fn finding(kind: PiiKind, start: usize, end: usize, key: String) -> Finding {
-    Finding {
-        kind,
-        start,
-        end,
-        key,
-    }
+    Finding { kind, start, end, key }
 }
 
 fn char_before(text: &str, at: usize) -> Option<char> {
@@ -337,9 +292,7 @@ fn char_before(text: &str, at: usize) -> Option<char> {
 /// Whether a number at `start..end` stands alone: not glued to letters or to the punctuation of
 /// order numbers, versions, dates and paths (see the module docs).
 fn stands_alone(text: &str, start: usize, end: usize, bad_before: &str) -> bool {
-    if char_before(text, start)
-        .is_some_and(|c| c.is_alphanumeric() || c == '_' || bad_before.contains(c))
-    {
+    if char_before(text, start).is_some_and(|c| c.is_alphanumeric() || c == '_' || bad_before.contains(c)) {
         return false;
     }
     let mut after = text[end..].chars();
@@ -357,17 +310,8 @@ fn detect_email(text: &str) -> Vec<Finding> {
     PATTERNS
         .email
         .find_iter(text)
-        .filter(|m| {
-            char_before(text, m.start()).is_none_or(|c| !matches!(c, '.' | '-' | '+' | '%'))
-        })
-        .map(|m| {
-            finding(
-                PiiKind::Email,
-                m.start(),
-                m.end(),
-                m.as_str().to_ascii_lowercase(),
-            )
-        })
+        .filter(|m| char_before(text, m.start()).is_none_or(|c| !matches!(c, '.' | '-' | '+' | '%')))
+        .map(|m| finding(PiiKind::Email, m.start(), m.end(), m.as_str().to_ascii_lowercase()))
         .collect()
 }
 
@@ -410,10 +354,8 @@ fn detect_card(text: &str) -> Vec<Finding> {
     let mut found = Vec::new();
     for run in PATTERNS.digit_run.find_iter(text) {
         // The run's digit groups as byte ranges in `text`.
-        let groups: Vec<(usize, usize)> = PATTERNS_DIGITS
-            .find_iter(run.as_str())
-            .map(|g| (run.start() + g.start(), run.start() + g.end()))
-            .collect();
+        let groups: Vec<(usize, usize)> =
+            PATTERNS_DIGITS.find_iter(run.as_str()).map(|g| (run.start() + g.start(), run.start() + g.end())).collect();
         let mut i = 0;
         'starts: while i < groups.len() {
             for j in (i..groups.len()).rev() {
@@ -443,8 +385,7 @@ fn detect_card(text: &str) -> Vec<Finding> {
     found
 }
 
-static PATTERNS_DIGITS: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\d+").expect("digits pattern"));
+static PATTERNS_DIGITS: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\d+").expect("digits pattern"));
 
 // ---- IBAN ----------------------------------------------------------------------------------
 
@@ -479,9 +420,7 @@ pub fn iban_valid(iban: &str) -> bool {
     if !(15..=34).contains(&b.len())
         || !b[..2].iter().all(u8::is_ascii_uppercase)
         || !b[2..4].iter().all(u8::is_ascii_digit)
-        || !b[4..]
-            .iter()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        || !b[4..].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
     {
         return false;
     }
@@ -535,13 +474,8 @@ fn detect_ssn(text: &str) -> Vec<Finding> {
         .filter(|m| stands_alone(text, m.start(), m.end(), NUMBER_GLUE))
         .filter_map(|m| {
             let s = m.as_str();
-            let (area, group, serial) = (
-                s[0..3].parse().ok()?,
-                s[4..6].parse().ok()?,
-                s[7..11].parse().ok()?,
-            );
-            ssn_valid(area, group, serial)
-                .then(|| finding(PiiKind::Ssn, m.start(), m.end(), s.replace('-', "")))
+            let (area, group, serial) = (s[0..3].parse().ok()?, s[4..6].parse().ok()?, s[7..11].parse().ok()?);
+            ssn_valid(area, group, serial).then(|| finding(PiiKind::Ssn, m.start(), m.end(), s.replace('-', "")))
         })
         .collect()
 }
@@ -551,24 +485,15 @@ fn detect_ssn(text: &str) -> Vec<Finding> {
 /// Words after which a dotted quad is a version number, not an address.
 fn after_version_word(text: &str, start: usize) -> bool {
     let before = text[..start].trim_end().to_ascii_lowercase();
-    [
-        "version", "ver", "ver.", "v", "v.", "build", "release", "firmware",
-    ]
-    .iter()
-    .any(|w| {
-        before.ends_with(w)
-            && before[..before.len() - w.len()]
-                .chars()
-                .next_back()
-                .is_none_or(|c| !c.is_alphanumeric())
+    ["version", "ver", "ver.", "v", "v.", "build", "release", "firmware"].iter().any(|w| {
+        before.ends_with(w) && before[..before.len() - w.len()].chars().next_back().is_none_or(|c| !c.is_alphanumeric())
     })
 }
 
 /// Like [`stands_alone`], but `10.0.0.1-10.0.0.9` (a range), `10.0.0.1:80` and `10.0.0.0/8`
 /// are addresses.
 fn ipv4_stands_alone(text: &str, start: usize, end: usize) -> bool {
-    let before_ok =
-        char_before(text, start).is_none_or(|c| !(c.is_alphanumeric() || "_.#$€£¥+".contains(c)));
+    let before_ok = char_before(text, start).is_none_or(|c| !(c.is_alphanumeric() || "_.#$€£¥+".contains(c)));
     let mut after = text[end..].chars();
     let after_ok = match (after.next(), after.next()) {
         (Some(c), _) if c.is_alphanumeric() || c == '_' => false,
@@ -582,9 +507,7 @@ fn detect_ipv4(text: &str) -> Vec<Finding> {
     PATTERNS
         .ipv4
         .find_iter(text)
-        .filter(|m| {
-            ipv4_stands_alone(text, m.start(), m.end()) && !after_version_word(text, m.start())
-        })
+        .filter(|m| ipv4_stands_alone(text, m.start(), m.end()) && !after_version_word(text, m.start()))
         .filter_map(|m| {
             let addr: Ipv4Addr = m.as_str().parse().ok()?;
             Some(finding(PiiKind::Ipv4, m.start(), m.end(), addr.to_string()))
@@ -605,13 +528,9 @@ fn detect_ipv6(text: &str) -> Vec<Finding> {
             continue;
         };
         let hex_digits = candidate.chars().filter(char::is_ascii_hexdigit).count();
-        let before_ok = char_before(text, start)
-            .is_none_or(|c| !(c.is_alphanumeric() || matches!(c, '_' | ':' | '.')));
+        let before_ok = char_before(text, start).is_none_or(|c| !(c.is_alphanumeric() || matches!(c, '_' | ':' | '.')));
         // After the whole match: a colon trimmed above was followed by a non-address character.
-        let after_ok = text[m.end()..]
-            .chars()
-            .next()
-            .is_none_or(|c| !(c.is_alphanumeric() || matches!(c, '_' | ':')));
+        let after_ok = text[m.end()..].chars().next().is_none_or(|c| !(c.is_alphanumeric() || matches!(c, '_' | ':')));
         if hex_digits >= 4 && before_ok && after_ok {
             found.push(finding(PiiKind::Ipv6, start, end, addr.to_string()));
         }
@@ -647,10 +566,7 @@ fn looks_like_date(s: &str) -> bool {
 /// `ddd-dd-dddd` is the shape of an SSN, whether or not its detector is on.
 fn is_ssn_shaped(s: &str) -> bool {
     let b = s.as_bytes();
-    b.len() == 11
-        && b[3] == b'-'
-        && b[6] == b'-'
-        && s.bytes().filter(u8::is_ascii_digit).count() == 9
+    b.len() == 11 && b[3] == b'-' && b[6] == b'-' && s.bytes().filter(u8::is_ascii_digit).count() == 9
 }
 
 /// Whether a national number starting at `start` is the tail of a longer digit sequence
@@ -671,22 +587,12 @@ fn detect_phone(text: &str) -> Vec<Finding> {
     for m in p.phone_international.find_iter(text) {
         let digits = digits_of(m.as_str());
         let balanced = m.as_str().matches('(').count() == m.as_str().matches(')').count();
-        if (8..=16).contains(&digits.len())
-            && balanced
-            && stands_alone(text, m.start(), m.end(), "#-./@$€£¥+")
-        {
-            push(finding(
-                PiiKind::Phone,
-                m.start(),
-                m.end(),
-                format!("+{digits}"),
-            ));
+        if (8..=16).contains(&digits.len()) && balanced && stands_alone(text, m.start(), m.end(), "#-./@$€£¥+") {
+            push(finding(PiiKind::Phone, m.start(), m.end(), format!("+{digits}")));
         }
     }
     for m in p.phone_nanp.find_iter(text) {
-        if stands_alone(text, m.start(), m.end(), NUMBER_GLUE)
-            && !continues_a_number(text, m.start())
-        {
+        if stands_alone(text, m.start(), m.end(), NUMBER_GLUE) && !continues_a_number(text, m.start()) {
             let mut digits = digits_of(m.as_str());
             if digits.len() == 11 {
                 digits.remove(0); // the country code 1
@@ -721,23 +627,11 @@ mod tests {
 
     #[test]
     fn luhn() {
-        for valid in [
-            "4111111111111111",
-            "5555555555554444",
-            "378282246310005",
-            "6011111111111117",
-            "79927398713",
-            "0",
-        ] {
+        for valid in ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117", "79927398713", "0"]
+        {
             assert!(luhn_valid(valid), "{valid}");
         }
-        for invalid in [
-            "4111111111111112",
-            "1234567812345678",
-            "79927398710",
-            "",
-            "4111-1111",
-        ] {
+        for invalid in ["4111111111111112", "1234567812345678", "79927398710", "", "4111-1111"] {
             assert!(!luhn_valid(invalid), "{invalid}");
         }
     }
@@ -781,12 +675,8 @@ mod tests {
         let r = all().redact("Mail ann@example.com, then ANN@Example.com, then bob@example.org.");
         assert_eq!(r.text, "Mail [EMAIL_1], then [EMAIL_1], then [EMAIL_2].");
         assert_eq!(r.counts, BTreeMap::from([("email", 3)]));
-        let r = all()
-            .redact("Call +44 20 7946 0958 or 555-123-4567; again +44 20 7946 0958 from 10.0.0.1");
-        assert_eq!(
-            r.text,
-            "Call [PHONE_1] or [PHONE_2]; again [PHONE_1] from [IPV4_1]"
-        );
+        let r = all().redact("Call +44 20 7946 0958 or 555-123-4567; again +44 20 7946 0958 from 10.0.0.1");
+        assert_eq!(r.text, "Call [PHONE_1] or [PHONE_2]; again [PHONE_1] from [IPV4_1]");
         assert_eq!(r.counts, BTreeMap::from([("ipv4", 1), ("phone", 3)]));
     }
 
@@ -796,26 +686,18 @@ mod tests {
         let only_ip = Redactor::new("ipv4".parse().unwrap()).redact(text);
         assert_eq!(only_ip.text, "ann@example.com [IPV4_1] 4111 1111 1111 1111");
         assert_eq!(Redactor::new(Detectors::NONE).redact(text).text, text);
-        assert_eq!(
-            "email, Card".parse::<Detectors>().unwrap(),
-            Detectors::of(&[PiiKind::Email, PiiKind::Card])
-        );
+        assert_eq!("email, Card".parse::<Detectors>().unwrap(), Detectors::of(&[PiiKind::Email, PiiKind::Card]));
         assert_eq!("".parse::<Detectors>().unwrap(), Detectors::NONE);
         assert_eq!("none".parse::<Detectors>().unwrap().to_string(), "none");
-        assert_eq!(
-            "all".parse::<Detectors>().unwrap().to_string(),
-            "email,phone,card,ipv4,ipv6,iban,ssn"
-        );
+        assert_eq!("all".parse::<Detectors>().unwrap().to_string(), "email,phone,card,ipv4,ipv6,iban,ssn");
         assert!("email,passport".parse::<Detectors>().is_err());
     }
 
     #[test]
     fn url_hosts_stay_but_validated_pii_inside_urls_goes() {
-        let r = all().redact("See http://10.0.0.1/path and https://[2001:db8::1]:8443/x?to=ann@example.com then 10.0.0.2");
-        assert_eq!(
-            r.text,
-            "See http://10.0.0.1/path and https://[2001:db8::1]:8443/x?to=[EMAIL_1] then [IPV4_1]"
-        );
+        let r =
+            all().redact("See http://10.0.0.1/path and https://[2001:db8::1]:8443/x?to=ann@example.com then 10.0.0.2");
+        assert_eq!(r.text, "See http://10.0.0.1/path and https://[2001:db8::1]:8443/x?to=[EMAIL_1] then [IPV4_1]");
     }
 
     #[test]

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
 use millrace_proto::Message as _;
-use millrace_proto::v1::{
-    CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus,
-};
+use millrace_proto::v1::{CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus};
 use tracing::debug;
 
 use crate::clean::{Cleaned, PreprocessError, Preprocessor, Rejection};
@@ -37,12 +35,7 @@ impl Handler for PreprocessStage {
         let ctx = query.ctx.get_or_insert_with(RequestContext::default);
         if ctx.request_id.is_empty() {
             ctx.request_id = delivery.request_id().ok_or_else(|| {
-                StageError::poison(
-                    TerminalStatus::Failed,
-                    "missing_request_id",
-                    "query has no request id",
-                    None,
-                )
+                StageError::poison(TerminalStatus::Failed, "missing_request_id", "query has no request id", None)
             })?;
         }
         let text = std::mem::take(&mut query.text);
@@ -53,41 +46,25 @@ impl Handler for PreprocessStage {
             let preprocessor = self.preprocessor.clone();
             tokio::task::spawn_blocking(move || preprocessor.process(&model, &text))
                 .await
-                .map_err(|e| {
-                    StageError::transient(
-                        format!("preprocess job: {e}"),
-                        std::time::Duration::from_secs(1),
-                    )
-                })?
+                .map_err(|e| StageError::transient(format!("preprocess job: {e}"), std::time::Duration::from_secs(1)))?
         };
         let outcome = match outcome {
             Ok(cleaned) => Ok(cleaned),
             Err(PreprocessError::Rejected(rejection)) => Err(rejection),
             Err(PreprocessError::Tokenizer(e)) => {
-                return Err(StageError::poison(
-                    TerminalStatus::Failed,
-                    "tokenizer_error",
-                    e.to_string(),
-                    query.ctx,
-                ));
+                return Err(StageError::poison(TerminalStatus::Failed, "tokenizer_error", e.to_string(), query.ctx));
             }
         };
         if let Err(rejection) = &outcome {
             debug!(reason = rejection.reason(), %rejection, "rejected");
         }
-        self.publisher
-            .publish(outbound(query, outcome, delivery.received_unix_us))
-            .await?;
+        self.publisher.publish(outbound(query, outcome, delivery.received_unix_us)).await?;
         Ok(())
     }
 }
 
 /// The one message a query becomes. `query.ctx` holds the request id; its text is not used.
-pub fn outbound(
-    query: Query,
-    outcome: Result<Cleaned, Rejection>,
-    received_unix_us: i64,
-) -> Outbound {
+pub fn outbound(query: Query, outcome: Result<Cleaned, Rejection>, received_unix_us: i64) -> Outbound {
     let ctx = query.ctx.unwrap_or_default();
     let request_id = ctx.request_id.clone();
     let mut timings = query.timings.unwrap_or_default();
@@ -135,11 +112,7 @@ mod tests {
 
     fn query(id: &str) -> Query {
         Query {
-            ctx: Some(RequestContext {
-                request_id: id.into(),
-                model: "m".into(),
-                ..Default::default()
-            }),
+            ctx: Some(RequestContext { request_id: id.into(), model: "m".into(), ..Default::default() }),
             timings: Some(Timings::default()),
             text: "original with ann@example.com".into(),
         }
@@ -154,44 +127,22 @@ mod tests {
             redactions: BTreeMap::from([("email".to_owned(), 1)]),
         };
         let out = outbound(query("r1"), Ok(cleaned), 42);
-        assert_eq!(
-            (out.subject.as_str(), out.msg_id.as_str()),
-            ("mr.v1.clean", "r1/preprocess")
-        );
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.clean", "r1/preprocess"));
         let q = CleanedQuery::decode(out.payload).unwrap();
         assert_eq!(q.text, "with [EMAIL_1]");
-        assert_eq!(
-            (q.token_count, q.truncated, q.redactions["email"]),
-            (5, false, 1)
-        );
+        assert_eq!((q.token_count, q.truncated, q.redactions["email"]), (5, false, 1));
         let timing = &q.timings.unwrap().stages[0];
-        assert_eq!(
-            (timing.stage.as_str(), timing.received_unix_us),
-            ("preprocess", 42)
-        );
+        assert_eq!((timing.stage.as_str(), timing.received_unix_us), ("preprocess", 42));
         assert!(timing.finished_unix_us >= 42);
     }
 
     #[test]
     fn a_rejection_is_a_terminal_result_without_the_text() {
-        let out = outbound(
-            query("r2"),
-            Err(Rejection::TextTooLong {
-                chars: 9001,
-                max: 8000,
-            }),
-            1,
-        );
-        assert_eq!(
-            (out.subject.as_str(), out.msg_id.as_str()),
-            ("mr.v1.results.r2", "r2/preprocess")
-        );
+        let out = outbound(query("r2"), Err(Rejection::TextTooLong { chars: 9001, max: 8000 }), 1);
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r2", "r2/preprocess"));
         let r = TerminalResult::decode(out.payload).unwrap();
         assert_eq!(r.status(), TerminalStatus::Rejected);
-        assert_eq!(
-            (r.reason.as_str(), r.stage.as_str()),
-            ("text_too_long", "preprocess")
-        );
+        assert_eq!((r.reason.as_str(), r.stage.as_str()), ("text_too_long", "preprocess"));
         assert!(r.detail.contains("9001"));
         assert!(r.prompt.is_empty());
         assert_eq!(r.ctx.unwrap().request_id, "r2");

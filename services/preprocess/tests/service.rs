@@ -9,9 +9,7 @@ use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
 use millrace_bus::{BusSettings, Publisher, msg_id};
-use millrace_proto::v1::{
-    CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings,
-};
+use millrace_proto::v1::{CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
 use millrace_testkit::{NatsServer, ServiceProcess, workspace_root};
 
@@ -29,24 +27,14 @@ impl Mesh {
         let nats = NatsServer::start().await.unwrap();
         let mut args = vec![
             format!("--nats-url={}", nats.url()),
-            format!(
-                "--models-dir={}",
-                workspace_root().join("models/prepared").display()
-            ),
+            format!("--models-dir={}", workspace_root().join("models/prepared").display()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = ServiceProcess::spawn("preprocess", &args).unwrap();
         process.wait_ready(Duration::from_secs(60)).await.unwrap();
-        let settings = BusSettings {
-            nats_url: nats.url(),
-            ..Default::default()
-        };
+        let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
         let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
-        Mesh {
-            publisher,
-            process,
-            _nats: nats,
-        }
+        Mesh { publisher, process, _nats: nats }
     }
 
     /// Publishes a Query as ingest does (dedup id `<rid>/ingest`, ingest's timing recorded).
@@ -77,25 +65,12 @@ impl Mesh {
     /// The next `n` CleanedQueries on CLEAN (acked, as moderation would), by request id, with
     /// their `Nats-Msg-Id`.
     async fn cleaned(&self, n: usize) -> HashMap<String, (String, CleanedQuery)> {
-        let stream = self
-            .publisher
-            .jetstream()
-            .get_stream(Edge::CLEAN.stream)
-            .await
-            .unwrap();
-        let consumer: PullConsumer = stream
-            .get_consumer(ConsumerSpec::MODERATION_INPUT.durable)
-            .await
-            .unwrap();
+        let stream = self.publisher.jetstream().get_stream(Edge::CLEAN.stream).await.unwrap();
+        let consumer: PullConsumer = stream.get_consumer(ConsumerSpec::MODERATION_INPUT.durable).await.unwrap();
         let mut found = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while found.len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "{} of {n} cleaned queries; log:\n{}",
-                found.len(),
-                self.process.logs()
-            );
+            assert!(Instant::now() < deadline, "{} of {n} cleaned queries; log:\n{}", found.len(), self.process.logs());
             let mut batch = consumer
                 .fetch()
                 .max_messages(n - found.len())
@@ -105,20 +80,12 @@ impl Mesh {
                 .unwrap();
             while let Some(m) = batch.next().await {
                 let m = m.unwrap();
-                let id = m
-                    .headers
-                    .as_ref()
-                    .unwrap()
-                    .get(async_nats::header::NATS_MESSAGE_ID)
-                    .unwrap()
-                    .as_str()
-                    .to_owned();
+                let id =
+                    m.headers.as_ref().unwrap().get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
                 let q = CleanedQuery::decode(m.payload.clone()).unwrap();
                 m.ack().await.unwrap();
                 assert!(
-                    found
-                        .insert(q.ctx.clone().unwrap().request_id, (id, q))
-                        .is_none(),
+                    found.insert(q.ctx.clone().unwrap().request_id, (id, q)).is_none(),
                     "two cleaned queries for one request"
                 );
             }
@@ -128,31 +95,14 @@ impl Mesh {
 
     /// The terminal result of `request_id`, waiting for it.
     async fn result(&self, request_id: &str) -> (String, TerminalResult) {
-        let stream = self
-            .publisher
-            .jetstream()
-            .get_stream(Edge::RESULTS.stream)
-            .await
-            .unwrap();
+        let stream = self.publisher.jetstream().get_stream(Edge::RESULTS.stream).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(m) = stream
-                .get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id))
-                .await
-            {
-                let id = m
-                    .headers
-                    .get(async_nats::header::NATS_MESSAGE_ID)
-                    .unwrap()
-                    .as_str()
-                    .to_owned();
+            if let Ok(m) = stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await {
+                let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
                 return (id, TerminalResult::decode(m.payload).unwrap());
             }
-            assert!(
-                Instant::now() < deadline,
-                "no result for {request_id}; log:\n{}",
-                self.process.logs()
-            );
+            assert!(Instant::now() < deadline, "no result for {request_id}; log:\n{}", self.process.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -161,11 +111,7 @@ impl Mesh {
         let (id, r) = self.result(request_id).await;
         assert_eq!(id, format!("{request_id}/preprocess"));
         assert_eq!(r.status(), TerminalStatus::Rejected, "{r:?}");
-        assert_eq!(
-            (r.reason.as_str(), r.stage.as_str()),
-            (reason, "preprocess"),
-            "{r:?}"
-        );
+        assert_eq!((r.reason.as_str(), r.stage.as_str()), (reason, "preprocess"), "{r:?}");
         assert!(!r.detail.is_empty());
         assert_eq!(r.ctx.as_ref().unwrap().request_id, request_id);
         let stages = stage_names(r.timings.as_ref());
@@ -174,12 +120,7 @@ impl Mesh {
     }
 
     async fn stream_messages(&self, edge: Edge) -> u64 {
-        let mut stream = self
-            .publisher
-            .jetstream()
-            .get_stream(edge.stream)
-            .await
-            .unwrap();
+        let mut stream = self.publisher.jetstream().get_stream(edge.stream).await.unwrap();
         stream.info().await.unwrap().state.messages
     }
 }
@@ -190,11 +131,9 @@ async fn redacts_and_counts_rejects_bad_input_and_keeps_going() {
     let pii = "Hi,\u{200B} I'm Ann: ann@example.com,   card 4111 1111 1111 1111, call +44 20 7946 0958.\n\n\n\
                Again: ANN@example.com. Order #12345678 of 2024-05-01.";
     mesh.submit("r-pii", MODEL, pii).await;
-    mesh.submit("r-empty", MODEL, "\u{200B}\u{200D}\u{FEFF}\u{2060}")
-        .await;
+    mesh.submit("r-empty", MODEL, "\u{200B}\u{200D}\u{FEFF}\u{2060}").await;
     mesh.submit("r-long", MODEL, &"a".repeat(8001)).await;
-    mesh.submit("r-model", "gpt-9", "What is the capital of France?")
-        .await;
+    mesh.submit("r-model", "gpt-9", "What is the capital of France?").await;
 
     let cleaned = mesh.cleaned(1).await;
     let (id, q) = &cleaned["r-pii"];
@@ -203,17 +142,11 @@ async fn redacts_and_counts_rejects_bad_input_and_keeps_going() {
         q.text,
         "Hi, I'm Ann: [EMAIL_1], card [CARD_1], call [PHONE_1].\n\nAgain: [EMAIL_1]. Order #12345678 of 2024-05-01."
     );
-    assert_eq!(
-        q.redactions,
-        HashMap::from([("email".into(), 2), ("card".into(), 1), ("phone".into(), 1)])
-    );
+    assert_eq!(q.redactions, HashMap::from([("email".into(), 2), ("card".into(), 1), ("phone".into(), 1)]));
     assert!((20..60).contains(&q.token_count), "{}", q.token_count);
     assert!(!q.truncated);
     let ctx = q.ctx.as_ref().unwrap();
-    assert_eq!(
-        (ctx.model.as_str(), ctx.tenant.as_str()),
-        (MODEL, "default")
-    );
+    assert_eq!((ctx.model.as_str(), ctx.tenant.as_str()), (MODEL, "default"));
     let stages = stage_names(q.timings.as_ref());
     assert_eq!(stages, ["ingest", "preprocess"]);
 
@@ -226,8 +159,7 @@ async fn redacts_and_counts_rejects_bad_input_and_keeps_going() {
     assert!(r.prompt.is_empty());
 
     // Still running: a good query after the bad ones passes.
-    mesh.submit("r-good", MODEL, "What is the capital of France?")
-        .await;
+    mesh.submit("r-good", MODEL, "What is the capital of France?").await;
     let cleaned = mesh.cleaned(1).await;
     let (_, q) = &cleaned["r-good"];
     assert_eq!(q.text, "What is the capital of France?");
@@ -240,8 +172,7 @@ async fn redacts_and_counts_rejects_bad_input_and_keeps_going() {
     assert_eq!(mesh.stream_messages(Edge::RESULTS).await, 3);
 }
 
-const LONG: &str =
-    "The quick brown fox jumps over the lazy dog; write to ann@example.com about it. ";
+const LONG: &str = "The quick brown fox jumps over the lazy dog; write to ann@example.com about it. ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_tokens_is_rejected_by_default() {
@@ -263,11 +194,7 @@ async fn too_many_tokens_is_truncated_by_policy() {
     let (_, q) = &cleaned["r-tokens"];
     assert!(q.truncated);
     assert!((90..=100).contains(&q.token_count), "{}", q.token_count);
-    assert!(
-        q.text.starts_with(
-            "The quick brown fox jumps over the lazy dog; write to [EMAIL_1] about it."
-        )
-    );
+    assert!(q.text.starts_with("The quick brown fox jumps over the lazy dog; write to [EMAIL_1] about it."));
     assert!(q.text.len() < LONG.len() * 20);
     assert!(q.redactions["email"] >= 1);
 }

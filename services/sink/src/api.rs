@@ -74,7 +74,11 @@ pub async fn get(store: &Store, request_id: &str) -> Result<ResultRow, ApiError>
 pub async fn list(store: &Store, p: ListParams<'_>) -> Result<Page, ApiError> {
     let status = match p.status {
         "" => None,
-        s => Some(TerminalStatus::parse(s).filter(|s| *s != TerminalStatus::Unspecified).ok_or_else(|| ApiError::BadStatus(s.to_owned()))?),
+        s => Some(
+            TerminalStatus::parse(s)
+                .filter(|s| *s != TerminalStatus::Unspecified)
+                .ok_or_else(|| ApiError::BadStatus(s.to_owned()))?,
+        ),
     };
     let page_size = match p.page_size {
         0 => DEFAULT_PAGE_SIZE,

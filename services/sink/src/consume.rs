@@ -37,15 +37,17 @@ impl Handler for DeadLetterStage {
     async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
         let record: DlqRecord = delivery.decode()?;
         if record.request_id.is_empty() {
-            return Err(StageError::poison(TerminalStatus::Failed, "missing_request_id", "dead letter has no request id", None));
+            return Err(StageError::poison(
+                TerminalStatus::Failed,
+                "missing_request_id",
+                "dead letter has no request id",
+                None,
+            ));
         }
         // A dead letter that is one request's also stands for its FAILED row; one that holds
         // several (a batch) has sent each member's terminal result on RESULTS instead.
         let failed = record.ctx.is_some().then(|| ResultRow::failed_from_dead_letter(&record, now_unix_ms()));
-        self.writer
-            .write(Write::DeadLetter(DeadLetterRow::from_record(&record), failed))
-            .await
-            .map_err(retry)?;
+        self.writer.write(Write::DeadLetter(DeadLetterRow::from_record(&record), failed)).await.map_err(retry)?;
         Ok(())
     }
 }

@@ -45,7 +45,12 @@ mod tests {
 
     #[test]
     fn dead_letters_are_keyed_by_their_stream_position() {
-        let record = DlqRecord { stream: "MR_RESULTS".into(), stream_sequence: 9, payload: vec![0xde, 0xad], ..Default::default() };
+        let record = DlqRecord {
+            stream: "MR_RESULTS".into(),
+            stream_sequence: 9,
+            payload: vec![0xde, 0xad],
+            ..Default::default()
+        };
         let row = DeadLetterRow::from_record(&record);
         assert_eq!((row.id.as_str(), row.payload_hex.as_str()), ("MR_RESULTS/9", "dead"));
     }

@@ -74,10 +74,7 @@ impl Store {
         sqlx::any::install_default_drivers();
         let url = normalize_url(url)?;
         let sqlite = url.starts_with("sqlite:");
-        let pool = AnyPoolOptions::new()
-            .max_connections(if sqlite { 4 } else { 8 })
-            .connect(&url)
-            .await?;
+        let pool = AnyPoolOptions::new().max_connections(if sqlite { 4 } else { 8 }).connect(&url).await?;
         if sqlite {
             // WAL lets the API read while the writer commits; it is a property of the file.
             sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;

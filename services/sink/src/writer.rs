@@ -62,7 +62,12 @@ pub struct BatchPolicy {
 
 /// Commits batches until `shutdown`; after it, keeps committing until no write has arrived for
 /// a moment, so consumers draining their in-flight messages still get their commits.
-pub async fn run(queue: WriteQueue, store: Store, policy: BatchPolicy, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    queue: WriteQueue,
+    store: Store,
+    policy: BatchPolicy,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut rx = queue.rx.lock().await;
     let quiet = Duration::from_millis(300);
     loop {

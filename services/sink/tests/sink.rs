@@ -9,7 +9,8 @@ use millrace_bus::{BusSettings, Publisher, msg_id};
 use millrace_proto::Message as _;
 use millrace_proto::v1::results_client::ResultsClient;
 use millrace_proto::v1::{
-    GetResultRequest, ListResultsRequest, RequestContext, Result as TerminalResult, StageTiming, TerminalStatus, Timings,
+    GetResultRequest, ListResultsRequest, RequestContext, Result as TerminalResult, StageTiming, TerminalStatus,
+    Timings,
 };
 use millrace_testkit::{NatsServer, ServiceProcess, free_addr, postgres_url};
 use serde_json::Value;
@@ -86,8 +87,16 @@ async fn publisher(nats: &NatsServer) -> Publisher {
 
 fn result(request_id: &str, user: &str, status: TerminalStatus) -> TerminalResult {
     TerminalResult {
-        ctx: Some(RequestContext { request_id: request_id.into(), user: user.into(), tenant: "t".into(), model: "m".into(), ..Default::default() }),
-        timings: Some(Timings { stages: vec![StageTiming { stage: "inference".into(), received_unix_us: 10, finished_unix_us: 20 }] }),
+        ctx: Some(RequestContext {
+            request_id: request_id.into(),
+            user: user.into(),
+            tenant: "t".into(),
+            model: "m".into(),
+            ..Default::default()
+        }),
+        timings: Some(Timings {
+            stages: vec![StageTiming { stage: "inference".into(), received_unix_us: 10, finished_unix_us: 20 }],
+        }),
         status: status as i32,
         completion: format!("answer for {request_id}"),
         stage: "test".into(),
@@ -102,7 +111,8 @@ fn outbound(stage: &str, r: &TerminalResult) -> Outbound {
 
 /// Publishes `n` COMPLETED results for users u0..u4 and returns their ids.
 async fn publish_results(publisher: &Publisher, prefix: &str, n: usize) -> Vec<String> {
-    let results: Vec<_> = (0..n).map(|i| result(&format!("{prefix}-{i}"), &format!("u{}", i % 5), TerminalStatus::Completed)).collect();
+    let results: Vec<_> =
+        (0..n).map(|i| result(&format!("{prefix}-{i}"), &format!("u{}", i % 5), TerminalStatus::Completed)).collect();
     let outs: Vec<Outbound> = results.iter().map(|r| outbound("test", r)).collect();
     publisher.publish_all(outs).await.unwrap();
     results.into_iter().map(|r| r.ctx.unwrap().request_id).collect()
@@ -143,7 +153,8 @@ async fn results_round_trip(database_url: &str) {
     assert_eq!(bad.status().as_u16(), 400);
     assert_eq!(bad.json::<Value>().await.unwrap()["error"]["code"], "bad_status");
 
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", sink.grpc)).unwrap().connect().await.unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", sink.grpc)).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel);
     let serving = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     assert_eq!(serving.status(), ServingStatus::Serving);
@@ -156,7 +167,12 @@ async fn results_round_trip(database_url: &str) {
     let mut token = String::new();
     loop {
         let page = grpc
-            .list(ListResultsRequest { user: "u1".into(), status: TerminalStatus::Completed as i32, page_size: 7, page_token: token })
+            .list(ListResultsRequest {
+                user: "u1".into(),
+                status: TerminalStatus::Completed as i32,
+                page_size: 7,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -186,7 +202,8 @@ async fn postgres_stores_each_result_once_and_serves_it() {
 
 /// Creates database `db` on the server of `url` (with psql) and returns its URL.
 async fn create_database(url: &str, db: &str) -> String {
-    let out = std::process::Command::new("psql").arg(url).arg("-c").arg(format!("CREATE DATABASE {db}")).output().unwrap();
+    let out =
+        std::process::Command::new("psql").arg(url).arg("-c").arg(format!("CREATE DATABASE {db}")).output().unwrap();
     assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
     let (base, _) = url.rsplit_once('/').unwrap();
     format!("{base}/{db}")
@@ -214,7 +231,10 @@ async fn poison_result_becomes_a_dead_letter_and_a_failed_row_and_the_rest_still
     assert_eq!(row["reason"], "undecodable_payload");
     assert_eq!(row["stage"], "sink-results");
     let metrics = reqwest::get(format!("http://{}/metrics", sink.process.admin)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("millrace_dlq_total{reason=\"undecodable_payload\",stage=\"sink-results\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("millrace_dlq_total{reason=\"undecodable_payload\",stage=\"sink-results\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("millrace_terms_total{stage=\"sink-results\"} 1"), "{metrics}");
 }
 
@@ -239,7 +259,12 @@ async fn a_sink_killed_before_commit_stores_the_row_exactly_once_after_restart()
 async fn a_panicking_worker_is_restarted_and_no_message_is_lost() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::start(&nats, &format!("{}/sink.db", dir.path().display()), &["--fault-panic-every=25", "--max-restarts=100", "--restart-backoff-ms=10"]).await;
+    let sink = Sink::start(
+        &nats,
+        &format!("{}/sink.db", dir.path().display()),
+        &["--fault-panic-every=25", "--max-restarts=100", "--restart-backoff-ms=10"],
+    )
+    .await;
     let publisher = publisher(&nats).await;
     let ids = publish_results(&publisher, "panic", 200).await;
     sink.wait_rows(&ids, Duration::from_secs(60)).await;
@@ -255,7 +280,12 @@ async fn a_panicking_worker_is_restarted_and_no_message_is_lost() {
 async fn exceeding_the_restart_intensity_exits_non_zero() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut sink = Sink::start(&nats, &format!("{}/sink.db", dir.path().display()), &["--fault-panic-every=1", "--max-restarts=2", "--restart-backoff-ms=10"]).await;
+    let mut sink = Sink::start(
+        &nats,
+        &format!("{}/sink.db", dir.path().display()),
+        &["--fault-panic-every=1", "--max-restarts=2", "--restart-backoff-ms=10"],
+    )
+    .await;
     let publisher = publisher(&nats).await;
     // Every first delivery panics: each new message costs the consumer a restart.
     for i in 0..100 {

@@ -36,9 +36,17 @@ fn message(i: usize, edge: Edge, sent_unix_us: i64) -> Outbound {
     let mut timings = Timings::default();
     timings.stages.push(Default::default());
     timings.stages[0].received_unix_us = sent_unix_us;
-    let mut q = Query { ctx: Some(RequestContext { request_id: format!("b{i}"), ..Default::default() }), timings: Some(timings), text: String::new() };
+    let mut q = Query {
+        ctx: Some(RequestContext { request_id: format!("b{i}"), ..Default::default() }),
+        timings: Some(timings),
+        text: String::new(),
+    };
     q.text = "x".repeat(PAYLOAD_BYTES.saturating_sub(q.encoded_len()));
-    Outbound { subject: edge.subject_for(""), msg_id: msg_id(&format!("b{i}"), "bench"), payload: q.encode_to_vec().into() }
+    Outbound {
+        subject: edge.subject_for(""),
+        msg_id: msg_id(&format!("b{i}"), "bench"),
+        payload: q.encode_to_vec().into(),
+    }
 }
 
 async fn server(settings: &BusSettings) -> (NatsServer, BusSettings) {
@@ -65,7 +73,10 @@ async fn publish_awaiting_each(publisher: &Publisher, n: usize) -> f64 {
 async fn publish_pipelined(publisher: &Publisher, edge: Edge, ids: Range<usize>) -> f64 {
     let (n, t) = (ids.len(), Instant::now());
     for chunk in ids.collect::<Vec<_>>().chunks(1024) {
-        publisher.publish_all(chunk.iter().map(|&i| message(i, edge, now_unix_us())).collect::<Vec<_>>()).await.unwrap();
+        publisher
+            .publish_all(chunk.iter().map(|&i| message(i, edge, now_unix_us())).collect::<Vec<_>>())
+            .await
+            .unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()
 }
@@ -82,7 +93,11 @@ impl Handler for Relay {
     async fn handle(&self, d: &Delivery) -> Result<(), StageError> {
         let id = d.request_id().unwrap_or_default();
         self.publisher
-            .publish(Outbound { subject: self.to.subject_for(""), msg_id: msg_id(&id, self.stage), payload: d.payload.clone() })
+            .publish(Outbound {
+                subject: self.to.subject_for(""),
+                msg_id: msg_id(&id, self.stage),
+                payload: d.payload.clone(),
+            })
             .await?;
         Ok(())
     }
@@ -127,8 +142,14 @@ async fn relay_chain(settings: &BusSettings, hops: usize, n: usize, rate: Option
     }
 
     let sink = connection(&settings, "bench-sink").await;
-    let last: async_nats::jetstream::consumer::PullConsumer =
-        sink.jetstream().get_stream(edges[hops].stream).await.unwrap().get_consumer(readers[hops].durable).await.unwrap();
+    let last: async_nats::jetstream::consumer::PullConsumer = sink
+        .jetstream()
+        .get_stream(edges[hops].stream)
+        .await
+        .unwrap()
+        .get_consumer(readers[hops].durable)
+        .await
+        .unwrap();
     let mut arrivals = last.stream().max_messages_per_batch(512).messages().await.unwrap();
     // Warm-up messages take the ids after the measured ones.
     publish_pipelined(&source, edges[0], n..n + WARMUP).await;
@@ -158,7 +179,8 @@ async fn relay_chain(settings: &BusSettings, hops: usize, n: usize, rate: Option
             for i in 0..n {
                 let offset = Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until((t + offset).into()).await;
-                pending.push(source.send(message(i, edges[0], start_unix_us + offset.as_micros() as i64)).await.unwrap());
+                pending
+                    .push(source.send(message(i, edges[0], start_unix_us + offset.as_micros() as i64)).await.unwrap());
             }
             futures::future::try_join_all(pending).await.unwrap();
         }
@@ -180,12 +202,16 @@ fn main() {
     let n: usize = env("MILLRACE_BENCH_N", "20000").parse().expect("MILLRACE_BENCH_N");
     let hops: usize = env("MILLRACE_BENCH_HOPS", "7").parse().expect("MILLRACE_BENCH_HOPS");
     let sections = env("MILLRACE_BENCH", "publish,hop,chain,ramp");
-    let ramp: Vec<f64> = env("MILLRACE_BENCH_RAMP", "1000,2000,4000,8000").split(',').map(|r| r.trim().parse().expect("MILLRACE_BENCH_RAMP")).collect();
+    let ramp: Vec<f64> = env("MILLRACE_BENCH_RAMP", "1000,2000,4000,8000")
+        .split(',')
+        .map(|r| r.trim().parse().expect("MILLRACE_BENCH_RAMP"))
+        .collect();
     let runs = |section: &str| sections.split(',').any(|s| s.trim() == section);
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let mut rows = Vec::new();
     let mut row = |what: String, rate: f64, latency: Option<&Histogram<u64>>| {
-        let (p50, p99) = latency.map_or((String::new(), String::new()), |h| (format!("{:.2}", ms(h, 0.5)), format!("{:.2}", ms(h, 0.99))));
+        let (p50, p99) = latency
+            .map_or((String::new(), String::new()), |h| (format!("{:.2}", ms(h, 0.5)), format!("{:.2}", ms(h, 0.99))));
         let line = format!("| {what:<52} | {rate:>8.0} | {p50:>7} | {p99:>7} |");
         eprintln!("{line}");
         rows.push(line);
@@ -196,10 +222,18 @@ fn main() {
         if runs("publish") {
             let (_nats, settings) = server(&settings).await;
             let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
-            row(format!("publish, each PubAck awaited ({} msgs)", n / 10), publish_awaiting_each(&publisher, n / 10).await, None);
+            row(
+                format!("publish, each PubAck awaited ({} msgs)", n / 10),
+                publish_awaiting_each(&publisher, n / 10).await,
+                None,
+            );
             let (_nats, settings) = server(&settings).await;
             let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
-            row(format!("publish, PubAcks pipelined ({n} msgs)"), publish_pipelined(&publisher, Edge::QUERIES, 0..n).await, None);
+            row(
+                format!("publish, PubAcks pipelined ({n} msgs)"),
+                publish_pipelined(&publisher, Edge::QUERIES, 0..n).await,
+                None,
+            );
         }
         let chains = [("hop", 1), ("chain", hops)].into_iter().filter(|&(section, _)| runs(section));
         for (_, hops) in chains {
@@ -212,11 +246,18 @@ fn main() {
         if runs("ramp") {
             for &rate in &ramp {
                 let r = relay_chain(&settings, hops, (rate * RAMP_SECONDS) as usize, Some(rate)).await;
-                row(format!("{hops}-hop relay chain, open loop at {rate}/s ({RAMP_SECONDS} s)"), r.rate, Some(&r.latency));
+                row(
+                    format!("{hops}-hop relay chain, open loop at {rate}/s ({RAMP_SECONDS} s)"),
+                    r.rate,
+                    Some(&r.latency),
+                );
             }
         }
     });
-    println!("\nMillrace bus, {PAYLOAD_BYTES} B messages, file storage, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "\nMillrace bus, {PAYLOAD_BYTES} B messages, file storage, {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
     println!("| {:<52} | msgs/s   | p50 ms  | p99 ms  |", "measurement");
     println!("|{}|----------|---------|---------|", "-".repeat(54));
     for line in rows {

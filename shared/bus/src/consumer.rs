@@ -9,9 +9,9 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use prometheus::IntCounterVec;
 use millrace_proto::v1::{Envelope, RequestContext, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_us};
+use prometheus::IntCounterVec;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -54,9 +54,8 @@ impl Delivery {
 
     /// Decodes the payload, mapping failure to a permanent `undecodable_payload` error.
     pub fn decode<M: millrace_proto::Message + Default>(&self) -> Result<M, StageError> {
-        M::decode(self.payload.as_ref()).map_err(|e| {
-            StageError::poison(TerminalStatus::Failed, "undecodable_payload", e.to_string(), None)
-        })
+        M::decode(self.payload.as_ref())
+            .map_err(|e| StageError::poison(TerminalStatus::Failed, "undecodable_payload", e.to_string(), None))
     }
 }
 
@@ -121,7 +120,13 @@ pub struct StageConsumer<H> {
 }
 
 impl<H: Handler> StageConsumer<H> {
-    pub fn new(stage: &'static str, spec: ConsumerSpec, handler: Arc<H>, publisher: Publisher, settings: BusSettings) -> Self {
+    pub fn new(
+        stage: &'static str,
+        spec: ConsumerSpec,
+        handler: Arc<H>,
+        publisher: Publisher,
+        settings: BusSettings,
+    ) -> Self {
         Self { stage, spec, handler, publisher, settings }
     }
 
@@ -131,7 +136,8 @@ impl<H: Handler> StageConsumer<H> {
     /// this consumer.
     pub async fn run(&self, shutdown: CancellationToken, on_ready: impl Fn()) -> Result<(), BusError> {
         let js = self.publisher.jetstream().clone();
-        let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(format!("consumer {}: {e}", self.spec.durable));
+        let unavailable =
+            |e: &dyn std::fmt::Display| BusError::Unavailable(format!("consumer {}: {e}", self.spec.durable));
         let stream = js.get_stream(self.spec.edge.stream).await.map_err(|e| unavailable(&e))?;
         // The reader owns its consumer's settings: create-or-update to this process's flags.
         let consumer: jetstream::consumer::PullConsumer = stream
@@ -228,9 +234,8 @@ impl<H: Handler> Job<H> {
         }
         let span = tracing::info_span!("stage", stage, subject = %delivery.subject, msg_id = delivery.msg_id.as_deref().unwrap_or(""));
         span.set_parent(trace::extract(delivery.headers.as_ref())).ok();
-        let outcome = AssertUnwindSafe(self.with_progress(&message, &delivery).instrument(span.clone()))
-            .catch_unwind()
-            .await;
+        let outcome =
+            AssertUnwindSafe(self.with_progress(&message, &delivery).instrument(span.clone())).catch_unwind().await;
         let result = match outcome {
             Ok(result) => result,
             Err(panic) => {

@@ -26,9 +26,8 @@ pub async fn dead_letter(
     ctx: Option<RequestContext>,
 ) -> Result<(), BusError> {
     // A message whose request cannot be told still gets a row, keyed by where it sat.
-    let message_id = delivery
-        .request_id()
-        .unwrap_or_else(|| format!("unknown-{}-{}", delivery.stream, delivery.stream_sequence));
+    let message_id =
+        delivery.request_id().unwrap_or_else(|| format!("unknown-{}-{}", delivery.stream, delivery.stream_sequence));
     let members = batch_members(delivery);
     let own = (members.is_empty()).then(|| {
         let mut ctx = ctx.or_else(|| delivery.context()).unwrap_or_default();
@@ -148,10 +147,7 @@ impl MaxDeliveriesListener {
         let delivery = Delivery {
             subject: message.subject.to_string(),
             payload: message.payload.clone(),
-            msg_id: message
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .map(|v| v.as_str().to_owned()),
+            msg_id: message.headers.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.as_str().to_owned()),
             headers: Some(message.headers),
             stream: advisory.stream.clone(),
             stream_sequence: advisory.stream_seq,
@@ -160,6 +156,7 @@ impl MaxDeliveriesListener {
         };
         let detail = format!("gave up after {} deliveries", advisory.deliveries);
         info!(stage = self.stage, seq = advisory.stream_seq, %detail, "dead-lettering");
-        dead_letter(&self.publisher, self.stage, &delivery, TerminalStatus::Failed, "max_deliveries", &detail, None).await
+        dead_letter(&self.publisher, self.stage, &delivery, TerminalStatus::Failed, "max_deliveries", &detail, None)
+            .await
     }
 }

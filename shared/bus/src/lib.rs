@@ -18,7 +18,7 @@ pub mod trace;
 use std::time::Duration;
 
 pub use consumer::{Delivery, Handler, StageConsumer, StageError, require_request};
-pub use publisher::{Publisher, Published};
+pub use publisher::{Published, Publisher};
 pub use settings::BusSettings;
 pub use topology::{Edge, Topology};
 

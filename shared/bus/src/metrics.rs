@@ -2,9 +2,7 @@
 //! admin server's `/metrics` exposes.
 use std::sync::LazyLock;
 
-use prometheus::{
-    HistogramVec, IntCounterVec, register_histogram_vec, register_int_counter_vec,
-};
+use prometheus::{HistogramVec, IntCounterVec, register_histogram_vec, register_int_counter_vec};
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric registers once")
@@ -22,25 +20,26 @@ pub static MESSAGES_OUT: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter("millrace_messages_out_total", "Messages published and acknowledged by the stream", &["stream"])
 });
 pub static DUPLICATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter("millrace_publish_duplicates_total", "Publishes the stream dropped as duplicates (same Nats-Msg-Id)", &["stream"])
+    counter(
+        "millrace_publish_duplicates_total",
+        "Publishes the stream dropped as duplicates (same Nats-Msg-Id)",
+        &["stream"],
+    )
 });
-pub static PUBLISH_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter("millrace_publish_errors_total", "Publishes that failed", &["kind"])
-});
+pub static PUBLISH_ERRORS: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter("millrace_publish_errors_total", "Publishes that failed", &["kind"]));
 pub static ACKS: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("millrace_acks_total", "Messages acked after their effect", &["stage"]));
 pub static NAKS: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("millrace_naks_total", "Messages handed back for redelivery", &["stage"]));
 pub static TERMS: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("millrace_terms_total", "Messages terminated as poison", &["stage"]));
-pub static REDELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter("millrace_redeliveries_total", "Deliveries that were not the first", &["stage"])
-});
+pub static REDELIVERIES: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter("millrace_redeliveries_total", "Deliveries that were not the first", &["stage"]));
 pub static DLQ: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("millrace_dlq_total", "Records written to the DLQ", &["stage", "reason"]));
-pub static PUBLISH_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
-    histogram("millrace_publish_latency_seconds", "Publish to PubAck", &["stream"])
-});
+pub static PUBLISH_LATENCY: LazyLock<HistogramVec> =
+    LazyLock::new(|| histogram("millrace_publish_latency_seconds", "Publish to PubAck", &["stream"]));
 pub static STAGE_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
     histogram("millrace_stage_latency_seconds", "Delivery to ack of one message in a stage", &["stage"])
 });

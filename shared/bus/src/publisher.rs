@@ -41,9 +41,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(client: async_nats::Client, settings: &BusSettings) -> Self {
-        let js = jetstream::ContextBuilder::new()
-            .timeout(settings.publish_timeout())
-            .build(client);
+        let js = jetstream::ContextBuilder::new().timeout(settings.publish_timeout()).build(client);
         Self {
             js,
             window: Arc::new(Semaphore::new(settings.publish_window.max(1))),
@@ -77,20 +75,14 @@ impl Publisher {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, out.msg_id.as_str());
         trace::inject_current(&mut headers);
         let started = Instant::now();
-        let ack = self
-            .js
-            .publish_with_headers(out.subject, headers, out.payload)
-            .await
-            .map_err(map_publish_error)?;
+        let ack = self.js.publish_with_headers(out.subject, headers, out.payload).await.map_err(map_publish_error)?;
         // The PubAck is awaited by its own task so the window slot frees when the ack arrives,
         // whether or not the caller has polled for it yet.
         let resolved = tokio::spawn(async move {
             let ack = ack.await.map_err(map_publish_error);
             drop(permit);
             let ack = ack?;
-            metrics::PUBLISH_LATENCY
-                .with_label_values(&[&ack.stream])
-                .observe(started.elapsed().as_secs_f64());
+            metrics::PUBLISH_LATENCY.with_label_values(&[&ack.stream]).observe(started.elapsed().as_secs_f64());
             if ack.duplicate {
                 metrics::DUPLICATES.with_label_values(&[&ack.stream]).inc();
             } else {
@@ -107,10 +99,7 @@ impl Publisher {
     }
 
     /// Sends every message, then awaits all PubAcks together.
-    pub async fn publish_all(
-        &self,
-        outs: impl IntoIterator<Item = Outbound>,
-    ) -> Result<Vec<Published>, BusError> {
+    pub async fn publish_all(&self, outs: impl IntoIterator<Item = Outbound>) -> Result<Vec<Published>, BusError> {
         let mut pending = Vec::new();
         for out in outs {
             pending.push(self.send(out).await?);
@@ -122,9 +111,7 @@ impl Publisher {
 fn map_publish_error(e: jetstream::context::PublishError) -> BusError {
     let text = e.to_string();
     let (kind, err) = match e.kind() {
-        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
-            ("unavailable", BusError::Unavailable(text))
-        }
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => ("unavailable", BusError::Unavailable(text)),
         PublishErrorKind::StreamNotFound => ("no_stream", BusError::Unavailable(text)),
         // discard-new refusals: "maximum messages exceeded" / "maximum bytes exceeded".
         _ if is_stream_full(&text) => ("stream_full", BusError::StreamFull(text)),

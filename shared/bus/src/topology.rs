@@ -32,8 +32,7 @@ impl Edge {
     pub const ADMITTED: Edge = Edge { stream: "MR_ADMITTED", subject: "mr.v1.admitted", keyed: false };
     pub const PROMPTS: Edge = Edge { stream: "MR_PROMPTS", subject: "mr.v1.prompts", keyed: true };
     pub const BATCHES: Edge = Edge { stream: "MR_BATCHES", subject: "mr.v1.batches", keyed: true };
-    pub const COMPLETIONS: Edge =
-        Edge { stream: "MR_COMPLETIONS", subject: "mr.v1.completions", keyed: false };
+    pub const COMPLETIONS: Edge = Edge { stream: "MR_COMPLETIONS", subject: "mr.v1.completions", keyed: false };
     pub const RESULTS: Edge = Edge { stream: "MR_RESULTS", subject: "mr.v1.results", keyed: true };
     pub const DLQ: Edge = Edge { stream: "MR_DLQ", subject: "mr.v1.dlq", keyed: true };
 
@@ -82,15 +81,12 @@ pub struct ConsumerSpec {
 
 impl ConsumerSpec {
     pub const PREPROCESS: ConsumerSpec = ConsumerSpec { edge: Edge::QUERIES, durable: "preprocess" };
-    pub const MODERATION_INPUT: ConsumerSpec =
-        ConsumerSpec { edge: Edge::CLEAN, durable: "moderation-input" };
+    pub const MODERATION_INPUT: ConsumerSpec = ConsumerSpec { edge: Edge::CLEAN, durable: "moderation-input" };
     pub const SESSION: ConsumerSpec = ConsumerSpec { edge: Edge::ADMITTED, durable: "session" };
     pub const BATCHER: ConsumerSpec = ConsumerSpec { edge: Edge::PROMPTS, durable: "batcher" };
     pub const INFERENCE: ConsumerSpec = ConsumerSpec { edge: Edge::BATCHES, durable: "inference" };
-    pub const MODERATION_OUTPUT: ConsumerSpec =
-        ConsumerSpec { edge: Edge::COMPLETIONS, durable: "moderation-output" };
-    pub const SESSION_RESULTS: ConsumerSpec =
-        ConsumerSpec { edge: Edge::RESULTS, durable: "session-results" };
+    pub const MODERATION_OUTPUT: ConsumerSpec = ConsumerSpec { edge: Edge::COMPLETIONS, durable: "moderation-output" };
+    pub const SESSION_RESULTS: ConsumerSpec = ConsumerSpec { edge: Edge::RESULTS, durable: "session-results" };
     pub const SINK_RESULTS: ConsumerSpec = ConsumerSpec { edge: Edge::RESULTS, durable: "sink-results" };
     pub const SINK_DLQ: ConsumerSpec = ConsumerSpec { edge: Edge::DLQ, durable: "sink-dlq" };
 
@@ -159,9 +155,7 @@ impl Topology {
 
 pub(crate) fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Config {
     // Redelivery after a missed ack backs off: ack_wait, 2×, 4×, … (one entry per delivery).
-    let backoff = (0..settings.max_deliver.clamp(1, 16))
-        .map(|i| settings.ack_wait() * 2u32.pow(i as u32))
-        .collect();
+    let backoff = (0..settings.max_deliver.clamp(1, 16)).map(|i| settings.ack_wait() * 2u32.pow(i as u32)).collect();
     pull::Config {
         durable_name: Some(durable.to_owned()),
         deliver_policy: DeliverPolicy::All,
@@ -208,11 +202,7 @@ fn stream_matches(have: &stream::Config, want: &stream::Config) -> bool {
         && have.discard == want.discard
 }
 
-async fn provision_consumer(
-    js: &jetstream::Context,
-    stream_name: &str,
-    config: &pull::Config,
-) -> Result<(), BusError> {
+async fn provision_consumer(js: &jetstream::Context, stream_name: &str, config: &pull::Config) -> Result<(), BusError> {
     let durable = config.durable_name.clone().unwrap_or_default();
     let err = |e: &dyn std::fmt::Display| BusError::Provision {
         what: format!("consumer {stream_name}/{durable}"),
@@ -236,8 +226,7 @@ mod tests {
     fn every_consumer_reads_a_declared_edge_and_names_are_unique() {
         let t = Topology::mesh(&BusSettings::default());
         let streams: Vec<_> = t.streams.iter().map(|s| s.name.as_str()).collect();
-        let mut durables: Vec<_> =
-            t.consumers.iter().map(|(_, c)| c.durable_name.clone().unwrap()).collect();
+        let mut durables: Vec<_> = t.consumers.iter().map(|(_, c)| c.durable_name.clone().unwrap()).collect();
         for (stream, _) in &t.consumers {
             assert!(streams.contains(&stream.as_str()), "{stream} not declared");
         }

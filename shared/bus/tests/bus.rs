@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
-use millrace_bus::publisher::Outbound;
 use async_nats::jetstream::consumer::PullConsumer;
+use futures::StreamExt;
 use millrace_bus::dlq::MaxDeliveriesListener;
+use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
 use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, Topology, msg_id};
 use millrace_proto::Message as _;
@@ -22,8 +22,16 @@ async fn setup(nats: &NatsServer, settings: BusSettings) -> Publisher {
 }
 
 fn query(request_id: &str) -> Outbound {
-    let q = Query { ctx: Some(RequestContext { request_id: request_id.into(), ..Default::default() }), text: "hi".into(), ..Default::default() };
-    Outbound { subject: Edge::QUERIES.subject_for(""), msg_id: msg_id(request_id, "ingest"), payload: q.encode_to_vec().into() }
+    let q = Query {
+        ctx: Some(RequestContext { request_id: request_id.into(), ..Default::default() }),
+        text: "hi".into(),
+        ..Default::default()
+    };
+    Outbound {
+        subject: Edge::QUERIES.subject_for(""),
+        msg_id: msg_id(request_id, "ingest"),
+        payload: q.encode_to_vec().into(),
+    }
 }
 
 async fn stream_messages(publisher: &Publisher, stream: &str) -> u64 {
@@ -69,7 +77,11 @@ impl Handler for FlakyRelay {
         let q: Query = d.decode()?;
         let id = q.ctx.unwrap().request_id;
         self.publisher
-            .publish(Outbound { subject: Edge::CLEAN.subject_for(""), msg_id: msg_id(&id, "relay"), payload: d.payload.clone() })
+            .publish(Outbound {
+                subject: Edge::CLEAN.subject_for(""),
+                msg_id: msg_id(&id, "relay"),
+                payload: d.payload.clone(),
+            })
             .await?;
         Ok(())
     }
@@ -116,7 +128,8 @@ async fn a_message_out_of_deliveries_is_dead_lettered_with_a_failed_result() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 3, ack_wait_s: 1, ..Default::default() };
     let publisher = setup(&nats, settings.clone()).await;
-    let consumer = StageConsumer::new("preprocess", ConsumerSpec::PREPROCESS, Arc::new(AlwaysFails), publisher.clone(), settings);
+    let consumer =
+        StageConsumer::new("preprocess", ConsumerSpec::PREPROCESS, Arc::new(AlwaysFails), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();
@@ -149,7 +162,8 @@ async fn expect_dead_letter(publisher: &Publisher, request_id: &str) -> DlqRecor
     assert_eq!(record.reason, "max_deliveries");
     let results = js.get_stream("MR_RESULTS").await.unwrap();
     let subject = Edge::RESULTS.subject_for(request_id);
-    let result = TerminalResult::decode(results.get_last_raw_message_by_subject(&subject).await.unwrap().payload).unwrap();
+    let result =
+        TerminalResult::decode(results.get_last_raw_message_by_subject(&subject).await.unwrap().payload).unwrap();
     assert_eq!(result.status, TerminalStatus::Failed as i32);
     assert_eq!(result.ctx.unwrap().request_id, request_id);
     record
@@ -166,7 +180,8 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_from_the_advisory()
     tokio::time::sleep(Duration::from_millis(200)).await;
     publisher.publish(query("orphan")).await.unwrap();
     // A worker that takes the message and dies without acking, every time.
-    let consumer: PullConsumer = publisher.jetstream().get_stream("MR_QUERIES").await.unwrap().get_consumer("preprocess").await.unwrap();
+    let consumer: PullConsumer =
+        publisher.jetstream().get_stream("MR_QUERIES").await.unwrap().get_consumer("preprocess").await.unwrap();
     let mut taken = 0;
     for _ in 0..6 {
         let mut batch = consumer.fetch().max_messages(1).expires(Duration::from_secs(2)).messages().await.unwrap();
@@ -230,16 +245,29 @@ async fn a_dead_batch_ends_every_member_request() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, ..Default::default() };
     let publisher = setup(&nats, settings.clone()).await;
-    let consumer = StageConsumer::new("inference", ConsumerSpec::INFERENCE, Arc::new(AlwaysFails), publisher.clone(), settings);
+    let consumer =
+        StageConsumer::new("inference", ConsumerSpec::INFERENCE, Arc::new(AlwaysFails), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();
         async move { consumer.run(stop, || ()).await }
     });
-    let member = |id: &str| Prompt { ctx: Some(RequestContext { request_id: id.into(), ..Default::default() }), ..Default::default() };
-    let batch = Batch { batch_id: "b1".into(), model: "m".into(), prompts: vec![member("r1"), member("r2")], ..Default::default() };
+    let member = |id: &str| Prompt {
+        ctx: Some(RequestContext { request_id: id.into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let batch = Batch {
+        batch_id: "b1".into(),
+        model: "m".into(),
+        prompts: vec![member("r1"), member("r2")],
+        ..Default::default()
+    };
     publisher
-        .publish(Outbound { subject: Edge::BATCHES.subject_for("m"), msg_id: msg_id("b1", "batcher"), payload: batch.encode_to_vec().into() })
+        .publish(Outbound {
+            subject: Edge::BATCHES.subject_for("m"),
+            msg_id: msg_id("b1", "batcher"),
+            payload: batch.encode_to_vec().into(),
+        })
         .await
         .unwrap();
     let results = publisher.jetstream().get_stream("MR_RESULTS").await.unwrap();
@@ -258,7 +286,8 @@ async fn a_dead_batch_ends_every_member_request() {
     }
     // No row for the batch itself: its DLQ record names no request.
     let dlq = publisher.jetstream().get_stream("MR_DLQ").await.unwrap();
-    let record = DlqRecord::decode(dlq.get_last_raw_message_by_subject("mr.v1.dlq.inference").await.unwrap().payload).unwrap();
+    let record =
+        DlqRecord::decode(dlq.get_last_raw_message_by_subject("mr.v1.dlq.inference").await.unwrap().payload).unwrap();
     assert!(record.ctx.is_none());
     assert!(results.get_last_raw_message_by_subject("mr.v1.results.b1").await.is_err());
     stop.cancel();

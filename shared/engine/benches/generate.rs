@@ -35,13 +35,14 @@ fn main() {
     let mut generator = manifest.generator(&model, &options).expect("generator");
     let batches: Vec<usize> =
         env("MILLRACE_BENCH_BATCHES", "1,8,16,32").split(',').map(|b| b.trim().parse().expect("batch size")).collect();
-    let prompt = |i: usize| {
-        template.render(&[ChatMessage::new("user", QUESTIONS[i % QUESTIONS.len()])], true).expect("render")
-    };
+    let prompt =
+        |i: usize| template.render(&[ChatMessage::new("user", QUESTIONS[i % QUESTIONS.len()])], true).expect("render");
     // Warm-up: first runs allocate and pick kernels.
     generator.generate(&[GenerationRequest::new(prompt(0), 4)], |_, _| ()).expect("warm-up");
 
-    println!("\nMillrace engine: {model}, provider {provider}, up to {NEW_TOKENS} new tokens (greedy; a request ends at EOS)");
+    println!(
+        "\nMillrace engine: {model}, provider {provider}, up to {NEW_TOKENS} new tokens (greedy; a request ends at EOS)"
+    );
     println!("| batch | prompt tokens | seconds | new tokens/s | completions/s |");
     println!("|------:|--------------:|--------:|-------------:|--------------:|");
     for &batch in &batches {

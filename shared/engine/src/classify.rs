@@ -22,9 +22,8 @@ impl Classifier {
         let owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
         let input = Tensor::from_string_array(([texts.len(), 1], owned.as_slice()))?;
         let outputs = self.session.run(ort::inputs!["text" => input])?;
-        let probabilities = outputs
-            .get("probabilities")
-            .ok_or_else(|| EngineError::Model("no `probabilities` output".into()))?;
+        let probabilities =
+            outputs.get("probabilities").ok_or_else(|| EngineError::Model("no `probabilities` output".into()))?;
         let (shape, p) = probabilities.try_extract_tensor::<f32>()?;
         let classes = shape.get(1).copied().unwrap_or(1) as usize;
         if classes < 2 {

@@ -23,10 +23,8 @@ impl Embedder {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let width = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
         let (b, w) = (encodings.len(), width);
         let mut ids = Array2::<i64>::zeros((b, w));

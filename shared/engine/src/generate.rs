@@ -342,9 +342,7 @@ impl Generator {
 
 /// The logits (flattened [batch, seq, vocab], on the host) and the presents, in order.
 fn take_outputs(mut outputs: SessionOutputs<'_>, num_layers: usize) -> Result<(Vec<f32>, Vec<DynValue>), EngineError> {
-    let logits = outputs
-        .remove("logits")
-        .ok_or_else(|| EngineError::Model("no `logits` output".into()))?;
+    let logits = outputs.remove("logits").ok_or_else(|| EngineError::Model("no `logits` output".into()))?;
     let logits = logits.try_extract_tensor::<f32>()?.1.to_vec();
     let presents = (0..num_layers * 2)
         .map(|n| {

@@ -96,7 +96,10 @@ impl Manifest {
         options: &RuntimeOptions,
     ) -> Result<(ort::session::Session, ActiveProvider), EngineError> {
         if entry.kind != kind {
-            return Err(EngineError::Manifest(format!("model {:?} is a {:?} model, not {kind:?}", entry.name, entry.kind)));
+            return Err(EngineError::Manifest(format!(
+                "model {:?} is a {:?} model, not {kind:?}",
+                entry.name, entry.kind
+            )));
         }
         let library = self.onnxruntime.as_ref().map(|o| self.path(&o.library));
         let env = runtime::environment(options, library.as_deref())?;
@@ -158,7 +161,8 @@ impl ModelEntry {
         if self.num_layers == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.vocab_size == 0 {
             return Err(EngineError::Manifest(format!("model {:?} lacks its KV-cache shape", self.name)));
         }
-        let eos_token_ids = if self.stop_token_ids.is_empty() { vec![token("eos")?] } else { self.stop_token_ids.clone() };
+        let eos_token_ids =
+            if self.stop_token_ids.is_empty() { vec![token("eos")?] } else { self.stop_token_ids.clone() };
         Ok(DecoderSpec {
             num_layers: self.num_layers,
             num_kv_heads: self.num_kv_heads,

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::ep::ExecutionProvider as _;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use tracing::{info, warn};
@@ -56,7 +56,10 @@ static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
 /// Loads the ONNX Runtime library and creates the environment, once per process (later calls
 /// return the first outcome).
-pub fn environment(options: &RuntimeOptions, manifest_library: Option<&Path>) -> Result<&'static Environment, EngineError> {
+pub fn environment(
+    options: &RuntimeOptions,
+    manifest_library: Option<&Path>,
+) -> Result<&'static Environment, EngineError> {
     ENVIRONMENT
         .get_or_init(|| {
             let path = options
@@ -110,20 +113,19 @@ pub fn open_session(
     }
     let (active, provider) = match options.provider {
         ExecutionProvider::Cpu => (ActiveProvider::Cpu, "cpu (configured)"),
-        ExecutionProvider::Cuda | ExecutionProvider::Auto => {
-            match ort::ep::CUDA::default().register(&mut builder) {
-                Ok(()) => (ActiveProvider::Cuda, "cuda"),
-                Err(e) if options.provider == ExecutionProvider::Cuda => {
-                    return Err(EngineError::Runtime(format!("CUDA execution provider did not register: {e}")));
-                }
-                Err(e) => {
-                    warn!(error = %e, "CUDA execution provider did not register; falling back to CPU");
-                    (ActiveProvider::Cpu, "cpu (auto: CUDA unavailable)")
-                }
+        ExecutionProvider::Cuda | ExecutionProvider::Auto => match ort::ep::CUDA::default().register(&mut builder) {
+            Ok(()) => (ActiveProvider::Cuda, "cuda"),
+            Err(e) if options.provider == ExecutionProvider::Cuda => {
+                return Err(EngineError::Runtime(format!("CUDA execution provider did not register: {e}")));
             }
-        }
+            Err(e) => {
+                warn!(error = %e, "CUDA execution provider did not register; falling back to CPU");
+                (ActiveProvider::Cpu, "cpu (auto: CUDA unavailable)")
+            }
+        },
     };
-    let session = builder.commit_from_file(model).map_err(|e| EngineError::Model(format!("{}: {e}", model.display())))?;
+    let session =
+        builder.commit_from_file(model).map_err(|e| EngineError::Model(format!("{}: {e}", model.display())))?;
     info!(model = %model.display(), provider, "session ready");
     Ok((session, active))
 }

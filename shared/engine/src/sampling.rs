@@ -44,8 +44,7 @@ impl Sampler {
             candidates.truncate(self.params.top_k);
         }
         let max = candidates[0].1;
-        let mut probs: Vec<f32> =
-            candidates.iter().map(|(_, l)| ((l - max) / self.params.temperature).exp()).collect();
+        let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| ((l - max) / self.params.temperature).exp()).collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.params.top_p < 1.0 {

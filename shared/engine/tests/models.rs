@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use millrace_engine::embed::cosine;
-use millrace_engine::{ChatMessage, ExecutionProvider, FinishReason, GenerationRequest, Generator, Manifest, RuntimeOptions, SamplingParams};
+use millrace_engine::{
+    ChatMessage, ExecutionProvider, FinishReason, GenerationRequest, Generator, Manifest, RuntimeOptions,
+    SamplingParams,
+};
 
 const MODEL: &str = "smollm2-135m";
 const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
@@ -43,7 +46,11 @@ fn greedy(generator: &mut Generator, prompts: &[&str], max_new_tokens: usize) ->
 fn the_greedy_answer_to_the_capital_of_france_names_paris() {
     let mut g = generator();
     let mut streamed = String::new();
-    let out = g.generate(&[GenerationRequest::new(chat("What is the capital of France?"), 32)], |_, piece| streamed.push_str(piece)).unwrap();
+    let out = g
+        .generate(&[GenerationRequest::new(chat("What is the capital of France?"), 32)], |_, piece| {
+            streamed.push_str(piece)
+        })
+        .unwrap();
     assert!(out[0].text.contains("Paris"), "{:?}", out[0].text);
     assert_eq!(streamed, out[0].text, "the streamed pieces make the final text");
     assert!(out[0].prompt_tokens > 10);
@@ -62,7 +69,11 @@ fn generation_with_the_kv_cache_equals_generation_without_it() {
 #[test]
 fn a_batch_of_different_lengths_gives_each_prompt_its_tokens_alone() {
     let mut g = generator();
-    let prompts = [chat("Hi!"), chat("What is the capital of France? Answer in one word."), chat("Write a haiku about rivers and mills.")];
+    let prompts = [
+        chat("Hi!"),
+        chat("What is the capital of France? Answer in one word."),
+        chat("Write a haiku about rivers and mills."),
+    ];
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let batched = greedy(&mut g, &refs, 12);
     for (prompt, together) in refs.iter().zip(&batched) {
@@ -122,7 +133,9 @@ fn a_stop_string_ends_generation_without_the_stop_string() {
 #[test]
 fn related_sentences_embed_closer_than_unrelated_ones() {
     let mut e = manifest().embedder("minilm-l6", &options()).unwrap();
-    let v = e.embed(&["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]).unwrap();
+    let v = e
+        .embed(&["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."])
+        .unwrap();
     assert_eq!(v[0].len(), 384);
     assert!(cosine(&v[0], &v[1]) > cosine(&v[0], &v[2]) + 0.1, "{} vs {}", cosine(&v[0], &v[1]), cosine(&v[0], &v[2]));
 }

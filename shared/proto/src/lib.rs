@@ -15,10 +15,7 @@ use v1::{StageTiming, TerminalStatus, Timings};
 
 /// Microseconds since the unix epoch.
 pub fn now_unix_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
 }
 
 /// Milliseconds since the unix epoch.
@@ -29,11 +26,7 @@ pub fn now_unix_ms() -> i64 {
 impl Timings {
     /// Records that `stage` handled the message from `received_unix_us` until now.
     pub fn record(&mut self, stage: &str, received_unix_us: i64) {
-        self.stages.push(StageTiming {
-            stage: stage.to_owned(),
-            received_unix_us,
-            finished_unix_us: now_unix_us(),
-        });
+        self.stages.push(StageTiming { stage: stage.to_owned(), received_unix_us, finished_unix_us: now_unix_us() });
     }
 }
 

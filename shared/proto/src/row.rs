@@ -2,7 +2,7 @@
 //! ingest hands to clients that follow a request to its end.
 use serde::{Deserialize, Serialize};
 
-use crate::v1::{DlqRecord, Result as TerminalResult, ResultRecord, TerminalStatus, Timings, StageTiming, Verdict};
+use crate::v1::{DlqRecord, Result as TerminalResult, ResultRecord, StageTiming, TerminalStatus, Timings, Verdict};
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -140,7 +140,9 @@ mod tests {
             ctx: Some(RequestContext { request_id: request_id.into(), user: "u1".into(), ..Default::default() }),
             status: status as i32,
             completion: "Paris".into(),
-            timings: Some(Timings { stages: vec![StageTiming { stage: "ingest".into(), received_unix_us: 1, finished_unix_us: 2 }] }),
+            timings: Some(Timings {
+                stages: vec![StageTiming { stage: "ingest".into(), received_unix_us: 1, finished_unix_us: 2 }],
+            }),
             ..Default::default()
         }
     }
@@ -156,7 +158,13 @@ mod tests {
 
     #[test]
     fn results_without_id_or_status_are_invalid() {
-        assert_eq!(ResultRow::from_result(result("", TerminalStatus::Completed), 0), Err(InvalidResult::MissingRequestId));
-        assert_eq!(ResultRow::from_result(result("r", TerminalStatus::Unspecified), 0), Err(InvalidResult::MissingStatus));
+        assert_eq!(
+            ResultRow::from_result(result("", TerminalStatus::Completed), 0),
+            Err(InvalidResult::MissingRequestId)
+        );
+        assert_eq!(
+            ResultRow::from_result(result("r", TerminalStatus::Unspecified), 0),
+            Err(InvalidResult::MissingStatus)
+        );
     }
 }

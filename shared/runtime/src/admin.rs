@@ -30,11 +30,7 @@ pub fn child(addr: SocketAddr, readiness: Readiness) -> ChildSpec {
 
 async fn readyz(readiness: web::Data<Readiness>) -> HttpResponse {
     let body = serde_json::json!({ "ready": readiness.is_ready(), "children": readiness.children() });
-    if readiness.is_ready() {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().json(body)
-    }
+    if readiness.is_ready() { HttpResponse::Ok().json(body) } else { HttpResponse::ServiceUnavailable().json(body) }
 }
 
 async fn metrics() -> HttpResponse {

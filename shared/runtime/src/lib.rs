@@ -15,5 +15,5 @@ pub mod supervisor;
 mod telemetry;
 
 pub use servers::{consumer_child, serve_grpc, serve_http};
-pub use shell::{Service, ShellArgs, Setup};
+pub use shell::{Service, Setup, ShellArgs};
 pub use supervisor::{ChildContext, ChildSpec, Readiness, SupervisorConfig};

@@ -26,9 +26,7 @@ pub async fn serve_grpc(ctx: ChildContext, addr: SocketAddr, router: Router) -> 
     // The server's own TCP_NODELAY default does not reach a listener handed in: without it,
     // Nagle holds a stream's small messages (a token, a moderation answer) for an ACK.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    router
-        .serve_with_incoming_shutdown(incoming, ctx.shutdown.cancelled())
-        .await?;
+    router.serve_with_incoming_shutdown(incoming, ctx.shutdown.cancelled()).await?;
     Ok(())
 }
 

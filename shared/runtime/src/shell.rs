@@ -101,7 +101,8 @@ impl Setup {
         let health = self.health.clone();
         actix_rt::spawn(async move {
             loop {
-                let status = if *changes.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let status =
+                    if *changes.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
                 health.set_service_status("", status).await;
                 if changes.changed().await.is_err() {
                     return;
@@ -136,13 +137,14 @@ impl Service {
         Fut: Future<Output = anyhow::Result<Vec<ChildSpec>>>,
     {
         let args = self.args;
-        let telemetry = match telemetry::init(self.name, &args.log, args.log_format == "json", args.otlp_endpoint.as_deref()) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("{}: telemetry: {e:#}", self.name);
-                return 2;
-            }
-        };
+        let telemetry =
+            match telemetry::init(self.name, &args.log, args.log_format == "json", args.otlp_endpoint.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: telemetry: {e:#}", self.name);
+                    return 2;
+                }
+            };
         let stop_requested = CancellationToken::new();
         actix_rt::spawn(wait_for_signal(stop_requested.clone()));
 
@@ -151,7 +153,8 @@ impl Service {
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         );
-        let setup_ctx = Setup { name: self.name, args: args.clone(), readiness: readiness.clone(), health, health_service };
+        let setup_ctx =
+            Setup { name: self.name, args: args.clone(), readiness: readiness.clone(), health, health_service };
         setup_ctx.follow_readiness_in_grpc_health();
         info!(service = self.name, "starting");
         let children = tokio::select! {
@@ -173,7 +176,8 @@ impl Service {
         let admin_addr = args.admin_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.default_admin_port)));
         children.insert(0, admin::child(admin_addr, readiness.clone()));
         info!(%admin_addr, "admin server");
-        let (supervisor, exited) = RootSupervisor::start(args.supervisor(), children, readiness, CancellationToken::new());
+        let (supervisor, exited) =
+            RootSupervisor::start(args.supervisor(), children, readiness, CancellationToken::new());
         actix_rt::spawn(async move {
             stop_requested.cancelled().await;
             supervisor.do_send(Drain);

@@ -149,9 +149,23 @@ impl RootSupervisor {
         }
         let children = specs
             .into_iter()
-            .map(|spec| Child { spec: Rc::new(spec), running: false, generation: 0, started: Instant::now(), consecutive_failures: 0 })
+            .map(|spec| Child {
+                spec: Rc::new(spec),
+                running: false,
+                generation: 0,
+                started: Instant::now(),
+                consecutive_failures: 0,
+            })
             .collect();
-        let sup = Self { config, children, readiness, shutdown, restarts: VecDeque::new(), exit_code: None, done: Some(done) };
+        let sup = Self {
+            config,
+            children,
+            readiness,
+            shutdown,
+            restarts: VecDeque::new(),
+            exit_code: None,
+            done: Some(done),
+        };
         (sup.start(), exited)
     }
 

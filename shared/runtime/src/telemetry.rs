@@ -30,11 +30,7 @@ pub fn init(service: &'static str, filter: &str, json: bool, otlp_endpoint: Opti
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
-    tracing_subscriber::registry()
-        .with(EnvFilter::try_new(filter)?)
-        .with(fmt)
-        .with(otel)
-        .try_init()?;
+    tracing_subscriber::registry().with(EnvFilter::try_new(filter)?).with(fmt).with(otel).try_init()?;
     if let Some(endpoint) = otlp_endpoint {
         tracing::info!(endpoint, "exporting traces over OTLP");
     }

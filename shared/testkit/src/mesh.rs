@@ -112,7 +112,8 @@ impl Mesh {
 
     /// A service's Prometheus metrics text.
     pub async fn metrics(&self, service: &str) -> anyhow::Result<String> {
-        let process = self.services.iter().find(|s| s.name() == service).ok_or_else(|| anyhow::anyhow!("no {service}"))?;
+        let process =
+            self.services.iter().find(|s| s.name() == service).ok_or_else(|| anyhow::anyhow!("no {service}"))?;
         Ok(reqwest::get(format!("http://{}/metrics", process.admin)).await?.text().await?)
     }
 
