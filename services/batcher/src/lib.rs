@@ -1,5 +1,5 @@
 //! Millrace batcher: per-model dynamic batching between session and inference
-//! (ARCHITECTURE.md §1, §3).
+//! (docs/architecture.md, "Services").
 //!
 //! - Consumes `PROMPTS` (durable `batcher`, subjects `mr.v1.prompts.<model>`) into one queue per
 //!   model; dispatches a `Batch` to `mr.v1.batches.<model>` on size, token budget, max wait, or

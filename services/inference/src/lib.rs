@@ -1,4 +1,5 @@
-//! Millrace inference: the mesh's model server (ARCHITECTURE.md §1, §3, §7).
+//! Millrace inference: the mesh's model server (docs/architecture.md, "Services"; the models
+//! and the engine: docs/design.md, "Models and the engine").
 //!
 //! - Consumes `BATCHES` (durable `inference`): each batch is generated in one batched engine
 //!   call; token pieces stream on core NATS `mr.v1.tokens.<request_id>` as `TokenChunk`s (a last

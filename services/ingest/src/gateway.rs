@@ -1,5 +1,6 @@
 //! What both APIs do once a call is decoded: validate, publish, and wait for the stream's PubAck
-//! before answering, so "accepted" means durably on `QUERIES` (ARCHITECTURE.md §2, invariant 1).
+//! before answering, so "accepted" means durably on `QUERIES` (docs/architecture.md,
+//! "Invariants": exactly one terminal row per accepted request).
 use std::sync::Arc;
 
 use millrace_bus::publisher::Outbound;

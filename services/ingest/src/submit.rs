@@ -1,5 +1,6 @@
 //! Turning a client's submit into the `Query` ingest publishes: every check a submit must pass,
-//! with one error variant per class of bad input (ARCHITECTURE.md §2, invariant 5).
+//! with one error variant per class of bad input (docs/architecture.md, "Invariants": bad input
+//! gets a specific error).
 //!
 //! Pure apart from the clock read by the UUIDv7 id and the timing record: no NATS, no I/O.
 use actix_web::http::StatusCode;

@@ -1,5 +1,5 @@
-//! Millrace moderation (ARCHITECTURE.md §1, §3): a rule policy plus the profanity classifier,
-//! before and after the model.
+//! Millrace moderation (docs/architecture.md, "Services"): a rule policy plus the profanity
+//! classifier, before and after the model.
 //!
 //! - Input: consumes `CLEAN` (durable `moderation-input`); an allowed or flagged query goes on to
 //!   `ADMITTED` with its verdicts, a blocked one ends as a `BLOCKED_INPUT` result on `RESULTS`

@@ -1,4 +1,4 @@
-//! Millrace preprocess: QUERIES → CLEAN (ARCHITECTURE.md §1, §3).
+//! Millrace preprocess: QUERIES → CLEAN (docs/architecture.md, "Services").
 //!
 //! - Consumes `QUERIES` (durable `preprocess`). Each `Query` text is normalized (NFKC,
 //!   invisible characters out, whitespace collapsed), validated (`empty_text`,

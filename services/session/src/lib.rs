@@ -1,5 +1,5 @@
 //! Millrace session: per-user conversation state between moderation and the batcher
-//! (ARCHITECTURE.md §1, §3).
+//! (docs/architecture.md, "Services").
 //!
 //! - Consumes `ADMITTED` (durable `session`): checks the per-user rate limit (a token bucket per
 //!   (tenant, user), in process memory — each replica enforces its own share), records the

@@ -1,5 +1,5 @@
 //! The mesh's streams and durable consumers, declared once and provisioned idempotently by
-//! whichever service starts first (ARCHITECTURE.md §1).
+//! whichever service starts first (docs/architecture.md, "The stage graph").
 //!
 //! Every edge is its own stream with interest retention: a message stays until every consumer
 //! declared on it has acked, so the stream's depth is the edge's backlog and its limits
