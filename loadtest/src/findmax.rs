@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::client::Ending;
 use crate::phase::PhaseOutcome;
+use crate::record::Ending;
 
 /// When a step counts as sustained.
 #[derive(Debug, Clone, Serialize)]
@@ -155,8 +155,9 @@ impl RateSearch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::phase::tests::{completed, record};
-    use crate::phase::{PhasePlan, RequestRecord};
+    use crate::phase::PhasePlan;
+    use crate::record::RequestRecord;
+    use crate::record::tests::{completed, record};
     use crate::stats::PhaseStats;
 
     fn criteria() -> Criteria {

@@ -5,6 +5,7 @@ mod client;
 mod findmax;
 mod ledger;
 mod phase;
+mod record;
 mod report;
 mod runner;
 mod sink;

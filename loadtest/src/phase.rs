@@ -10,9 +10,10 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::time::{MissedTickBehavior, interval_at, sleep_until, timeout_at};
 
 use crate::arrivals::{ArrivalProcess, Arrivals};
-use crate::client::{Client, ClientError, Ending, Endpoints, Trace};
+use crate::client::{Client, ClientError, Endpoints, Trace};
+use crate::record::{Ending, Event, RequestRecord};
 use crate::stats::{LatencyHistogram, Percentiles, PhaseStats, Timeline};
-use crate::workload::{PromptClass, Query, Workload};
+use crate::workload::{Query, Workload};
 
 /// Mixed into the phase seed for the workload's rng, so the arrival times do not depend on
 /// how many draws the prompt mix makes.
@@ -29,40 +30,6 @@ pub struct PhasePlan {
     pub seed: u64,
     /// How long after the last scheduled send open requests are waited for.
     pub drain_timeout: Duration,
-}
-
-/// What request tasks tell the phase loop.
-#[derive(Debug)]
-pub enum Event {
-    Accepted { at: Duration },
-    Ended(Box<RequestRecord>),
-}
-
-/// One request from schedule to end. Times are offsets on the phase clock.
-#[derive(Debug, Clone)]
-pub struct RequestRecord {
-    pub seq: u64,
-    pub class: PromptClass,
-    /// When the schedule meant it to be sent: the origin of its latencies.
-    pub intended: Duration,
-    pub sent_lag: Duration,
-    pub request_id: Option<String>,
-    pub first_token_at: Option<Duration>,
-    pub ended_at: Duration,
-    pub ending: Ending,
-}
-
-impl RequestRecord {
-    /// Intended send → terminal outcome received, for a COMPLETED request. Other endings are
-    /// counted, not timed: a quick refusal would otherwise pass for a fast answer.
-    pub fn e2e(&self) -> Option<Duration> {
-        self.ending.is_completed().then(|| self.ended_at.saturating_sub(self.intended))
-    }
-
-    /// Intended send → first non-empty token, for a COMPLETED request.
-    pub fn ttft(&self) -> Option<Duration> {
-        self.first_token_at.filter(|_| self.ending.is_completed()).map(|at| at.saturating_sub(self.intended))
-    }
 }
 
 /// A finished phase.
@@ -198,44 +165,9 @@ fn progress_line(label: &str, elapsed: Duration, stats: &PhaseStats, recent: &Pe
 }
 
 #[cfg(test)]
-pub mod tests {
+mod tests {
     use super::*;
-
-    /// A short-prompt request sent on time at 0 s that ended as `ending`, first token 10 ms in.
-    pub fn record(ending: Ending) -> RequestRecord {
-        let ended_at = match &ending {
-            Ending::Terminal { at, .. } => *at,
-            _ => Duration::from_secs(1),
-        };
-        RequestRecord {
-            seq: 0,
-            class: PromptClass::Short,
-            intended: Duration::ZERO,
-            sent_lag: Duration::ZERO,
-            request_id: Some("r".into()),
-            first_token_at: Some(Duration::from_millis(10)),
-            ended_at,
-            ending,
-        }
-    }
-
-    /// A request that completed `e2e` after its intended send.
-    pub fn completed(e2e: Duration) -> RequestRecord {
-        record(Ending::Terminal { status: Ending::COMPLETED.into(), at: e2e })
-    }
-
-    #[test]
-    fn latencies_count_from_the_intended_send_time() {
-        let mut r = completed(Duration::from_millis(900));
-        r.intended = Duration::from_millis(200);
-        r.sent_lag = Duration::from_millis(150);
-        assert_eq!(r.e2e(), Some(Duration::from_millis(700)), "the send lag is part of the latency");
-        r.first_token_at = Some(Duration::from_millis(500));
-        assert_eq!(r.ttft(), Some(Duration::from_millis(300)));
-        assert_eq!(record(Ending::TimedOut).e2e(), None);
-        let expired = record(Ending::Terminal { status: "EXPIRED".into(), at: Duration::from_secs(2) });
-        assert_eq!((expired.e2e(), expired.ttft()), (None, None), "only COMPLETED requests are timed");
-    }
+    use crate::record::tests::{completed, record};
 
     #[test]
     fn the_progress_line_shows_counts_and_the_last_seconds_percentiles() {

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 
 use crate::cli::{Command, CommonArgs, FindMaxArgs};
-use crate::client::{ClientError, Ending, Endpoints};
+use crate::client::{ClientError, Endpoints};
 use crate::findmax::{Criteria, RateSearch, StepVerdict, judge};
 use crate::ledger;
 use crate::phase::{PhaseOutcome, PhasePlan, RunState, run_phase};
+use crate::record::Ending;
 use crate::report::{FindMaxReport, PhaseReport, PhaseRole, Report, Settings};
 use crate::sink::{SinkClient, SinkError, SinkRow};
 use crate::stages::StageBreakdown;

@@ -6,8 +6,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::client::Ending;
-use crate::phase::RequestRecord;
+use crate::record::{Ending, RequestRecord};
 use crate::workload::PromptClass;
 
 /// How many distinct failure messages a phase keeps for the report.
@@ -217,7 +216,7 @@ impl Second {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::phase::tests::{completed, record};
+    use crate::record::tests::{completed, record};
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

@@ -5,7 +5,8 @@ use millrace_proto::v1::ingest_client::IngestClient;
 use millrace_proto::v1::{GenerationParams, SubmitRequest, TerminalStatus};
 use tonic::transport::{Channel, Endpoint};
 
-use super::{ClientError, Ending, Trace};
+use super::{ClientError, Trace};
+use crate::record::Ending;
 use crate::workload::Query;
 
 pub struct GrpcClient {

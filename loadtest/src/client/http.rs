@@ -3,7 +3,8 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ClientError, Ending, Trace};
+use super::{ClientError, Trace};
+use crate::record::Ending;
 use crate::workload::Query;
 
 pub struct HttpClient {

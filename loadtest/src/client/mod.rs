@@ -1,5 +1,5 @@
 //! The three ways into the mesh. Each sends one [`Query`], reports acceptance and tokens on its
-//! [`Trace`] as they come, and returns how the request ended.
+//! [`Trace`] as they come, and returns how the request ended ([`Ending`]).
 mod grpc;
 mod http;
 mod ws;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::phase::Event;
+use crate::record::{Ending, Event};
 use crate::workload::Query;
 
 /// Which API of ingest carries the requests.
@@ -33,41 +33,6 @@ pub struct Endpoints {
     pub grpc_url: String,
     /// WebSocket connections (ws) or HTTP/2 channels (grpc); requests are spread over them.
     pub connections: usize,
-}
-
-/// How a request ended, as far as the client saw.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Ending {
-    /// The API delivered the request's terminal outcome at `at` (phase clock). `status` is the
-    /// sink's status name where the API carries it (ws, grpc); the chat stream only tells
-    /// `COMPLETED` (finish `stop`/`length`), `BLOCKED` (`content_filter`) or
-    /// `stream_error:<code>`.
-    Terminal { status: String, at: Duration },
-    /// Refused before acceptance (an HTTP error status, a WebSocket error frame, a gRPC error
-    /// status), with the API's error code.
-    Rejected { code: String },
-    /// The connection or the protocol broke.
-    Failed { error: String },
-    /// Still open when the phase's drain timeout ran out; the harness gave up on it.
-    TimedOut,
-}
-
-impl Ending {
-    pub const COMPLETED: &str = "COMPLETED";
-
-    /// The key under which the report counts this ending.
-    pub fn label(&self) -> String {
-        match self {
-            Self::Terminal { status, .. } => status.clone(),
-            Self::Rejected { code } => format!("rejected:{code}"),
-            Self::Failed { .. } => "failed".to_owned(),
-            Self::TimedOut => "timed_out".to_owned(),
-        }
-    }
-
-    pub fn is_completed(&self) -> bool {
-        matches!(self, Self::Terminal { status, .. } if status == Self::COMPLETED)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,17 +139,6 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endings_label_and_classify() {
-        let at = Duration::ZERO;
-        assert_eq!(Ending::Terminal { status: "COMPLETED".into(), at }.label(), "COMPLETED");
-        assert!(Ending::Terminal { status: "COMPLETED".into(), at }.is_completed());
-        assert!(!Ending::Terminal { status: "EXPIRED".into(), at }.is_completed());
-        assert_eq!(Ending::Rejected { code: "overloaded".into() }.label(), "rejected:overloaded");
-        assert_eq!(Ending::Failed { error: "x".into() }.label(), "failed");
-        assert_eq!(Ending::TimedOut.label(), "timed_out");
-    }
 
     #[test]
     fn the_first_non_empty_token_marks_ttft() {

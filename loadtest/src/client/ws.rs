@@ -12,7 +12,8 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{ClientError, Ending, Trace};
+use super::{ClientError, Trace};
+use crate::record::Ending;
 use crate::workload::Query;
 
 /// How long closing waits for the server to answer the close frame.
