@@ -13,7 +13,7 @@
 //!
 //! - [`config`]: flags; [`pool`]: the loaded models and the generator pool;
 //!   [`request`]: parameters → engine request, admission rules (pure); [`cancel`]: the cancel
-//!   registry and its listener; [`stage`]: the bus stage; [`grpc`]: the API; [`error`]: the
+//!   registry (its notices come from the bus's cancel follower); [`stage`]: the bus stage; [`grpc`]: the API; [`error`]: the
 //!   API's error codes.
 pub mod cancel;
 pub mod config;

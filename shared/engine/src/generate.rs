@@ -4,7 +4,9 @@
 //! position ids count only real tokens, so each row computes exactly what it would alone. After
 //! the prefill, each step feeds one token per row plus the previous step's `present.*` tensors
 //! as `past_key_values.*`. A row that finishes (EOS, length, stop string, deadline, cancel) is
-//! removed from the batch — its KV rows are dropped — and the others go on undisturbed.
+//! removed from the batch — its KV rows are dropped — and the others go on undisturbed. With
+//! the KV cache bound in ONNX Runtime's memory (IoBinding: always on CUDA, optional on the CPU)
+//! finished rows stay in the batch, fed padding, since device tensors are not cut on the host.
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
