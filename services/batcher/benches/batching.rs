@@ -13,7 +13,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, msg_id};
+use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_engine::{ChatMessage, Manifest};
 use millrace_proto::Message as _;
 use millrace_proto::v1::{Completion, GenerationParams, Prompt, RequestContext};
@@ -82,7 +82,7 @@ async fn run(publisher: &Publisher, prompts: &[String], rate: f64, seconds: f64,
                 };
                 let out = Outbound {
                     subject: Edge::PROMPTS.subject_for(MODEL),
-                    msg_id: msg_id(&rid, "session"),
+                    msg_id: Dedup::Stage("session").msg_id(&rid),
                     payload: prompt.encode_to_vec().into(),
                 };
                 publisher.publish(out).await.unwrap();

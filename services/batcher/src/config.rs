@@ -29,10 +29,6 @@ pub struct BatcherConfig {
     /// milliseconds. A freed slot is seen at most this late.
     #[arg(long, env = "MILLRACE_IN_FLIGHT_POLL_MS", default_value = "20")]
     pub in_flight_poll_ms: NonZeroU64,
-    /// How long a cancel notice is remembered for a request that has not arrived yet, seconds
-    /// (past the longest deadline ingest grants, the request has expired anyway).
-    #[arg(long, env = "MILLRACE_CANCEL_REMEMBER_S", default_value_t = 600)]
-    pub cancel_remember_s: u64,
     /// Test fault: abort the process right after the first batch's PubAck, before its members'
     /// messages are acked (as a crash there would).
     #[arg(long, env = "MILLRACE_FAULT_ABORT_AFTER_PUBLISH", hide = true)]
@@ -43,8 +39,6 @@ pub struct BatcherConfig {
 
 impl BatcherConfig {
     pub const ADMIN_PORT: u16 = 9184;
-    /// Most cancel notices remembered at once; the oldest are forgotten first.
-    pub const CANCEL_CAPACITY: usize = 65_536;
 
     pub fn limits(&self) -> Limits {
         Limits {
@@ -58,10 +52,6 @@ impl BatcherConfig {
 
     pub fn in_flight_poll(&self) -> Duration {
         Duration::from_millis(self.in_flight_poll_ms.get())
-    }
-
-    pub fn cancel_remember(&self) -> Duration {
-        Duration::from_secs(self.cancel_remember_s)
     }
 }
 
@@ -84,7 +74,7 @@ mod tests {
                 dispatch_when_idle: true,
             }
         );
-        assert_eq!((c.in_flight_poll(), c.cancel_remember()), (Duration::from_millis(20), Duration::from_secs(600)));
+        assert_eq!(c.in_flight_poll(), Duration::from_millis(20));
         assert!(!c.fault_abort_after_publish);
         let c = BatcherConfig::parse_from(["batcher", "--max-batch-size=4", "--max-wait-ms=0", "--max-in-flight=1"]);
         assert_eq!((c.limits().max_batch_size, c.limits().max_wait, c.limits().max_in_flight), (4, Duration::ZERO, 1));

@@ -43,7 +43,9 @@
 //! estimate after each dispatch was the alternative; it would bound the dispatch *rate*, not
 //! what inference actually holds, and keep sending batches into a stalled inference.
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
+
+use millrace_bus::CancelMemory;
 use std::time::{Duration, Instant};
 
 /// The batching policy.
@@ -163,50 +165,6 @@ pub enum Admission<T> {
 pub struct Cycle<T> {
     pub dropped: Vec<Dropped<T>>,
     pub batches: Vec<Batch<T>>,
-}
-
-/// Cancel notices, remembered for `remember` and at most `capacity` of them (oldest forgotten
-/// first), so a notice that arrives before its request still applies.
-#[derive(Debug)]
-pub struct CancelMemory {
-    remember: Duration,
-    capacity: usize,
-    at: HashMap<String, Instant>,
-    /// Notices in arrival order; a request cancelled twice appears twice.
-    order: VecDeque<(String, Instant)>,
-}
-
-impl CancelMemory {
-    pub fn new(remember: Duration, capacity: usize) -> Self {
-        Self { remember, capacity: capacity.max(1), at: HashMap::new(), order: VecDeque::new() }
-    }
-
-    pub fn remember(&mut self, request_id: &str, now: Instant) {
-        self.at.insert(request_id.to_owned(), now);
-        self.order.push_back((request_id.to_owned(), now));
-        while let Some((id, at)) = self.order.front() {
-            if self.order.len() <= self.capacity && now.saturating_duration_since(*at) < self.remember {
-                break;
-            }
-            // Only the notice's latest arrival forgets it.
-            if self.at.get(id) == Some(at) {
-                self.at.remove(id);
-            }
-            self.order.pop_front();
-        }
-    }
-
-    pub fn contains(&self, request_id: &str, now: Instant) -> bool {
-        self.at.get(request_id).is_some_and(|at| now.saturating_duration_since(*at) < self.remember)
-    }
-
-    pub fn len(&self) -> usize {
-        self.at.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
-    }
 }
 
 /// Priority (highest first), stream sequence, then push order (unique).
@@ -732,20 +690,6 @@ mod tests {
         assert_eq!(q.depth(M), 1);
         let b = one(q.poll(t0 + 20 * MS));
         assert_eq!(b.members[0].payloads, ["first", "again"]);
-    }
-
-    #[test]
-    fn cancel_notices_are_bounded_in_count_and_time() {
-        let t0 = Instant::now();
-        let mut c = CancelMemory::new(Duration::from_secs(10), 3);
-        for id in ["a", "b", "c", "d"] {
-            c.remember(id, t0);
-        }
-        assert_eq!(c.len(), 3);
-        assert!(!c.contains("a", t0) && c.contains("d", t0));
-        assert!(!c.contains("d", t0 + Duration::from_secs(10)));
-        c.remember("e", t0 + Duration::from_secs(11));
-        assert_eq!(c.len(), 1, "expired notices are forgotten as new ones arrive");
     }
 
     #[test]

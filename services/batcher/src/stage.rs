@@ -1,16 +1,17 @@
 //! The stage PROMPTS → BATCHES.
 //!
 //! ```text
-//! prompt consumer ──(Prompt, oneshot)──► queue task ──Batch──► publish task ──PubAck──► oneshots
-//!   (Handler × workers, each waits)      owns Queues            (one per batch)         (→ acks)
+//! prompt consumer ──(Prompt, AckHandle)──► queue task ──Batch──► publish task ──PubAck──► acks
+//!   (takes each message, returns at once)   owns Queues            (one per batch)
 //! cancel listener ──request id──────────►      ▲
 //! BATCHES subject counts (every poll) ─────────┘
 //! ```
 //!
-//! Each delivered prompt is handed to the one task that owns the per-model [`Queues`], and its
-//! handler waits: the prompt's message is acked only once the batch holding it has its PubAck
-//! (ack after effect), or once the terminal result of a request dropped as expired or cancelled
-//! is published. A crash between a batch's PubAck and those acks redelivers the members; they
+//! Each delivered prompt is handed, with its message's [`AckHandle`], to the one task that owns
+//! the per-model [`Queues`]; the consumer's worker is free again at once, so how many prompts
+//! wait is bounded by the consumer's `max_ack_pending`, not by its workers. The prompt's message
+//! is acked only once the batch holding it has its PubAck (ack after effect), or once the
+//! terminal result of a request dropped as expired or cancelled is published. A crash between a batch's PubAck and those acks redelivers the members; they
 //! form their batch again and, since a batch's id is derived from its members' request ids
 //! (`Nats-Msg-Id = <batch_id>/batcher`), the stream drops the second copy. Should the
 //! redelivered members be grouped differently, inference runs a request twice and its outputs'
@@ -25,41 +26,35 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::Stream as JsStream;
 use futures::TryStreamExt;
-use millrace_bus::publisher::Outbound;
-use millrace_bus::{BusError, Delivery, Edge, Handler, Publisher, StageError, msg_id};
+use millrace_bus::{
+    AckHandle, BusError, BusSettings, ConsumerSpec, Dedup, DeferringHandler, Delivery, Edge, Outbound, Publisher,
+    StageError, terminal_result,
+};
 use millrace_proto::v1::{Batch, Prompt, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics;
-use crate::queue::{self, Admission, CancelMemory, DropReason, Dropped, Limits, Queues, Request};
+use crate::queue::{self, Admission, DropReason, Dropped, Limits, Queues, Request};
 
 /// This stage's name in timings, terminal results and dedup ids.
-pub const STAGE: &str = "batcher";
+pub const STAGE: &str = ConsumerSpec::BATCHER.durable;
 
 /// How long a handed-back prompt waits before redelivery when its batch could not be published.
 const PUBLISH_RETRY: Duration = Duration::from_millis(500);
 
-/// What became of a prompt handed to the queue.
-#[derive(Debug)]
-pub enum Disposition {
-    /// Its batch is in BATCHES (`duplicate`: the stream already held that batch).
-    Batched { batch_id: String, duplicate: bool },
-    /// It left without a batch; its terminal result is still to be published.
-    Dropped { reason: DropReason, prompt: Box<Prompt>, waited: Duration },
-}
-
-type Reply = oneshot::Sender<Result<Disposition, StageError>>;
-
-/// A prompt waiting in a queue, with the handler waiting for it.
-#[derive(Debug)]
+/// A prompt waiting in a queue, with the right to ack its message.
 pub struct Waiter {
     prompt: Prompt,
-    received_unix_us: i64,
-    stream_sequence: u64,
-    reply: Reply,
+    ack: AckHandle,
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter").field("request_id", &self.prompt.ctx.as_ref().map(|c| &c.request_id)).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -92,19 +87,15 @@ pub fn channel(capacity: usize) -> (QueueHandle, QueueInbox) {
 }
 
 impl QueueHandle {
-    /// Queues the prompt and waits until its batch is published or it is dropped.
-    pub async fn submit(&self, model: String, prompt: Prompt, delivery: &Delivery) -> Result<Disposition, StageError> {
-        let (reply, done) = oneshot::channel();
-        let waiter = Box::new(Waiter {
-            prompt,
-            received_unix_us: delivery.received_unix_us,
-            stream_sequence: delivery.stream_sequence,
-            reply,
-        });
-        let stopped = || StageError::transient("the batch queue is not running", Duration::ZERO);
-        self.tx.send(Command::Prompt { model, waiter }).await.map_err(|_| stopped())?;
-        // A queue task that restarts drops its waiters: the prompt is redelivered.
-        done.await.map_err(|_| stopped())?
+    /// Hands the prompt and its message's ack handle to the queue task, which settles it once
+    /// the prompt's batch is published or its request is dropped. A queue task that is not
+    /// running hands the message back (as does one that restarts: it drops its waiters).
+    pub async fn submit(&self, model: String, prompt: Prompt, ack: AckHandle) {
+        if let Err(mpsc::error::SendError(Command::Prompt { waiter, .. })) =
+            self.tx.send(Command::Prompt { model, waiter: Box::new(Waiter { prompt, ack }) }).await
+        {
+            waiter.ack.settle(Err(StageError::transient("the batch queue is not running", Duration::ZERO))).await;
+        }
     }
 
     /// Passes a cancel notice on.
@@ -113,35 +104,28 @@ impl QueueHandle {
     }
 }
 
-/// The PROMPTS handler: hands each prompt to its model's queue and waits for the outcome.
+/// The PROMPTS handler: hands each prompt, with its ack handle, to its model's queue.
 pub struct PromptStage {
     pub queue: QueueHandle,
-    pub publisher: Publisher,
 }
 
-impl Handler for PromptStage {
-    async fn handle(&self, delivery: &Delivery) -> Result<(), StageError> {
-        let prompt: Prompt = delivery.decode()?;
-        let ctx = millrace_bus::require_request(prompt.ctx.as_ref())?;
-        let Some(model) = model_of(&delivery.subject, &ctx.model) else {
-            return Err(StageError::poison(
-                TerminalStatus::Failed,
-                "missing_model",
-                "a prompt names no model",
-                prompt.ctx.clone(),
-            ));
-        };
-        match self.queue.submit(model, prompt, delivery).await? {
-            Disposition::Batched { batch_id, duplicate } => {
-                debug!(batch_id, duplicate, "batched");
-                Ok(())
-            }
-            Disposition::Dropped { reason, prompt, waited } => {
-                self.publisher.publish(dropped_result(*prompt, reason, waited, delivery.received_unix_us)).await?;
-                Ok(())
-            }
+impl DeferringHandler for PromptStage {
+    async fn accept(&self, delivery: Delivery, ack: AckHandle) {
+        match admit(&delivery) {
+            Ok((model, prompt)) => self.queue.submit(model, prompt, ack).await,
+            Err(e) => ack.settle(Err(e)).await,
         }
     }
+}
+
+/// The prompt of a delivery and the model it is queued for.
+fn admit(delivery: &Delivery) -> Result<(String, Prompt), StageError> {
+    let prompt: Prompt = delivery.decode()?;
+    let ctx = millrace_bus::require_request(prompt.ctx.as_ref())?;
+    let model = model_of(&delivery.subject, &ctx.model).ok_or_else(|| {
+        StageError::poison(TerminalStatus::Failed, "missing_model", "a prompt names no model", prompt.ctx.clone())
+    })?;
+    Ok((model, prompt))
 }
 
 /// The model a prompt is queued for: its subject's `<model>` token (what routed it here),
@@ -153,11 +137,6 @@ pub fn model_of(subject: &str, ctx_model: &str) -> Option<String> {
         .filter(|m| !m.is_empty())
         .or(Some(ctx_model).filter(|m| !m.is_empty()))
         .map(str::to_owned)
-}
-
-/// The `Instant` of an absolute unix-ms deadline (0 = none), given now in both clocks.
-pub fn deadline_at(deadline_unix_ms: i64, now: Instant, now_ms: i64) -> Option<Instant> {
-    (deadline_unix_ms > 0).then(|| now + Duration::from_millis(deadline_unix_ms.saturating_sub(now_ms).max(0) as u64))
 }
 
 /// A batch's id: derived from its model and its members' request ids (in any order), so the
@@ -176,7 +155,6 @@ pub fn batch_id<'a>(model: &str, request_ids: impl IntoIterator<Item = &'a str>)
 /// The terminal result of a request dropped before its batch, on RESULTS.
 pub fn dropped_result(mut prompt: Prompt, reason: DropReason, waited: Duration, received_unix_us: i64) -> Outbound {
     prompt.timings.get_or_insert_default().record(STAGE, received_unix_us);
-    let request_id = prompt.ctx.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();
     let waited = waited.as_millis();
     let (status, code, detail) = match reason {
         DropReason::Expired => (
@@ -190,23 +168,12 @@ pub fn dropped_result(mut prompt: Prompt, reason: DropReason, waited: Duration, 
             format!("cancelled before the request was batched (queued {waited} ms)"),
         ),
     };
-    let result = TerminalResult {
-        ctx: prompt.ctx,
-        timings: prompt.timings,
-        status: status.into(),
-        reason: code.to_owned(),
-        detail,
+    Outbound::terminal(&TerminalResult {
         prompt: prompt.prompt,
         verdicts: prompt.verdicts,
         prompt_tokens: prompt.prompt_tokens,
-        stage: STAGE.to_owned(),
-        ..Default::default()
-    };
-    Outbound {
-        subject: Edge::RESULTS.subject_for(&request_id),
-        msg_id: msg_id(&request_id, STAGE),
-        payload: result.encode_to_vec().into(),
-    }
+        ..terminal_result(STAGE, prompt.ctx, prompt.timings, status, code, detail)
+    })
 }
 
 /// The queue task's settings.
@@ -215,8 +182,8 @@ pub struct Batching {
     pub publisher: Publisher,
     /// How often the batches left in BATCHES are counted.
     pub count_every: Duration,
-    pub cancel_remember: Duration,
-    pub cancel_capacity: usize,
+    /// The bus settings, which size the memory of cancel notices.
+    pub bus: BusSettings,
     /// Test fault: abort right after the first batch's PubAck.
     pub fault_abort_after_publish: bool,
 }
@@ -239,8 +206,7 @@ pub async fn run(
     on_ready: impl Fn(),
 ) -> Result<(), BusError> {
     let mut rx = inbox.rx.lock().await;
-    let mut queues =
-        Queues::new(batching.limits, CancelMemory::new(batching.cancel_remember, batching.cancel_capacity));
+    let mut queues = Queues::new(batching.limits, batching.bus.cancel_memory());
     let stream = batching
         .publisher
         .jetstream()
@@ -266,7 +232,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             command = rx.recv() => match command {
-                Some(command) => apply(&mut queues, command),
+                Some(command) => apply(&mut queues, command, &batching.publisher),
                 None => break,
             },
             Some(event) = events.recv() => match event {
@@ -278,11 +244,11 @@ pub async fn run(
         }
         // Take the whole burst that has arrived before deciding what goes.
         while let Ok(command) = rx.try_recv() {
-            apply(&mut queues, command);
+            apply(&mut queues, command, &batching.publisher);
         }
         let cycle = queues.poll(Instant::now());
         for dropped in cycle.dropped {
-            answer_dropped(dropped);
+            answer_dropped(dropped, &batching.publisher);
         }
         for batch in cycle.batches {
             start_publish(batch, batching, events_tx.clone());
@@ -298,7 +264,7 @@ pub async fn run(
     let mut handed_back = 0usize;
     let mut hand_back = |waiter: Waiter| {
         handed_back += 1;
-        let _ = waiter.reply.send(Err(StageError::transient("the batcher is draining", Duration::ZERO)));
+        tokio::spawn(waiter.ack.settle(Err(StageError::transient("the batcher is draining", Duration::ZERO))));
     };
     queues.take_all().into_iter().for_each(&mut hand_back);
     while let Ok(command) = rx.try_recv() {
@@ -313,41 +279,47 @@ pub async fn run(
     Ok(())
 }
 
-fn apply(queues: &mut Queues<Waiter>, command: Command) {
+fn apply(queues: &mut Queues<Waiter>, command: Command, publisher: &Publisher) {
     let now = Instant::now();
     match command {
         Command::Prompt { model, waiter } => {
             let ctx = waiter.prompt.ctx.clone().unwrap_or_default();
             let request = Request {
-                request_id: ctx.request_id,
+                request_id: ctx.request_id.clone(),
                 priority: ctx.priority,
-                sequence: waiter.stream_sequence,
+                sequence: waiter.ack.delivery().stream_sequence,
                 tokens: waiter.prompt.prompt_tokens,
-                deadline: deadline_at(ctx.deadline_unix_ms, now, now_unix_ms()),
+                deadline: ctx.deadline_instant(now, now_unix_ms()),
                 payload: *waiter,
             };
             match queues.push(&model, request, now) {
                 Admission::Queued | Admission::Joined => {}
-                Admission::Dropped(dropped) => answer_dropped(dropped),
+                Admission::Dropped(dropped) => answer_dropped(dropped, publisher),
             }
         }
         Command::Cancel(request_id) => {
             metrics::CANCEL_NOTICES.inc();
             if let Some(dropped) = queues.cancel(&request_id, now) {
-                answer_dropped(dropped);
+                answer_dropped(dropped, publisher);
             }
         }
     }
 }
 
-/// Hands each dropped request back to its handler, which publishes its terminal result.
-fn answer_dropped(dropped: Dropped<Waiter>) {
+/// Publishes each dropped request's terminal result in its own task, then settles its
+/// messages (acked once the result has its PubAck, handed back if it could not be published).
+fn answer_dropped(dropped: Dropped<Waiter>, publisher: &Publisher) {
     debug!(request_id = dropped.request_id, reason = dropped.reason.as_str(), "dropped before batching");
     metrics::DROPPED.with_label_values(&[&dropped.model, dropped.reason.as_str()]).inc();
-    let waited = dropped.arrived.elapsed();
+    let (waited, reason) = (dropped.arrived.elapsed(), dropped.reason);
     for waiter in dropped.payloads {
-        let disposition = Disposition::Dropped { reason: dropped.reason, prompt: Box::new(waiter.prompt), waited };
-        let _ = waiter.reply.send(Ok(disposition));
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let received_unix_us = waiter.ack.delivery().received_unix_us;
+            let result = dropped_result(waiter.prompt, reason, waited, received_unix_us);
+            let published = publisher.publish(result).await.map(drop).map_err(StageError::from);
+            waiter.ack.settle(published).await;
+        });
     }
 }
 
@@ -361,16 +333,16 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
     metrics::BATCH_TOKENS.with_label_values(&labels).observe(batch.tokens as f64);
     metrics::DISPATCHES.with_label_values(&[model.as_str(), reason]).inc();
     let mut prompts = Vec::with_capacity(batch.members.len());
-    let mut replies = Vec::new();
+    let mut acks = Vec::new();
     for member in batch.members {
         metrics::QUEUE_WAIT.with_label_values(&labels).observe(member.arrived.elapsed().as_secs_f64());
         for (i, waiter) in member.payloads.into_iter().enumerate() {
             if i == 0 {
                 let mut prompt = waiter.prompt;
-                prompt.timings.get_or_insert_default().record(STAGE, waiter.received_unix_us);
+                prompt.timings.get_or_insert_default().record(STAGE, waiter.ack.delivery().received_unix_us);
                 prompts.push(prompt);
             }
-            replies.push(waiter.reply);
+            acks.push(waiter.ack);
         }
     }
     debug!(batch_id = id, model, reason, size = prompts.len(), tokens = batch.tokens, "dispatching");
@@ -381,9 +353,10 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
         created_unix_us: now_unix_us(),
         dispatch_reason: reason.to_owned(),
     };
+    // A batch is not one request's message: its dedup id is derived from its members.
     let out = Outbound {
         subject: Edge::BATCHES.subject_for(&model),
-        msg_id: msg_id(&id, STAGE),
+        msg_id: Dedup::Stage(STAGE).msg_id(&id),
         payload: message.encode_to_vec().into(),
     };
     let (publisher, abort) = (batching.publisher.clone(), batching.fault_abort_after_publish);
@@ -395,20 +368,21 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
             std::process::abort();
         }
         let _ = events.send(Event::Published { model, ok: published.is_ok(), at });
-        match published {
+        let outcome = match published {
             Ok(ack) => {
-                for reply in replies {
-                    let _ = reply.send(Ok(Disposition::Batched { batch_id: id.clone(), duplicate: ack.duplicate }));
-                }
+                debug!(batch_id = id, duplicate = ack.duplicate, "batched");
+                Ok(())
             }
             Err(e) => {
                 warn!(batch_id = id, error = %e, "batch not published: its prompts are handed back");
-                for reply in replies {
-                    let _ =
-                        reply.send(Err(StageError::transient(format!("publishing batch {id}: {e}"), PUBLISH_RETRY)));
-                }
+                Err(format!("publishing batch {id}: {e}"))
             }
-        }
+        };
+        futures::future::join_all(
+            acks.into_iter()
+                .map(|ack| ack.settle(outcome.clone().map_err(|e| StageError::transient(e, PUBLISH_RETRY)))),
+        )
+        .await;
     });
 }
 
@@ -470,14 +444,6 @@ mod tests {
         assert_eq!(model_of("mr.v1.prompts.", "ctx-model").as_deref(), Some("ctx-model"));
         assert_eq!(model_of("elsewhere", "ctx-model").as_deref(), Some("ctx-model"));
         assert_eq!(model_of("mr.v1.prompts", ""), None);
-    }
-
-    #[test]
-    fn deadlines_map_onto_the_monotonic_clock() {
-        let now = Instant::now();
-        assert_eq!(deadline_at(0, now, 1_000), None);
-        assert_eq!(deadline_at(1_250, now, 1_000), Some(now + Duration::from_millis(250)));
-        assert_eq!(deadline_at(900, now, 1_000), Some(now), "already past: due now");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, stream::Stream as JsStream};
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{Edge, ephemeral};
-use millrace_bus::{BusSettings, Publisher, msg_id};
+use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_proto::v1::{Batch, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms};
 use millrace_testkit::{NatsServer, ServiceProcess};
@@ -96,7 +96,7 @@ impl Bus {
         self.publisher
             .publish(Outbound {
                 subject: Edge::PROMPTS.subject_for(MODEL),
-                msg_id: msg_id(&request_id, "session"),
+                msg_id: Dedup::Stage("session").msg_id(&request_id),
                 payload: prompt.encode_to_vec().into(),
             })
             .await
@@ -309,7 +309,7 @@ async fn a_crash_between_publish_and_ack_completes_no_request_twice() {
         bus.publisher
             .publish(Outbound {
                 subject: Edge::BATCHES.subject_for(MODEL),
-                msg_id: msg_id(blocker, "batcher"),
+                msg_id: Dedup::Stage("batcher").msg_id(blocker),
                 payload: batch.encode_to_vec().into(),
             })
             .await

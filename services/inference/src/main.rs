@@ -4,16 +4,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use millrace_bus::StageConsumer;
-use millrace_bus::topology::ConsumerSpec;
-use millrace_inference::cancel::{self, CancelRegistry};
+use millrace_bus::{ConsumerSpec, StageConsumer};
+use millrace_inference::cancel::CancelRegistry;
 use millrace_inference::config::InferenceConfig;
 use millrace_inference::grpc::InferenceApi;
 use millrace_inference::pool::Engines;
 use millrace_inference::request::Defaults;
-use millrace_inference::stage::{BatchStage, STAGE};
+use millrace_inference::stage::BatchStage;
 use millrace_proto::v1::inference_server::InferenceServer;
-use millrace_runtime::{ChildSpec, Service, consumer_child, serve_grpc};
+use millrace_runtime::{ChildSpec, Service, cancel_listener_child, consumer_child, serve_grpc};
 
 fn main() -> ExitCode {
     let config = InferenceConfig::parse();
@@ -22,26 +21,21 @@ fn main() -> ExitCode {
         let engines = Arc::new(tokio::task::spawn_blocking(move || Engines::load(&loading)).await??);
         let publisher = setup.connect_bus().await?;
         let defaults = Defaults { max_new_tokens: config.max_new_tokens_default };
-        let cancels = CancelRegistry::new(cancel::REMEMBER, cancel::CAPACITY);
+        let cancels = CancelRegistry::new(config.shell.bus.cancel_memory());
         // A batch pulled while every generator is busy would only wait here, where another
         // replica could be running it: pull no more batches than there are generators.
         let mut bus = config.shell.bus.clone();
         bus.workers = bus.workers.min(config.sessions.get());
         let stage =
             BatchStage { engines: engines.clone(), cancels: cancels.clone(), publisher: publisher.clone(), defaults };
-        let batches =
-            Arc::new(StageConsumer::new(STAGE, ConsumerSpec::INFERENCE, Arc::new(stage), publisher.clone(), bus));
+        let batches = StageConsumer::new(ConsumerSpec::INFERENCE, stage, publisher.clone(), bus);
         let grpc = setup.grpc_router().add_service(InferenceServer::new(InferenceApi { engines, defaults }));
-        let (client, grpc_addr) = (publisher.client(), config.grpc_addr);
+        let grpc_addr = config.grpc_addr;
         Ok(vec![
-            ChildSpec::new("cancel-listener", move |ctx| {
-                let (client, cancels) = (client.clone(), cancels.clone());
-                async move {
-                    let cancel = |request_id: String| std::future::ready(cancels.cancel(&request_id));
-                    Ok(millrace_bus::follow_cancels(client, ctx.shutdown.clone(), || ctx.set_ready(), cancel).await?)
-                }
+            cancel_listener_child(&publisher, move |request_id: String| {
+                std::future::ready(cancels.cancel(&request_id))
             }),
-            consumer_child("batch-consumer", batches),
+            consumer_child(batches),
             ChildSpec::new("grpc-api", move |ctx| serve_grpc(ctx, grpc_addr, grpc.clone())),
         ])
     })

@@ -2,7 +2,7 @@
 //! must pass before it may join a batch (pure: no models, no NATS).
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use millrace_engine::{GenerationRequest, SamplingParams};
 use millrace_proto::v1::GenerationParams;
@@ -54,13 +54,6 @@ pub fn check_fit(prompt_tokens: usize, max_new_tokens: usize, context_length: us
 /// unlike std's hasher), so a redelivered batch samples the same tokens again.
 pub fn seed_from_request_id(request_id: &str) -> u64 {
     request_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// The `Instant` of an absolute unix-ms deadline (0 = none), given the current time in both
-/// clocks. A deadline already past maps to `now`, which the engine treats as expired.
-pub fn deadline_at(deadline_unix_ms: i64, now: Instant, now_unix_ms: i64) -> Option<Instant> {
-    (deadline_unix_ms != 0)
-        .then(|| now + Duration::from_millis(deadline_unix_ms.saturating_sub(now_unix_ms).max(0) as u64))
 }
 
 /// Service-wide fallbacks for parameters a request leaves unset.
@@ -148,14 +141,6 @@ mod tests {
         assert_ne!(seed_from_request_id("0190-a"), seed_from_request_id("0190-b"));
         // FNV-1a's published test vector: the value must not change between builds.
         assert_eq!(seed_from_request_id("a"), 0xaf63_dc4c_8601_ec8c);
-    }
-
-    #[test]
-    fn deadlines_map_to_instants_and_past_ones_to_now() {
-        let now = Instant::now();
-        assert_eq!(deadline_at(0, now, 1_000), None);
-        assert_eq!(deadline_at(1_250, now, 1_000), Some(now + Duration::from_millis(250)));
-        assert_eq!(deadline_at(900, now, 1_000), Some(now));
     }
 
     #[test]

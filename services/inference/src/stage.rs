@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
-use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::ephemeral;
-use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
+use millrace_bus::{ConsumerSpec, Delivery, Edge, Handler, Outbound, Publisher, StageError, terminal_result};
 use millrace_engine::{FinishReason, Generation};
 use millrace_proto::v1::{
     Batch, Completion, Prompt, RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk,
@@ -22,10 +21,10 @@ use tracing::{debug, warn};
 use crate::cancel::CancelRegistry;
 use crate::metrics::GENERATIONS;
 use crate::pool::{Engines, Outcome};
-use crate::request::{Defaults, check_model, deadline_at, generation_request, seed_from_request_id};
+use crate::request::{Defaults, check_model, generation_request, seed_from_request_id};
 
 /// This stage's name in timings, terminal results and dedup ids.
-pub const STAGE: &str = "inference";
+pub const STAGE: &str = ConsumerSpec::INFERENCE.durable;
 
 /// How long a batch waits before being redelivered after the engine failed on it.
 const ENGINE_RETRY: Duration = Duration::from_secs(1);
@@ -75,7 +74,7 @@ impl BatchStage {
             .zip(&registrations)
             .map(|(p, registration)| {
                 let ctx = context(p);
-                let deadline = deadline_at(ctx.deadline_unix_ms, now, now_ms);
+                let deadline = ctx.deadline_instant(now, now_ms);
                 let seed = seed_from_request_id(&ctx.request_id);
                 generation_request(
                     p.prompt.clone(),
@@ -154,37 +153,25 @@ async fn publish_chunk(client: &Client, request_id: &str, index: u32, text: Stri
 /// request that ended without one.
 pub fn outbound(mut prompt: Prompt, outcome: Outcome, model_version: &str, received_unix_us: i64) -> Outbound {
     prompt.timings.get_or_insert_default().record(STAGE, received_unix_us);
-    let request_id = context(&prompt).request_id.clone();
-    let (subject, payload) = match outcome {
+    let result = match outcome {
         Ok(g) => match g.finish {
             FinishReason::Eos | FinishReason::Length | FinishReason::Stop => {
-                (Edge::COMPLETIONS.subject_for(&request_id), completion(prompt, g, model_version).encode_to_vec())
+                return Outbound::stage_output(Edge::COMPLETIONS, STAGE, &completion(prompt, g, model_version));
             }
             FinishReason::Cancelled => {
                 let detail = format!("cancelled after {} generated tokens", g.token_ids.len());
-                let result = terminal(prompt, TerminalStatus::Cancelled, "cancelled", detail, Some(g), model_version);
-                (Edge::RESULTS.subject_for(&request_id), result.encode_to_vec())
+                terminal(prompt, TerminalStatus::Cancelled, "cancelled", detail, Some(g), model_version)
             }
             FinishReason::Deadline => {
                 let detail = format!("deadline passed after {} generated tokens", g.token_ids.len());
-                let result =
-                    terminal(prompt, TerminalStatus::Expired, "deadline_exceeded", detail, Some(g), model_version);
-                (Edge::RESULTS.subject_for(&request_id), result.encode_to_vec())
+                terminal(prompt, TerminalStatus::Expired, "deadline_exceeded", detail, Some(g), model_version)
             }
         },
         Err(rejection) => {
-            let result = terminal(
-                prompt,
-                TerminalStatus::Rejected,
-                rejection.code(),
-                rejection.to_string(),
-                None,
-                model_version,
-            );
-            (Edge::RESULTS.subject_for(&request_id), result.encode_to_vec())
+            terminal(prompt, TerminalStatus::Rejected, rejection.code(), rejection.to_string(), None, model_version)
         }
     };
-    Outbound { subject, msg_id: msg_id(&request_id, STAGE), payload: payload.into() }
+    Outbound::terminal(&result)
 }
 
 fn completion(prompt: Prompt, g: Generation, model_version: &str) -> Completion {
@@ -216,19 +203,13 @@ fn terminal(
         None => (String::new(), prompt.prompt_tokens, 0),
     };
     TerminalResult {
-        ctx: prompt.ctx,
-        timings: prompt.timings,
-        status: status.into(),
-        reason: reason.to_owned(),
-        detail,
         prompt: prompt.prompt,
         completion,
         verdicts: prompt.verdicts,
         model_version: model_version.to_owned(),
         prompt_tokens,
         completion_tokens,
-        stage: STAGE.to_owned(),
-        ..Default::default()
+        ..terminal_result(STAGE, prompt.ctx, prompt.timings, status, reason, detail)
     }
 }
 

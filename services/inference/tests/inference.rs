@@ -8,7 +8,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{Edge, ephemeral};
-use millrace_bus::{BusSettings, Publisher, msg_id};
+use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_engine::embed::cosine;
 use millrace_engine::{ChatMessage, Manifest};
 use millrace_proto::v1::inference_client::InferenceClient;
@@ -94,7 +94,7 @@ async fn publish_batch(publisher: &Publisher, batch_id: &str, prompts: Vec<Promp
     let published = publisher
         .publish(Outbound {
             subject: Edge::BATCHES.subject_for(MODEL),
-            msg_id: msg_id(batch_id, "batcher"),
+            msg_id: Dedup::Stage("batcher").msg_id(batch_id),
             payload: batch.encode_to_vec().into(),
         })
         .await

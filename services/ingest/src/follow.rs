@@ -62,7 +62,8 @@ impl Frontend {
     ) -> Result<(Accepted, Follower), ApiError> {
         let query = self.gateway.prepare(submission, received_unix_us)?;
         let ctx = query.ctx.as_ref().expect("prepare sets the context");
-        let until_deadline = Duration::from_millis((ctx.deadline_unix_ms - now_unix_ms()).max(0) as u64);
+        // Ingest always sets a deadline; one without would be followed for the grace alone.
+        let until_deadline = ctx.time_left(now_unix_ms()).unwrap_or_default();
         let follower = Follower::start(self, ctx.clone(), Instant::now() + until_deadline + DEADLINE_GRACE).await?;
         let accepted = self.gateway.publish(query).await?;
         Ok((accepted, follower))

@@ -3,11 +3,10 @@
 //! "Invariants": exactly one terminal row per accepted request).
 use std::sync::Arc;
 
-use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::ephemeral;
-use millrace_bus::{Edge, Publisher, msg_id};
-use millrace_proto::v1::{Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
-use millrace_proto::{Message, now_unix_us};
+use millrace_bus::{Dedup, Edge, Outbound, Publisher, terminal_result};
+use millrace_proto::now_unix_us;
+use millrace_proto::v1::{Query, RequestContext, TerminalStatus, Timings};
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -17,8 +16,6 @@ use crate::submit::{STAGE, Submission};
 
 /// Terminal reason of a request cancelled through the API.
 const CANCELLED_BY_CLIENT: &str = "cancelled_by_client";
-/// Dedup stage of the cancel's terminal result: a repeated DELETE publishes it once.
-const CANCEL_STAGE: &str = "ingest.cancel";
 
 /// The outcome of an accepted submit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,11 +57,7 @@ impl Gateway {
         let (request_id, model) = (ctx.request_id.clone(), ctx.model.clone());
         let published = self
             .publisher
-            .publish(Outbound {
-                subject: Edge::QUERIES.subject_for(""),
-                msg_id: msg_id(&request_id, STAGE),
-                payload: query.encode_to_vec().into(),
-            })
+            .publish(Outbound::stage_output(Edge::QUERIES, STAGE, &query))
             .await
             .inspect_err(|e| warn!(request_id, error = %e, "submit not published"))?;
         Ok(Accepted { request_id, model, created: !published.duplicate })
@@ -90,24 +83,19 @@ impl Gateway {
     /// CANCELLED row names the request's user, tenant and model; otherwise only its id.
     pub async fn cancel(&self, ctx: &RequestContext) -> Result<(), ApiError> {
         let request_id = ctx.request_id.as_str();
-        let received_unix_us = now_unix_us();
         let mut timings = Timings::default();
-        timings.record(STAGE, received_unix_us);
-        let result = TerminalResult {
-            ctx: Some(ctx.clone()),
-            timings: Some(timings),
-            status: TerminalStatus::Cancelled.into(),
-            reason: CANCELLED_BY_CLIENT.to_owned(),
-            detail: "cancelled by the client".to_owned(),
-            stage: STAGE.to_owned(),
-            ..Default::default()
-        };
+        timings.record(STAGE, now_unix_us());
+        let result = terminal_result(
+            STAGE,
+            Some(ctx.clone()),
+            Some(timings),
+            TerminalStatus::Cancelled,
+            CANCELLED_BY_CLIENT,
+            "cancelled by the client",
+        );
+        // Deduplicated as a cancel, not as ingest's output: a repeated DELETE publishes it once.
         self.publisher
-            .publish(Outbound {
-                subject: Edge::RESULTS.subject_for(request_id),
-                msg_id: msg_id(request_id, CANCEL_STAGE),
-                payload: result.encode_to_vec().into(),
-            })
+            .publish(Outbound::per_request(Edge::RESULTS, Dedup::Cancel, &result))
             .await
             .inspect_err(|e| warn!(request_id, error = %e, "cancel not published"))?;
         // Core NATS: best effort by design; the terminal row above is what counts.

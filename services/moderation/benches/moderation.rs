@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, msg_id};
+use millrace_bus::{BusSettings, Dedup};
 use millrace_moderation::moderator::{ClassifierPool, Moderator, PolicyStore};
 use millrace_moderation::normalize::normalize;
 use millrace_moderation::policy::{Policy, Stage};
@@ -147,7 +147,7 @@ async fn through_nats(models: &std::path::Path, texts: &[String], messages: usiz
             };
             Outbound {
                 subject: Edge::CLEAN.subject_for(&id),
-                msg_id: msg_id(&id, "bench"),
+                msg_id: Dedup::Stage("bench").msg_id(&id),
                 payload: query.encode_to_vec().into(),
             }
         })

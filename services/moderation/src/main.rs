@@ -10,7 +10,7 @@ use millrace_moderation::config::ModerationConfig;
 use millrace_moderation::grpc::ModerationApi;
 use millrace_moderation::moderator::{ClassifierPool, Moderator, PolicyStore};
 use millrace_moderation::reload;
-use millrace_moderation::stage::{InputStage, OutputStage, STAGE_INPUT, STAGE_OUTPUT};
+use millrace_moderation::stage::{InputStage, OutputStage};
 use millrace_proto::v1::moderation_server::ModerationServer;
 use millrace_runtime::{ChildSpec, Service, consumer_child, serve_grpc};
 use tracing::info;
@@ -36,8 +36,8 @@ fn main() -> ExitCode {
         let bus = config.shell.bus.clone();
         let input = InputStage { moderator: moderator.clone(), publisher: publisher.clone() };
         let output = OutputStage { moderator: moderator.clone(), publisher: publisher.clone() };
-        let input = Arc::new(StageConsumer::new(STAGE_INPUT, ConsumerSpec::MODERATION_INPUT, Arc::new(input), publisher.clone(), bus.clone()));
-        let output = Arc::new(StageConsumer::new(STAGE_OUTPUT, ConsumerSpec::MODERATION_OUTPUT, Arc::new(output), publisher, bus));
+        let input = StageConsumer::new(ConsumerSpec::MODERATION_INPUT, input, publisher.clone(), bus.clone());
+        let output = StageConsumer::new(ConsumerSpec::MODERATION_OUTPUT, output, publisher, bus);
         let grpc = setup.grpc_router().add_service(ModerationServer::new(ModerationApi { moderator }));
         let (poll, grpc_addr) = (config.policy_poll(), config.grpc_addr);
         Ok(vec![
@@ -45,8 +45,8 @@ fn main() -> ExitCode {
                 let store = store.clone();
                 async move { Ok(reload::watch(store, poll, ctx.shutdown.clone(), || ctx.set_ready()).await?) }
             }),
-            consumer_child("input-consumer", input),
-            consumer_child("output-consumer", output),
+            consumer_child(input),
+            consumer_child(output),
             ChildSpec::new("grpc-api", move |ctx| serve_grpc(ctx, grpc_addr, grpc.clone())),
         ])
     })

@@ -5,18 +5,16 @@
 //! message is acked; a classifier failure naks it for a retry.
 use std::time::Duration;
 
-use millrace_bus::publisher::Outbound;
-use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
-use millrace_proto::Message as _;
+use millrace_bus::{ConsumerSpec, Delivery, Edge, Handler, Outbound, Publisher, StageError, terminal_result};
 use millrace_proto::v1::{AdmittedQuery, CleanedQuery, Completion, Result as TerminalResult, TerminalStatus};
 
 use crate::moderator::{ModerationError, Moderator};
 use crate::policy::{Action, Decision, Stage};
 
 /// The input stage's name in timings, results and dedup ids.
-pub const STAGE_INPUT: &str = "moderation-input";
+pub const STAGE_INPUT: &str = ConsumerSpec::MODERATION_INPUT.durable;
 /// The output stage's name in timings, results and dedup ids.
-pub const STAGE_OUTPUT: &str = "moderation-output";
+pub const STAGE_OUTPUT: &str = ConsumerSpec::MODERATION_OUTPUT.durable;
 
 /// How long a message waits before redelivery after the classifier failed on it.
 const RETRY: Duration = Duration::from_secs(1);
@@ -75,28 +73,15 @@ fn blocked_because(decision: &Decision, stage: Stage) -> (String, String) {
 /// `BLOCKED_INPUT` result (the refusal as its completion) on `RESULTS`.
 pub fn input_outbound(mut query: CleanedQuery, decision: &Decision, refusal: &str, received_unix_us: i64) -> Outbound {
     query.timings.get_or_insert_default().record(STAGE_INPUT, received_unix_us);
-    let request_id = query.ctx.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();
-    let msg_id = msg_id(&request_id, STAGE_INPUT);
     if decision.action == Action::Block {
         let (reason, detail) = blocked_because(decision, Stage::Input);
-        let result = TerminalResult {
-            ctx: query.ctx,
-            timings: query.timings,
-            status: TerminalStatus::BlockedInput.into(),
-            reason,
-            detail,
+        return Outbound::terminal(&TerminalResult {
             prompt: query.text,
             completion: refusal.to_owned(),
             verdicts: decision.verdicts.clone(),
             prompt_tokens: query.token_count,
-            stage: STAGE_INPUT.to_owned(),
-            ..Default::default()
-        };
-        return Outbound {
-            subject: Edge::RESULTS.subject_for(&request_id),
-            msg_id,
-            payload: result.encode_to_vec().into(),
-        };
+            ..terminal_result(STAGE_INPUT, query.ctx, query.timings, TerminalStatus::BlockedInput, reason, detail)
+        });
     }
     let admitted = AdmittedQuery {
         ctx: query.ctx,
@@ -105,14 +90,13 @@ pub fn input_outbound(mut query: CleanedQuery, decision: &Decision, refusal: &st
         token_count: query.token_count,
         verdicts: decision.verdicts.clone(),
     };
-    Outbound { subject: Edge::ADMITTED.subject_for(&request_id), msg_id, payload: admitted.encode_to_vec().into() }
+    Outbound::stage_output(Edge::ADMITTED, STAGE_INPUT, &admitted)
 }
 
 /// The terminal result a completion becomes: `COMPLETED` with its text, or `BLOCKED_OUTPUT`
 /// with the refusal in its place; either way with the input's and the output's verdicts.
 pub fn output_outbound(mut c: Completion, decision: &Decision, refusal: &str, received_unix_us: i64) -> Outbound {
     c.timings.get_or_insert_default().record(STAGE_OUTPUT, received_unix_us);
-    let request_id = c.ctx.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();
     let mut verdicts = c.verdicts;
     verdicts.extend(decision.verdicts.iter().cloned());
     let (status, reason, detail, completion) = if decision.action == Action::Block {
@@ -121,12 +105,7 @@ pub fn output_outbound(mut c: Completion, decision: &Decision, refusal: &str, re
     } else {
         (TerminalStatus::Completed, c.finish_reason, String::new(), c.text)
     };
-    let result = TerminalResult {
-        ctx: c.ctx,
-        timings: c.timings,
-        status: status.into(),
-        reason,
-        detail,
+    Outbound::terminal(&TerminalResult {
         // The user's (redacted) turn; the rendered prompt only when the turn is unknown.
         prompt: if c.user_text.is_empty() { c.prompt } else { c.user_text },
         completion,
@@ -134,18 +113,13 @@ pub fn output_outbound(mut c: Completion, decision: &Decision, refusal: &str, re
         model_version: c.model_version,
         prompt_tokens: c.prompt_tokens,
         completion_tokens: c.completion_tokens,
-        stage: STAGE_OUTPUT.to_owned(),
-        ..Default::default()
-    };
-    Outbound {
-        subject: Edge::RESULTS.subject_for(&request_id),
-        msg_id: msg_id(&request_id, STAGE_OUTPUT),
-        payload: result.encode_to_vec().into(),
-    }
+        ..terminal_result(STAGE_OUTPUT, c.ctx, c.timings, status, reason, detail)
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use millrace_proto::Message as _;
     use millrace_proto::v1::{RequestContext, StageTiming, Timings, Verdict};
 
     use super::*;

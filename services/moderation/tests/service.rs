@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, msg_id};
+use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_proto::Message as _;
 use millrace_proto::v1::moderation_client::ModerationClient;
 use millrace_proto::v1::{
@@ -134,7 +134,7 @@ async fn send_query(publisher: &Publisher, request_id: &str, text: &str) {
     };
     let out = Outbound {
         subject: Edge::CLEAN.subject_for(request_id),
-        msg_id: msg_id(request_id, "preprocess"),
+        msg_id: Dedup::Stage("preprocess").msg_id(request_id),
         payload: query.encode_to_vec().into(),
     };
     publisher.publish(out).await.unwrap();
@@ -155,7 +155,7 @@ async fn send_completion(publisher: &Publisher, request_id: &str, text: &str) {
     };
     let out = Outbound {
         subject: Edge::COMPLETIONS.subject_for(request_id),
-        msg_id: msg_id(request_id, "inference"),
+        msg_id: Dedup::Stage("inference").msg_id(request_id),
         payload: completion.encode_to_vec().into(),
     };
     publisher.publish(out).await.unwrap();

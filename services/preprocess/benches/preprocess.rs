@@ -17,7 +17,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, StageConsumer, msg_id};
+use millrace_bus::{BusSettings, Dedup, StageConsumer};
 use millrace_preprocess::budget::TokenModels;
 use millrace_preprocess::clean::{Overflow, Policy, Preprocessor};
 use millrace_preprocess::normalize::normalize;
@@ -138,7 +138,7 @@ fn query(i: usize, text: &str) -> Outbound {
     };
     Outbound {
         subject: Edge::QUERIES.subject_for(""),
-        msg_id: msg_id(&id, "ingest"),
+        msg_id: Dedup::Stage("ingest").msg_id(&id),
         payload: q.encode_to_vec().into(),
     }
 }
@@ -155,8 +155,7 @@ async fn through_nats(texts: &[String], n: usize, workers: usize, preprocessor: 
     let settings = BusSettings { nats_url: nats.url(), workers, ..Default::default() };
     let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
     let stage = PreprocessStage { preprocessor, publisher: publisher.clone() };
-    let consumer =
-        StageConsumer::new("preprocess", ConsumerSpec::PREPROCESS, Arc::new(stage), publisher.clone(), settings);
+    let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, Arc::new(stage), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();

@@ -9,7 +9,7 @@ use millrace_bus::topology::ConsumerSpec;
 use millrace_preprocess::budget::TokenModels;
 use millrace_preprocess::clean::Preprocessor;
 use millrace_preprocess::config::PreprocessConfig;
-use millrace_preprocess::stage::{PreprocessStage, STAGE};
+use millrace_preprocess::stage::PreprocessStage;
 use millrace_runtime::{Service, consumer_child};
 use tracing::info;
 
@@ -30,13 +30,7 @@ fn main() -> ExitCode {
         let preprocessor = Arc::new(Preprocessor::new(policy, models));
         let publisher = setup.connect_bus().await?;
         let stage = PreprocessStage { preprocessor, publisher: publisher.clone() };
-        let queries = Arc::new(StageConsumer::new(
-            STAGE,
-            ConsumerSpec::PREPROCESS,
-            Arc::new(stage),
-            publisher,
-            config.shell.bus.clone(),
-        ));
-        Ok(vec![consumer_child("queries-consumer", queries)])
+        let queries = StageConsumer::new(ConsumerSpec::PREPROCESS, stage, publisher, config.shell.bus.clone());
+        Ok(vec![consumer_child(queries)])
     })
 }

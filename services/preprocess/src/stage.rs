@@ -9,16 +9,14 @@
 //! redacted text, and a REJECTED result carries no text at all.
 use std::sync::Arc;
 
-use millrace_bus::publisher::Outbound;
-use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
-use millrace_proto::Message as _;
-use millrace_proto::v1::{CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_bus::{ConsumerSpec, Delivery, Edge, Handler, Outbound, Publisher, StageError, terminal_result};
+use millrace_proto::v1::{CleanedQuery, Query, RequestContext, TerminalStatus};
 use tracing::debug;
 
 use crate::clean::{Cleaned, PreprocessError, Preprocessor, Rejection};
 
 /// This stage's name in timings, terminal results and dedup ids.
-pub const STAGE: &str = "preprocess";
+pub const STAGE: &str = ConsumerSpec::PREPROCESS.durable;
 
 /// Texts up to this many bytes are processed on the async worker (tens of microseconds);
 /// longer ones on the blocking pool, so a burst of long texts does not stall the runtime.
@@ -66,44 +64,35 @@ impl Handler for PreprocessStage {
 /// The one message a query becomes. `query.ctx` holds the request id; its text is not used.
 pub fn outbound(query: Query, outcome: Result<Cleaned, Rejection>, received_unix_us: i64) -> Outbound {
     let ctx = query.ctx.unwrap_or_default();
-    let request_id = ctx.request_id.clone();
     let mut timings = query.timings.unwrap_or_default();
     timings.record(STAGE, received_unix_us);
     match outcome {
-        Ok(cleaned) => Outbound {
-            subject: Edge::CLEAN.subject_for(""),
-            msg_id: msg_id(&request_id, STAGE),
-            payload: CleanedQuery {
+        Ok(cleaned) => {
+            let cleaned = CleanedQuery {
                 ctx: Some(ctx),
                 timings: Some(timings),
                 text: cleaned.text,
                 token_count: cleaned.token_count,
                 truncated: cleaned.truncated,
                 redactions: cleaned.redactions.into_iter().collect(),
-            }
-            .encode_to_vec()
-            .into(),
-        },
-        Err(rejection) => Outbound {
-            subject: Edge::RESULTS.subject_for(&request_id),
-            msg_id: msg_id(&request_id, STAGE),
-            payload: TerminalResult {
-                ctx: Some(ctx),
-                timings: Some(timings),
-                status: TerminalStatus::Rejected as i32,
-                reason: rejection.reason().to_owned(),
-                detail: rejection.to_string(),
-                stage: STAGE.to_owned(),
-                ..Default::default()
-            }
-            .encode_to_vec()
-            .into(),
-        },
+            };
+            Outbound::stage_output(Edge::CLEAN, STAGE, &cleaned)
+        }
+        Err(rejection) => Outbound::terminal(&terminal_result(
+            STAGE,
+            Some(ctx),
+            Some(timings),
+            TerminalStatus::Rejected,
+            rejection.reason(),
+            rejection.to_string(),
+        )),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use millrace_proto::Message as _;
+    use millrace_proto::v1::Result as TerminalResult;
     use std::collections::BTreeMap;
 
     use millrace_proto::v1::Timings;

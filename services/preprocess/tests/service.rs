@@ -8,7 +8,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Publisher, msg_id};
+use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_proto::v1::{CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
 use millrace_testkit::{NatsServer, ServiceProcess, workspace_root};
@@ -55,7 +55,7 @@ impl Mesh {
         self.publisher
             .publish(Outbound {
                 subject: Edge::QUERIES.subject_for(""),
-                msg_id: msg_id(request_id, "ingest"),
+                msg_id: Dedup::Stage("ingest").msg_id(request_id),
                 payload: query.encode_to_vec().into(),
             })
             .await

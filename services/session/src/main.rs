@@ -12,7 +12,7 @@ use millrace_session::config::SessionConfig;
 use millrace_session::grpc::SessionsApi;
 use millrace_session::limiter::{RateLimiter, SystemClock};
 use millrace_session::prompt::PromptModels;
-use millrace_session::stage::{AdmittedStage, RESULTS_STAGE, ResultsStage, STAGE, SessionCore};
+use millrace_session::stage::{AdmittedStage, ResultsStage, SessionCore};
 use millrace_session::store::{NatsKv, SessionStore};
 use tracing::info;
 
@@ -43,26 +43,14 @@ fn main() -> ExitCode {
             idle_ttl: config.idle_ttl(),
         });
         let admitted = AdmittedStage { core: core.clone(), publisher: publisher.clone() };
-        let admitted = Arc::new(StageConsumer::new(
-            STAGE,
-            ConsumerSpec::SESSION,
-            Arc::new(admitted),
-            publisher.clone(),
-            bus.clone(),
-        ));
+        let admitted = StageConsumer::new(ConsumerSpec::SESSION, admitted, publisher.clone(), bus.clone());
         let results = ResultsStage { core: core.clone(), max_deliver: bus.max_deliver.max(1) as u64 };
-        let results = Arc::new(StageConsumer::new(
-            RESULTS_STAGE,
-            ConsumerSpec::SESSION_RESULTS,
-            Arc::new(results),
-            publisher.clone(),
-            bus,
-        ));
+        let results = StageConsumer::new(ConsumerSpec::SESSION_RESULTS, results, publisher.clone(), bus);
         let grpc = setup.grpc_router().add_service(SessionsServer::new(SessionsApi { core }));
         let grpc_addr = config.grpc_addr;
         Ok(vec![
-            consumer_child("admitted-consumer", admitted),
-            consumer_child("results-consumer", results),
+            consumer_child(admitted),
+            consumer_child(results),
             ChildSpec::new("grpc-api", move |ctx| serve_grpc(ctx, grpc_addr, grpc.clone())),
         ])
     })

@@ -13,9 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use millrace_bus::publisher::Outbound;
-use millrace_bus::{Delivery, Edge, Handler, Publisher, StageError, msg_id};
-use millrace_proto::v1::{AdmittedQuery, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_bus::{ConsumerSpec, Delivery, Edge, Handler, Outbound, Publisher, StageError, terminal_result};
+use millrace_proto::v1::{AdmittedQuery, Prompt, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms};
 use tracing::{debug, error, warn};
 
@@ -27,9 +26,7 @@ use crate::state::{Begin, Completion};
 use crate::store::{KvBackend, SessionStore, StoreError};
 
 /// This stage's name in timings, terminal results and dedup ids.
-pub const STAGE: &str = "session";
-/// The RESULTS consumer's name in metrics and logs.
-pub const RESULTS_STAGE: &str = "session-results";
+pub const STAGE: &str = ConsumerSpec::SESSION.durable;
 
 /// What both consumers and the gRPC API share.
 pub struct SessionCore<B> {
@@ -152,13 +149,10 @@ impl<B> AdmittedStage<B> {
 
 /// The prompt published to `mr.v1.prompts.<model>` (`<request_id>/session`).
 pub fn prompt_message(query: AdmittedQuery, built: Built, received_unix_us: i64) -> Outbound {
-    let ctx = query.ctx.unwrap_or_default();
     let mut timings = query.timings.unwrap_or_default();
     timings.record(STAGE, received_unix_us);
-    let subject = Edge::PROMPTS.subject_for(&ctx.model);
-    let msg_id = msg_id(&ctx.request_id, STAGE);
     let prompt = Prompt {
-        ctx: Some(ctx),
+        ctx: query.ctx,
         timings: Some(timings),
         prompt: built.prompt,
         prompt_tokens: built.prompt_tokens as u32,
@@ -166,12 +160,11 @@ pub fn prompt_message(query: AdmittedQuery, built: Built, received_unix_us: i64)
         user_text: query.text,
         verdicts: query.verdicts,
     };
-    Outbound { subject, msg_id, payload: prompt.encode_to_vec().into() }
+    Outbound::stage_output(Edge::PROMPTS, STAGE, &prompt)
 }
 
 /// The terminal RATE_LIMITED result of a query over its user's limit (`<request_id>/session`).
 pub fn rate_limited(query: AdmittedQuery, retry_after: Duration, received_unix_us: i64) -> Outbound {
-    let ctx: RequestContext = query.ctx.unwrap_or_default();
     let mut timings = query.timings.unwrap_or_default();
     timings.record(STAGE, received_unix_us);
     let retry_after_ms = retry_after.as_millis().max(1).min(u128::from(u32::MAX)) as u32;
@@ -181,20 +174,13 @@ pub fn rate_limited(query: AdmittedQuery, retry_after: Duration, received_unix_u
     } else {
         retry_after_ms
     };
-    let subject = Edge::RESULTS.subject_for(&ctx.request_id);
-    let msg_id = msg_id(&ctx.request_id, STAGE);
-    let result = TerminalResult {
-        detail: format!("user {:?} is over the per-user rate limit; retry in {retry_after_ms} ms", ctx.user),
-        ctx: Some(ctx),
-        timings: Some(timings),
-        status: TerminalStatus::RateLimited.into(),
-        reason: "rate_limited".to_owned(),
+    let user = query.ctx.as_ref().map_or("", |c| c.user.as_str());
+    let detail = format!("user {user:?} is over the per-user rate limit; retry in {retry_after_ms} ms");
+    Outbound::terminal(&TerminalResult {
         verdicts: query.verdicts,
-        stage: STAGE.to_owned(),
         retry_after_ms,
-        ..Default::default()
-    };
-    Outbound { subject, msg_id, payload: result.encode_to_vec().into() }
+        ..terminal_result(STAGE, query.ctx, Some(timings), TerminalStatus::RateLimited, "rate_limited", detail)
+    })
 }
 
 /// The RESULTS handler: completes or drops the request's pending turn. It reads RESULTS beside
@@ -263,7 +249,7 @@ impl<B: KvBackend> Handler for ResultsStage<B> {
 
 #[cfg(test)]
 mod tests {
-    use millrace_proto::v1::{Timings, Verdict};
+    use millrace_proto::v1::{RequestContext, Timings, Verdict};
 
     use super::*;
 

@@ -12,7 +12,7 @@ use async_nats::jetstream::stream::Stream as JsStream;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, msg_id};
+use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_proto::Message as _;
 use millrace_proto::v1::sessions_client::SessionsClient;
 use millrace_proto::v1::{
@@ -128,7 +128,7 @@ impl Bus {
         };
         Outbound {
             subject: Edge::ADMITTED.subject_for(""),
-            msg_id: msg_id(request_id, "moderation"),
+            msg_id: Dedup::Stage("moderation").msg_id(request_id),
             payload: query.encode_to_vec().into(),
         }
     }
@@ -157,7 +157,7 @@ impl Bus {
         };
         Outbound {
             subject: Edge::RESULTS.subject_for(request_id),
-            msg_id: msg_id(request_id, &format!("moderation-{copy}")),
+            msg_id: Dedup::Stage(&format!("moderation-{copy}")).msg_id(request_id),
             payload: result.encode_to_vec().into(),
         }
     }

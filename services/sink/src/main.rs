@@ -1,5 +1,4 @@
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use actix_web::{App, HttpServer, web};
 use clap::Parser;
@@ -20,20 +19,13 @@ fn main() -> ExitCode {
         let store = Store::open(&config.database_url).await?;
         let bus = config.shell.bus.clone();
         let (writer, queue) = writer::channel(config.batch_rows * 4);
-        let results = Arc::new(StageConsumer::new(
-            "sink-results",
+        let results = StageConsumer::new(
             ConsumerSpec::SINK_RESULTS,
-            Arc::new(ResultsStage { writer: writer.clone() }),
+            ResultsStage { writer: writer.clone() },
             publisher.clone(),
             bus.clone(),
-        ));
-        let dead_letters = Arc::new(StageConsumer::new(
-            "sink-dlq",
-            ConsumerSpec::SINK_DLQ,
-            Arc::new(DeadLetterStage { writer }),
-            publisher,
-            bus,
-        ));
+        );
+        let dead_letters = StageConsumer::new(ConsumerSpec::SINK_DLQ, DeadLetterStage { writer }, publisher, bus);
         let grpc = setup.grpc_router().add_service(ResultsServer::new(ResultsApi { store: store.clone() }));
         let (policy, http_addr, grpc_addr) = (config.batch_policy(), config.http_addr, config.grpc_addr);
         let writer_store = store.clone();
@@ -42,8 +34,8 @@ fn main() -> ExitCode {
                 ctx.set_ready();
                 writer::run(queue.clone(), writer_store.clone(), policy.clone(), ctx.shutdown.clone())
             }),
-            consumer_child("results-consumer", results),
-            consumer_child("dlq-consumer", dead_letters),
+            consumer_child(results),
+            consumer_child(dead_letters),
             ChildSpec::new("http-api", move |ctx| {
                 let store = web::Data::new(store.clone());
                 async move {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Publisher, msg_id};
+use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_proto::Message as _;
 use millrace_proto::v1::results_client::ResultsClient;
 use millrace_proto::v1::{
@@ -106,7 +106,11 @@ fn result(request_id: &str, user: &str, status: TerminalStatus) -> TerminalResul
 
 fn outbound(stage: &str, r: &TerminalResult) -> Outbound {
     let id = &r.ctx.as_ref().unwrap().request_id;
-    Outbound { subject: Edge::RESULTS.subject_for(id), msg_id: msg_id(id, stage), payload: r.encode_to_vec().into() }
+    Outbound {
+        subject: Edge::RESULTS.subject_for(id),
+        msg_id: Dedup::Stage(stage).msg_id(id),
+        payload: r.encode_to_vec().into(),
+    }
 }
 
 /// Publishes `n` COMPLETED results for users u0..u4 and returns their ids.
@@ -218,7 +222,7 @@ async fn poison_result_becomes_a_dead_letter_and_a_failed_row_and_the_rest_still
     publisher
         .publish(Outbound {
             subject: Edge::RESULTS.subject_for("poison-1"),
-            msg_id: msg_id("poison-1", "moderation"),
+            msg_id: Dedup::Stage("moderation").msg_id("poison-1"),
             payload: b"\xff\xff not protobuf".to_vec().into(),
         })
         .await

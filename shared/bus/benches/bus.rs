@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
-use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, Topology, msg_id};
+use millrace_bus::topology::{ConsumerSpec, Edge, EdgeKey};
+use millrace_bus::{BusSettings, Dedup, Delivery, Handler, Publisher, StageConsumer, StageError, Topology};
 use millrace_proto::v1::{Query, RequestContext, Timings};
 use millrace_proto::{Message as _, now_unix_us};
 use millrace_testkit::NatsServer;
@@ -44,7 +44,7 @@ fn message(i: usize, edge: Edge, sent_unix_us: i64) -> Outbound {
     q.text = "x".repeat(PAYLOAD_BYTES.saturating_sub(q.encoded_len()));
     Outbound {
         subject: edge.subject_for(""),
-        msg_id: msg_id(&format!("b{i}"), "bench"),
+        msg_id: Dedup::Stage("bench").msg_id(&format!("b{i}")),
         payload: q.encode_to_vec().into(),
     }
 }
@@ -95,7 +95,7 @@ impl Handler for Relay {
         self.publisher
             .publish(Outbound {
                 subject: self.to.subject_for(""),
-                msg_id: msg_id(&id, self.stage),
+                msg_id: Dedup::Stage(self.stage).msg_id(&id),
                 payload: d.payload.clone(),
             })
             .await?;
@@ -109,7 +109,7 @@ fn leak(s: String) -> &'static str {
 
 /// Edge `i` of a bench chain: a stream of its own, configured as the mesh's edges are.
 fn chain_edge(i: usize) -> Edge {
-    Edge { stream: leak(format!("BENCH_HOP{i}")), subject: leak(format!("bench.hop{i}")), keyed: false }
+    Edge { stream: leak(format!("BENCH_HOP{i}")), subject: leak(format!("bench.hop{i}")), key: EdgeKey::None }
 }
 
 struct ChainResult {
@@ -136,7 +136,7 @@ async fn relay_chain(settings: &BusSettings, hops: usize, n: usize, rate: Option
     for i in 0..hops {
         let publisher = connection(&settings, readers[i].durable).await;
         let relay = Relay { publisher: publisher.clone(), to: edges[i + 1], stage: readers[i].durable };
-        let consumer = StageConsumer::new(readers[i].durable, readers[i], Arc::new(relay), publisher, settings.clone());
+        let consumer = StageConsumer::new(readers[i], Arc::new(relay), publisher, settings.clone());
         let stop = stop.clone();
         relays.push(tokio::spawn(async move { consumer.run(stop, || ()).await }));
     }

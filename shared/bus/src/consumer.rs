@@ -1,16 +1,19 @@
 //! A stage's durable pull consumer: messages feed a bounded pool of workers; each message is
 //! acked only after its effect, naked with a delay on transient errors, kept alive with
-//! in-progress acks while it runs long, and dead-lettered then termed when it can never succeed.
+//! in-progress acks while it is held, and dead-lettered then termed when it can never succeed.
+//!
+//! A message is settled through its [`AckHandle`]. A plain [`Handler`] settles it when its
+//! future resolves (its worker slot is held meanwhile); a [`DeferringHandler`] takes the handle
+//! and gives its worker slot back at once, so a stage that holds messages until some later
+//! event (the batcher, until a batch is published) is bounded by the consumer's
+//! `max_ack_pending`, not by its worker count.
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
-use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use millrace_proto::v1::{Envelope, RequestContext, TerminalStatus};
-use millrace_proto::{Message as _, now_unix_us};
+use millrace_proto::v1::{RequestContext, TerminalStatus};
 use prometheus::IntCounterVec;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -18,91 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::delivery::{Delivery, StageError};
 use crate::topology::{self, ConsumerSpec};
-use crate::{BusError, BusSettings, Publisher, dlq, metrics, request_id_from_msg_id, trace};
-
-/// One delivered message, as a handler sees it.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub subject: String,
-    pub payload: Bytes,
-    pub headers: Option<HeaderMap>,
-    /// `Nats-Msg-Id` of the message, when it has one.
-    pub msg_id: Option<String>,
-    pub stream: String,
-    pub stream_sequence: u64,
-    /// 1 on first delivery.
-    pub deliveries: u64,
-    /// When this stage received it, for its timing record.
-    pub received_unix_us: i64,
-}
-
-impl Delivery {
-    /// The request this message belongs to: from its dedup id, or failing that its payload.
-    pub fn request_id(&self) -> Option<String> {
-        self.msg_id
-            .as_deref()
-            .and_then(request_id_from_msg_id)
-            .map(str::to_owned)
-            .or_else(|| self.context().map(|c| c.request_id).filter(|id| !id.is_empty()))
-    }
-
-    /// The request context, read from field 1 whatever the payload's type (see `Envelope`).
-    pub fn context(&self) -> Option<RequestContext> {
-        Envelope::decode(self.payload.as_ref()).ok().and_then(|e| e.ctx)
-    }
-
-    /// Decodes the payload, mapping failure to a permanent `undecodable_payload` error.
-    pub fn decode<M: millrace_proto::Message + Default>(&self) -> Result<M, StageError> {
-        M::decode(self.payload.as_ref())
-            .map_err(|e| StageError::poison(TerminalStatus::Failed, "undecodable_payload", e.to_string(), None))
-    }
-}
-
-/// Why a message could not be handled, and so what happens to it.
-#[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    /// It may work later: nak with this delay (the stream redelivers it).
-    #[error("transient: {detail}")]
-    Transient { detail: String, delay: Duration },
-    /// It can never work: DLQ record + terminal result, then term.
-    #[error("permanent ({reason}): {detail}")]
-    Permanent { status: TerminalStatus, reason: String, detail: String, ctx: Option<RequestContext> },
-}
-
-impl StageError {
-    pub fn transient(detail: impl Into<String>, delay: Duration) -> Self {
-        Self::Transient { detail: detail.into(), delay }
-    }
-
-    pub fn poison(
-        status: TerminalStatus,
-        reason: impl Into<String>,
-        detail: impl Into<String>,
-        ctx: Option<RequestContext>,
-    ) -> Self {
-        Self::Permanent { status, reason: reason.into(), detail: detail.into(), ctx }
-    }
-}
-
-/// The request context of a decoded message, which must name its request: a message that does
-/// not can never be answered, so it is poison (`missing_request_id`).
-pub fn require_request(ctx: Option<&RequestContext>) -> Result<&RequestContext, StageError> {
-    ctx.filter(|c| !c.request_id.is_empty()).ok_or_else(|| {
-        StageError::poison(TerminalStatus::Failed, "missing_request_id", "the message names no request", None)
-    })
-}
-
-impl From<BusError> for StageError {
-    /// A publish that failed is worth retrying: the stream may be full or NATS reconnecting.
-    fn from(e: BusError) -> Self {
-        let delay = match e {
-            BusError::StreamFull(_) => Duration::from_secs(2),
-            _ => Duration::from_millis(500),
-        };
-        Self::transient(e.to_string(), delay)
-    }
-}
+use crate::{BusError, BusSettings, Publisher, dlq, metrics, trace};
 
 /// A stage's logic for one message. The effect (publish with PubAck, commit) must be complete
 /// when the future resolves `Ok`: the message is acked right after.
@@ -110,24 +31,53 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, delivery: &Delivery) -> impl Future<Output = Result<(), StageError>> + Send;
 }
 
-/// Pulls one durable consumer and runs a [`Handler`] on up to `workers` messages at once.
+/// A shared handler (one the caller also keeps, to look into) handles as the handler does.
+impl<H: Handler> Handler for Arc<H> {
+    fn handle(&self, delivery: &Delivery) -> impl Future<Output = Result<(), StageError>> + Send {
+        H::handle(self, delivery)
+    }
+}
+
+/// A stage's logic for a message it may hold past its handler's return: it owns the message's
+/// [`AckHandle`] and settles it once the effect is done (or drops it: the message is handed
+/// back). `accept` should return soon; its worker slot is held until then.
+pub trait DeferringHandler: Send + Sync + 'static {
+    fn accept(&self, delivery: Delivery, ack: AckHandle) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs a plain [`Handler`] as a [`DeferringHandler`] that settles when the handler returns.
+pub struct Immediate<H>(pub Arc<H>);
+
+impl<H: Handler> DeferringHandler for Immediate<H> {
+    async fn accept(&self, delivery: Delivery, ack: AckHandle) {
+        let result = self.0.handle(&delivery).await;
+        ack.settle(result).await;
+    }
+}
+
+/// Pulls one durable consumer and runs its handler on up to `workers` messages at once. The
+/// consumer's durable name is also the stage's name (in timings, metrics, logs and dead letters).
 pub struct StageConsumer<H> {
-    pub stage: &'static str,
     pub spec: ConsumerSpec,
     pub handler: Arc<H>,
     pub publisher: Publisher,
     pub settings: BusSettings,
 }
 
-impl<H: Handler> StageConsumer<H> {
-    pub fn new(
-        stage: &'static str,
-        spec: ConsumerSpec,
-        handler: Arc<H>,
-        publisher: Publisher,
-        settings: BusSettings,
-    ) -> Self {
-        Self { stage, spec, handler, publisher, settings }
+impl<H: Handler> StageConsumer<Immediate<H>> {
+    pub fn new(spec: ConsumerSpec, handler: H, publisher: Publisher, settings: BusSettings) -> Self {
+        Self::deferring(spec, Immediate(Arc::new(handler)), publisher, settings)
+    }
+}
+
+impl<H: DeferringHandler> StageConsumer<H> {
+    pub fn deferring(spec: ConsumerSpec, handler: H, publisher: Publisher, settings: BusSettings) -> Self {
+        Self { spec, handler: Arc::new(handler), publisher, settings }
+    }
+
+    /// The stage's name: the consumer's durable name.
+    pub fn stage(&self) -> &'static str {
+        self.spec.durable
     }
 
     /// Runs until `shutdown`, then drains: stops pulling, hands back messages it has not
@@ -135,6 +85,7 @@ impl<H: Handler> StageConsumer<H> {
     /// A panic in a handler naks that message and then propagates, so the supervisor restarts
     /// this consumer.
     pub async fn run(&self, shutdown: CancellationToken, on_ready: impl Fn()) -> Result<(), BusError> {
+        let stage = self.stage();
         let js = self.publisher.jetstream().clone();
         let unavailable =
             |e: &dyn std::fmt::Display| BusError::Unavailable(format!("consumer {}: {e}", self.spec.durable));
@@ -156,12 +107,12 @@ impl<H: Handler> StageConsumer<H> {
             .messages()
             .await
             .map_err(|e| unavailable(&e))?;
-        let advisories = dlq::MaxDeliveriesListener::new(self.stage, self.spec, self.publisher.clone());
+        let advisories = dlq::MaxDeliveriesListener::new(self.spec, self.publisher.clone());
         let mut advisories = std::pin::pin!(advisories.run(shutdown.clone()));
         let slots = Arc::new(Semaphore::new(workers));
         let mut running = JoinSet::new();
         let mut delivered = 0u64;
-        info!(stage = self.stage, consumer = self.spec.durable, workers, "consuming");
+        info!(stage, workers, "consuming");
         on_ready();
         loop {
             tokio::select! {
@@ -179,149 +130,191 @@ impl<H: Handler> StageConsumer<H> {
                         Some(Ok(m)) => m,
                         Some(Err(e)) => {
                             // Heartbeat misses and pull errors: the stream re-issues pulls itself.
-                            warn!(stage = self.stage, error = %e, "pull error");
+                            warn!(stage, error = %e, "pull error");
                             continue;
                         }
                         None => return Err(unavailable(&"message stream ended")),
                     };
                     delivered += 1;
                     let inject_panic = self.settings.fault_panic_every > 0 && delivered % self.settings.fault_panic_every == 0;
-                    let job = Job { stage: self.stage, handler: self.handler.clone(), publisher: self.publisher.clone(), progress_every: self.settings.ack_wait() / 3, max_deliver: self.settings.max_deliver.max(1) as u64, inject_panic };
-                    running.spawn(async move { job.process(message).await; drop(slot); });
+                    let ack = AckHandle::new(stage, message, self.publisher.clone(), &self.settings);
+                    let handler = self.handler.clone();
+                    running.spawn(async move { accept(handler, ack, inject_panic).await; drop(slot); });
                 }
             }
         }
         // Hand back what was pulled but not started, so another replica takes it now.
         while let Some(Some(Ok(m))) = messages.next().now_or_never() {
             let _ = m.ack_with(AckKind::Nak(None)).await;
-            metrics::NAKS.with_label_values(&[self.stage]).inc();
+            metrics::NAKS.with_label_values(&[stage]).inc();
         }
         drop(messages);
         let drained = running.len();
         while let Some(done) = running.join_next().await {
             propagate_panic(done);
         }
-        info!(stage = self.stage, finished_in_flight = drained, "drained");
+        info!(stage, finished_in_flight = drained, "drained");
         Ok(())
     }
 }
 
 fn propagate_panic(done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done {
-        if e.is_panic() {
-            std::panic::resume_unwind(e.into_panic());
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Runs the handler on one message inside the message's trace span. A panic drops the handle
+/// (which hands the message back) and then reaches the supervisor.
+async fn accept<H: DeferringHandler>(handler: Arc<H>, ack: AckHandle, inject_panic: bool) {
+    let delivery = ack.delivery().clone();
+    let stage = ack.stage();
+    metrics::MESSAGES_IN.with_label_values(&[stage]).inc();
+    if delivery.deliveries > 1 {
+        metrics::REDELIVERIES.with_label_values(&[stage]).inc();
+    }
+    let span = ack.span().clone();
+    let work = async move {
+        if inject_panic && delivery.deliveries == 1 {
+            panic!("injected fault (--fault-panic-every) in stage {stage}");
+        }
+        handler.accept(delivery, ack).await
+    };
+    if let Err(panic) = AssertUnwindSafe(work.instrument(span)).catch_unwind().await {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The right to settle one delivered message: ack, nak with a delay, or dead-letter and term.
+/// While it is held the server is told every `ack_wait / 3` that the work is in progress, so
+/// the message is not redelivered meanwhile; dropped unsettled (its holder restarted, drained
+/// or panicked), it is settled as a transient failure: handed back at once, or dead-lettered
+/// if that was its last delivery (the server would not deliver it again).
+pub struct AckHandle {
+    settlement: Option<Settlement>,
+    progress: tokio::task::JoinHandle<()>,
+}
+
+/// What settling a message needs.
+struct Settlement {
+    stage: &'static str,
+    delivery: Delivery,
+    span: tracing::Span,
+    publisher: Publisher,
+    max_deliver: u64,
+    started: Instant,
+    message: jetstream::Message,
+}
+
+impl AckHandle {
+    fn new(stage: &'static str, message: jetstream::Message, publisher: Publisher, settings: &BusSettings) -> Self {
+        let delivery = Delivery::of(&message);
+        let span = tracing::info_span!("stage", stage, subject = %delivery.subject, msg_id = delivery.msg_id.as_deref().unwrap_or(""));
+        span.set_parent(trace::extract(delivery.headers.as_ref())).ok();
+        let period = (settings.ack_wait() / 3).max(Duration::from_millis(100));
+        let progress = tokio::spawn({
+            let message = message.clone();
+            async move {
+                let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                loop {
+                    ticks.tick().await;
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
+        });
+        let settlement = Settlement {
+            stage,
+            delivery,
+            span,
+            publisher,
+            max_deliver: settings.max_deliver.max(1) as u64,
+            started: Instant::now(),
+            message,
+        };
+        Self { settlement: Some(settlement), progress }
+    }
+
+    fn settlement(&self) -> &Settlement {
+        self.settlement.as_ref().expect("an ack handle is settled only by consuming it")
+    }
+
+    /// The message's delivery, as its handler saw it.
+    pub fn delivery(&self) -> &Delivery {
+        &self.settlement().delivery
+    }
+
+    fn span(&self) -> &tracing::Span {
+        &self.settlement().span
+    }
+
+    fn stage(&self) -> &'static str {
+        self.settlement().stage
+    }
+
+    /// Settles the message by the outcome of its work: `Ok` acks; a transient error naks with
+    /// its delay (or, on the last delivery, dead-letters); a permanent one dead-letters and terms.
+    pub async fn settle(mut self, outcome: Result<(), StageError>) {
+        self.progress.abort();
+        if let Some(settlement) = self.settlement.take() {
+            settlement.settle(outcome).await;
         }
     }
 }
 
-struct Job<H> {
-    stage: &'static str,
-    handler: Arc<H>,
-    publisher: Publisher,
-    progress_every: Duration,
-    max_deliver: u64,
-    inject_panic: bool,
+impl Drop for AckHandle {
+    fn drop(&mut self) {
+        self.progress.abort();
+        if let Some(settlement) = self.settlement.take() {
+            let handed_back = StageError::transient("handed back unsettled", Duration::ZERO);
+            tokio::spawn(settlement.settle(Err(handed_back)));
+        }
+    }
 }
 
-impl<H: Handler> Job<H> {
-    async fn process(self, message: jetstream::Message) {
-        let stage = self.stage;
-        let started = Instant::now();
-        let delivery = delivery_of(&message);
-        metrics::MESSAGES_IN.with_label_values(&[stage]).inc();
-        if delivery.deliveries > 1 {
-            metrics::REDELIVERIES.with_label_values(&[stage]).inc();
-        }
-        let span = tracing::info_span!("stage", stage, subject = %delivery.subject, msg_id = delivery.msg_id.as_deref().unwrap_or(""));
-        span.set_parent(trace::extract(delivery.headers.as_ref())).ok();
-        let outcome =
-            AssertUnwindSafe(self.with_progress(&message, &delivery).instrument(span.clone())).catch_unwind().await;
-        let result = match outcome {
-            Ok(result) => result,
-            Err(panic) => {
-                // Hand the message straight back, then let the supervisor see the panic.
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-                metrics::NAKS.with_label_values(&[stage]).inc();
-                std::panic::resume_unwind(panic);
-            }
-        };
-        let (kind, counter) = match result {
+impl Settlement {
+    async fn settle(self, outcome: Result<(), StageError>) {
+        let (stage, span) = (self.stage, self.span.clone());
+        let (kind, counter) = match outcome {
             Ok(()) => (AckKind::Ack, &metrics::ACKS),
             // The server will not deliver it again: dead-letter it now rather than rely on
             // the advisory (which the server does not send for a nak on the last delivery).
-            Err(StageError::Transient { detail, .. }) if delivery.deliveries >= self.max_deliver => {
-                let detail = format!("gave up after {} deliveries: {detail}", delivery.deliveries);
-                self.dead_letter(&span, &delivery, TerminalStatus::Failed, "max_deliveries", &detail, None).await
+            Err(StageError::Transient { detail, .. }) if self.delivery.deliveries >= self.max_deliver => {
+                let detail = format!("gave up after {} deliveries: {detail}", self.delivery.deliveries);
+                self.dead_letter(TerminalStatus::Failed, "max_deliveries", &detail, None).await
             }
             Err(StageError::Transient { detail, delay }) => {
                 debug!(parent: &span, stage, %detail, ?delay, "transient failure: nak");
                 (AckKind::Nak(Some(delay)), &metrics::NAKS)
             }
             Err(StageError::Permanent { status, reason, detail, ctx }) => {
-                self.dead_letter(&span, &delivery, status, &reason, &detail, ctx).await
+                self.dead_letter(status, &reason, &detail, ctx).await
             }
         };
-        if let Err(e) = message.ack_with(kind).await {
-            warn!(stage, error = %e, "ack failed; the message will be redelivered");
+        if let Err(e) = self.message.ack_with(kind).await {
+            warn!(parent: &span, stage, error = %e, "ack failed; the message will be redelivered");
         }
         counter.with_label_values(&[stage]).inc();
-        metrics::STAGE_LATENCY.with_label_values(&[stage]).observe(started.elapsed().as_secs_f64());
+        metrics::STAGE_LATENCY.with_label_values(&[stage]).observe(self.started.elapsed().as_secs_f64());
     }
 
     /// DLQ record + terminal result, then term; if the DLQ cannot be reached, keep the message.
     async fn dead_letter(
         &self,
-        span: &tracing::Span,
-        delivery: &Delivery,
         status: TerminalStatus,
         reason: &str,
         detail: &str,
         ctx: Option<RequestContext>,
     ) -> (AckKind, &'static LazyLock<IntCounterVec>) {
-        let stage = self.stage;
+        let (stage, span) = (self.stage, &self.span);
         warn!(parent: span, stage, %reason, %detail, "dead-lettering");
-        match dlq::dead_letter(&self.publisher, stage, delivery, status, reason, detail, ctx).await {
+        match dlq::dead_letter(&self.publisher, stage, &self.delivery, status, reason, detail, ctx).await {
             Ok(()) => (AckKind::Term, &metrics::TERMS),
             Err(e) => {
                 warn!(parent: span, stage, error = %e, "dead-lettering failed: nak");
                 (AckKind::Nak(Some(Duration::from_secs(1))), &metrics::NAKS)
             }
         }
-    }
-
-    /// Runs the handler, telling the server the work is still in progress every
-    /// `progress_every` so long work is not redelivered to another worker meanwhile.
-    async fn with_progress(&self, message: &jetstream::Message, delivery: &Delivery) -> Result<(), StageError> {
-        if self.inject_panic && delivery.deliveries == 1 {
-            panic!("injected fault (--fault-panic-every) in stage {}", self.stage);
-        }
-        let work = self.handler.handle(delivery);
-        let mut work = std::pin::pin!(work);
-        let period = self.progress_every.max(Duration::from_millis(100));
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        loop {
-            tokio::select! {
-                result = &mut work => return result,
-                _ = ticks.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
-            }
-        }
-    }
-}
-
-fn delivery_of(message: &jetstream::Message) -> Delivery {
-    let info = message.info().ok();
-    Delivery {
-        subject: message.subject.to_string(),
-        payload: message.payload.clone(),
-        headers: message.headers.clone(),
-        msg_id: message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .map(|v| v.as_str().to_owned()),
-        stream: info.as_ref().map(|i| i.stream.to_owned()).unwrap_or_default(),
-        stream_sequence: info.as_ref().map(|i| i.stream_sequence).unwrap_or_default(),
-        deliveries: info.as_ref().map(|i| i.delivered.max(1) as u64).unwrap_or(1),
-        received_unix_us: now_unix_us(),
     }
 }

@@ -2,16 +2,17 @@
 //! result for its request, so the request still ends in exactly one terminal row.
 use async_nats::jetstream;
 use futures::StreamExt;
-use millrace_proto::v1::{Batch, DlqRecord, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
+use millrace_proto::v1::{Batch, DlqRecord, RequestContext, TerminalStatus, Timings};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::consumer::Delivery;
+use crate::delivery::Delivery;
+use crate::outbound::{Dedup, terminal_result};
 use crate::publisher::Outbound;
 use crate::topology::{ConsumerSpec, Edge};
-use crate::{BusError, Publisher, metrics, msg_id};
+use crate::{BusError, Publisher, metrics};
 
 /// Publishes the DLQ record of `delivery` and a terminal result for every request it stands
 /// for (pipelined, all deduplicated, so a retry after a crash adds nothing): its own request,
@@ -54,25 +55,12 @@ pub async fn dead_letter(
     timings.record(stage, delivery.received_unix_us);
     let mut outbound = vec![Outbound {
         subject: Edge::DLQ.subject_for(stage),
-        msg_id: msg_id(&message_id, &format!("dlq.{stage}")),
+        msg_id: Dedup::DeadLetter(stage).msg_id(&message_id),
         payload: record.encode_to_vec().into(),
     }];
     for ctx in own.into_iter().chain(members) {
-        let request_id = ctx.request_id.clone();
-        let result = TerminalResult {
-            ctx: Some(ctx),
-            timings: Some(timings.clone()),
-            status: status as i32,
-            reason: reason.to_owned(),
-            detail: detail.to_owned(),
-            stage: stage.to_owned(),
-            ..Default::default()
-        };
-        outbound.push(Outbound {
-            subject: Edge::RESULTS.subject_for(&request_id),
-            msg_id: msg_id(&request_id, &format!("{stage}.dead")),
-            payload: result.encode_to_vec().into(),
-        });
+        let result = terminal_result(stage, Some(ctx), Some(timings.clone()), status, reason, detail);
+        outbound.push(Outbound::per_request(Edge::RESULTS, Dedup::DeadResult(stage), &result));
     }
     publisher.publish_all(outbound).await?;
     metrics::DLQ.with_label_values(&[stage, reason]).inc();
@@ -100,14 +88,15 @@ struct MaxDeliveriesAdvisory {
 
 /// Dead-letters messages that exhausted `max_deliver` on one consumer.
 pub struct MaxDeliveriesListener {
+    /// The consumer's durable name, which is its stage's name.
     stage: &'static str,
     spec: ConsumerSpec,
     publisher: Publisher,
 }
 
 impl MaxDeliveriesListener {
-    pub fn new(stage: &'static str, spec: ConsumerSpec, publisher: Publisher) -> Self {
-        Self { stage, spec, publisher }
+    pub fn new(spec: ConsumerSpec, publisher: Publisher) -> Self {
+        Self { stage: spec.durable, spec, publisher }
     }
 
     pub fn subject(spec: &ConsumerSpec) -> String {

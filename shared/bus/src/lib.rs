@@ -7,9 +7,12 @@
 //! - [`dlq`]: dead-lettering of poison messages and of max-deliveries advisories.
 //! - [`trace`]: W3C trace context in message headers.
 
+pub mod cancels;
 pub mod consumer;
+pub mod delivery;
 pub mod dlq;
 pub mod metrics;
+pub mod outbound;
 pub mod publisher;
 pub mod settings;
 pub mod topology;
@@ -17,10 +20,13 @@ pub mod trace;
 
 use std::time::Duration;
 
-pub use consumer::{Delivery, Handler, StageConsumer, StageError, require_request};
-pub use publisher::{Published, Publisher};
+pub use cancels::{CancelMemory, follow_cancels};
+pub use consumer::{AckHandle, DeferringHandler, Handler, StageConsumer};
+pub use delivery::{Delivery, StageError, require_request};
+pub use outbound::{Dedup, terminal_result};
+pub use publisher::{Outbound, Published, Publisher};
 pub use settings::BusSettings;
-pub use topology::{Edge, Topology};
+pub use topology::{ConsumerSpec, Edge, EdgeKey, Topology};
 
 /// Errors at the bus boundary, classified by what the caller should do about them.
 #[derive(Debug, thiserror::Error)]
@@ -57,49 +63,9 @@ pub async fn connect_mesh(settings: &BusSettings, name: &str) -> Result<Publishe
     Ok(publisher)
 }
 
-/// Follows every request's cancel subject (`mr.v1.cancel.*`) until `shutdown`, calling
-/// `on_cancel` with each request id. Core NATS, no queue group: every replica hears every
-/// notice, since any of them may hold the request.
-pub async fn follow_cancels<F, Fut>(
-    client: async_nats::Client,
-    shutdown: tokio_util::sync::CancellationToken,
-    on_ready: impl Fn(),
-    mut on_cancel: F,
-) -> Result<(), BusError>
-where
-    F: FnMut(String) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    use futures::StreamExt;
-    use topology::ephemeral;
-    let mut notices = client
-        .subscribe(ephemeral::CANCEL_ALL)
-        .await
-        .map_err(|e| BusError::Unavailable(format!("subscribe {}: {e}", ephemeral::CANCEL_ALL)))?;
-    let prefix = ephemeral::cancel("");
-    tracing::info!(subject = ephemeral::CANCEL_ALL, "following cancellations");
-    on_ready();
-    loop {
-        let notice = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            notice = notices.next() => notice,
-        };
-        let notice = notice.ok_or_else(|| BusError::Unavailable("cancel subscription ended".into()))?;
-        if let Some(request_id) = notice.subject.strip_prefix(prefix.as_str()) {
-            tracing::debug!(request_id, "cancel notice");
-            on_cancel(request_id.to_owned()).await;
-        }
-    }
-}
-
 /// The request id inside a `Nats-Msg-Id` of the form `<request_id>/<stage>`.
 pub fn request_id_from_msg_id(msg_id: &str) -> Option<&str> {
     msg_id.rsplit_once('/').map(|(rid, _)| rid).filter(|rid| !rid.is_empty())
-}
-
-/// The dedup id of a stage's output for a request.
-pub fn msg_id(request_id: &str, stage: &str) -> String {
-    format!("{request_id}/{stage}")
 }
 
 #[cfg(test)]
@@ -108,7 +74,7 @@ mod tests {
 
     #[test]
     fn msg_id_round_trips_request_id() {
-        let id = msg_id("0190-abc", "ingest");
+        let id = Dedup::Stage("ingest").msg_id("0190-abc");
         assert_eq!(id, "0190-abc/ingest");
         assert_eq!(request_id_from_msg_id(&id), Some("0190-abc"));
         assert_eq!(request_id_from_msg_id("no-stage"), None);

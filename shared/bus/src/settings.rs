@@ -41,6 +41,13 @@ pub struct BusSettings {
     /// Concurrent workers per stage consumer.
     #[arg(long, env = "MILLRACE_WORKERS", default_value_t = 64)]
     pub workers: usize,
+    /// How long a cancel notice is remembered for a request that has not reached this stage yet,
+    /// seconds (past the longest deadline ingest grants, the request has expired anyway).
+    #[arg(long, env = "MILLRACE_CANCEL_REMEMBER_S", default_value_t = 600)]
+    pub cancel_remember_s: u64,
+    /// Most cancel notices remembered at once; the oldest are forgotten first.
+    #[arg(long, env = "MILLRACE_CANCEL_MEMORY", default_value_t = 65_536)]
+    pub cancel_memory: usize,
     /// Fault injection for supervision tests: panic in the worker on the first delivery of every
     /// Nth message (0 = never). The message is handed back and redelivered.
     #[arg(long, env = "MILLRACE_FAULT_PANIC_EVERY", default_value_t = 0, hide = true)]
@@ -65,6 +72,10 @@ impl BusSettings {
     }
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_s)
+    }
+    /// An empty memory of cancel notices, bounded as configured.
+    pub fn cancel_memory(&self) -> crate::CancelMemory {
+        crate::CancelMemory::new(Duration::from_secs(self.cancel_remember_s), self.cancel_memory)
     }
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)

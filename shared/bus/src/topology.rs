@@ -20,21 +20,34 @@ use crate::{BusError, BusSettings};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Edge {
     pub stream: &'static str,
-    /// Subject prefix; edges keyed by request or model append `.<token>`.
+    /// Subject prefix; keyed edges append `.<key>`.
     pub subject: &'static str,
-    /// Whether subjects carry a trailing `.<token>` (request id or model).
-    pub keyed: bool,
+    /// What the trailing `.<key>` of a subject names, if anything.
+    pub key: EdgeKey,
+}
+
+/// What an edge's subjects are keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeKey {
+    /// One subject for the whole edge.
+    None,
+    /// `.<request_id>`: a request's messages can be found by subject.
+    Request,
+    /// `.<model>`: each model's work can be read or counted apart.
+    Model,
+    /// `.<stage>`: the stage that wrote the message.
+    Stage,
 }
 
 impl Edge {
-    pub const QUERIES: Edge = Edge { stream: "MR_QUERIES", subject: "mr.v1.queries", keyed: false };
-    pub const CLEAN: Edge = Edge { stream: "MR_CLEAN", subject: "mr.v1.clean", keyed: false };
-    pub const ADMITTED: Edge = Edge { stream: "MR_ADMITTED", subject: "mr.v1.admitted", keyed: false };
-    pub const PROMPTS: Edge = Edge { stream: "MR_PROMPTS", subject: "mr.v1.prompts", keyed: true };
-    pub const BATCHES: Edge = Edge { stream: "MR_BATCHES", subject: "mr.v1.batches", keyed: true };
-    pub const COMPLETIONS: Edge = Edge { stream: "MR_COMPLETIONS", subject: "mr.v1.completions", keyed: false };
-    pub const RESULTS: Edge = Edge { stream: "MR_RESULTS", subject: "mr.v1.results", keyed: true };
-    pub const DLQ: Edge = Edge { stream: "MR_DLQ", subject: "mr.v1.dlq", keyed: true };
+    pub const QUERIES: Edge = Edge { stream: "MR_QUERIES", subject: "mr.v1.queries", key: EdgeKey::None };
+    pub const CLEAN: Edge = Edge { stream: "MR_CLEAN", subject: "mr.v1.clean", key: EdgeKey::None };
+    pub const ADMITTED: Edge = Edge { stream: "MR_ADMITTED", subject: "mr.v1.admitted", key: EdgeKey::None };
+    pub const PROMPTS: Edge = Edge { stream: "MR_PROMPTS", subject: "mr.v1.prompts", key: EdgeKey::Model };
+    pub const BATCHES: Edge = Edge { stream: "MR_BATCHES", subject: "mr.v1.batches", key: EdgeKey::Model };
+    pub const COMPLETIONS: Edge = Edge { stream: "MR_COMPLETIONS", subject: "mr.v1.completions", key: EdgeKey::None };
+    pub const RESULTS: Edge = Edge { stream: "MR_RESULTS", subject: "mr.v1.results", key: EdgeKey::Request };
+    pub const DLQ: Edge = Edge { stream: "MR_DLQ", subject: "mr.v1.dlq", key: EdgeKey::Stage };
 
     pub const ALL: [Edge; 8] = [
         Self::QUERIES,
@@ -47,14 +60,14 @@ impl Edge {
         Self::DLQ,
     ];
 
-    /// The subject to publish on; `key` is the request id or model for keyed edges.
+    /// The subject to publish on; `key` (request id, model or stage) is ignored by unkeyed edges.
     pub fn subject_for(&self, key: &str) -> String {
-        if self.keyed { format!("{}.{key}", self.subject) } else { self.subject.to_owned() }
+        if self.key != EdgeKey::None { format!("{}.{key}", self.subject) } else { self.subject.to_owned() }
     }
 
     /// The subject filter capturing the whole edge.
     pub fn filter(&self) -> String {
-        if self.keyed { format!("{}.>", self.subject) } else { self.subject.to_owned() }
+        if self.key != EdgeKey::None { format!("{}.>", self.subject) } else { self.subject.to_owned() }
     }
 }
 

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use millrace_bus::dlq::MaxDeliveriesListener;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Delivery, Handler, Publisher, StageConsumer, StageError, Topology, msg_id};
+use millrace_bus::{BusSettings, Dedup, Delivery, Handler, Publisher, StageConsumer, StageError, Topology};
 use millrace_proto::Message as _;
 use millrace_proto::v1::{Batch, DlqRecord, Prompt, Query, RequestContext, Result as TerminalResult, TerminalStatus};
 use millrace_testkit::NatsServer;
@@ -29,7 +29,7 @@ fn query(request_id: &str) -> Outbound {
     };
     Outbound {
         subject: Edge::QUERIES.subject_for(""),
-        msg_id: msg_id(request_id, "ingest"),
+        msg_id: Dedup::Stage("ingest").msg_id(request_id),
         payload: q.encode_to_vec().into(),
     }
 }
@@ -79,7 +79,7 @@ impl Handler for FlakyRelay {
         self.publisher
             .publish(Outbound {
                 subject: Edge::CLEAN.subject_for(""),
-                msg_id: msg_id(&id, "relay"),
+                msg_id: Dedup::Stage("relay").msg_id(&id),
                 payload: d.payload.clone(),
             })
             .await?;
@@ -93,7 +93,7 @@ async fn transient_failures_are_naked_redelivered_and_acked_after_the_effect() {
     let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
     let publisher = setup(&nats, settings.clone()).await;
     let relay = Arc::new(FlakyRelay { publisher: publisher.clone(), calls: AtomicU32::new(0) });
-    let consumer = StageConsumer::new("relay", ConsumerSpec::PREPROCESS, relay.clone(), publisher.clone(), settings);
+    let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, relay.clone(), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();
@@ -128,8 +128,7 @@ async fn a_message_out_of_deliveries_is_dead_lettered_with_a_failed_result() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 3, ack_wait_s: 1, ..Default::default() };
     let publisher = setup(&nats, settings.clone()).await;
-    let consumer =
-        StageConsumer::new("preprocess", ConsumerSpec::PREPROCESS, Arc::new(AlwaysFails), publisher.clone(), settings);
+    let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, Arc::new(AlwaysFails), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();
@@ -175,7 +174,7 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_from_the_advisory()
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, ..Default::default() };
     let publisher = setup(&nats, settings).await;
     let stop = CancellationToken::new();
-    let listener = MaxDeliveriesListener::new("preprocess", ConsumerSpec::PREPROCESS, publisher.clone());
+    let listener = MaxDeliveriesListener::new(ConsumerSpec::PREPROCESS, publisher.clone());
     let listening = tokio::spawn(listener.run(stop.clone()));
     tokio::time::sleep(Duration::from_millis(200)).await;
     publisher.publish(query("orphan")).await.unwrap();
@@ -221,7 +220,7 @@ async fn long_work_sends_in_progress_and_is_not_redelivered_meanwhile() {
     let settings = BusSettings { nats_url: nats.url(), ack_wait_s: 1, ..Default::default() };
     let publisher = setup(&nats, settings.clone()).await;
     let slow = Arc::new(Slow { calls: AtomicU32::new(0) });
-    let consumer = StageConsumer::new("slow", ConsumerSpec::PREPROCESS, slow.clone(), publisher.clone(), settings);
+    let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, slow.clone(), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();
@@ -245,8 +244,7 @@ async fn a_dead_batch_ends_every_member_request() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, ..Default::default() };
     let publisher = setup(&nats, settings.clone()).await;
-    let consumer =
-        StageConsumer::new("inference", ConsumerSpec::INFERENCE, Arc::new(AlwaysFails), publisher.clone(), settings);
+    let consumer = StageConsumer::new(ConsumerSpec::INFERENCE, Arc::new(AlwaysFails), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
         let stop = stop.clone();
@@ -265,7 +263,7 @@ async fn a_dead_batch_ends_every_member_request() {
     publisher
         .publish(Outbound {
             subject: Edge::BATCHES.subject_for("m"),
-            msg_id: msg_id("b1", "batcher"),
+            msg_id: Dedup::Stage("batcher").msg_id("b1"),
             payload: batch.encode_to_vec().into(),
         })
         .await

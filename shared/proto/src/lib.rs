@@ -5,13 +5,39 @@ pub mod v1 {
     tonic::include_proto!("millrace.v1");
 }
 
+pub mod deadline;
 pub mod row;
 
 /// The encoded `FileDescriptorSet` of every Millrace contract, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/millrace_descriptor.bin"));
 
 pub use prost::Message;
-use v1::{StageTiming, TerminalStatus, Timings};
+use v1::{RequestContext, StageTiming, TerminalStatus, Timings};
+
+/// A message that belongs to one request and carries its [`RequestContext`] as field 1 (`ctx`),
+/// so any stage, the DLQ and the sink can read the context without knowing the message's type
+/// (see `Envelope`). `Batch` is the one edge message that does not: it carries many requests'
+/// prompts, each with its own context; `DlqRecord` keeps the dead message's context beside it.
+pub trait PerRequest: Message {
+    fn ctx(&self) -> Option<&RequestContext>;
+
+    /// The request's id; empty when the message names none.
+    fn request_id(&self) -> &str {
+        self.ctx().map_or("", |c| c.request_id.as_str())
+    }
+}
+
+macro_rules! per_request {
+    ($($message:ty),* $(,)?) => {$(
+        impl PerRequest for $message {
+            fn ctx(&self) -> Option<&RequestContext> {
+                self.ctx.as_ref()
+            }
+        }
+    )*};
+}
+
+per_request!(v1::Query, v1::CleanedQuery, v1::AdmittedQuery, v1::Prompt, v1::Completion, v1::Result, v1::Envelope);
 
 /// Microseconds since the unix epoch.
 pub fn now_unix_us() -> i64 {

@@ -14,6 +14,6 @@ mod shell;
 pub mod supervisor;
 mod telemetry;
 
-pub use servers::{consumer_child, serve_grpc, serve_http};
+pub use servers::{cancel_listener_child, consumer_child, serve_grpc, serve_http};
 pub use shell::{Service, Setup, ShellArgs};
 pub use supervisor::{ChildContext, ChildSpec, Readiness, SupervisorConfig};

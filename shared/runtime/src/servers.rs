@@ -30,13 +30,26 @@ pub async fn serve_grpc(ctx: ChildContext, addr: SocketAddr, router: Router) -> 
     Ok(())
 }
 
-/// A stage consumer as a supervised child: ready once it consumes, drained on shutdown.
-pub fn consumer_child<H: millrace_bus::Handler>(
-    name: &'static str,
-    consumer: std::sync::Arc<millrace_bus::StageConsumer<H>>,
-) -> crate::ChildSpec {
-    crate::ChildSpec::new(name, move |ctx| {
+/// A stage consumer as a supervised child named after its durable consumer (which is also
+/// the stage's name): ready once it consumes, drained on shutdown.
+pub fn consumer_child<H: millrace_bus::DeferringHandler>(consumer: millrace_bus::StageConsumer<H>) -> crate::ChildSpec {
+    let consumer = std::sync::Arc::new(consumer);
+    crate::ChildSpec::new(consumer.stage(), move |ctx| {
         let consumer = consumer.clone();
         async move { Ok(consumer.run(ctx.shutdown.clone(), || ctx.set_ready()).await?) }
+    })
+}
+
+/// The `cancel-listener` child: follows every request's cancel notice and hands its request id
+/// to `on_cancel` (see [`millrace_bus::follow_cancels`]).
+pub fn cancel_listener_child<F, Fut>(publisher: &millrace_bus::Publisher, on_cancel: F) -> crate::ChildSpec
+where
+    F: Fn(String) -> Fut + Clone + 'static,
+    Fut: Future<Output = ()>,
+{
+    let client = publisher.client();
+    crate::ChildSpec::new("cancel-listener", move |ctx| {
+        let (client, on_cancel) = (client.clone(), on_cancel.clone());
+        async move { Ok(millrace_bus::follow_cancels(client, ctx.shutdown.clone(), || ctx.set_ready(), on_cancel).await?) }
     })
 }
