@@ -43,6 +43,7 @@ FROM ${PYTHON_IMAGE} AS models
 WORKDIR /src
 COPY scripts/prepare-models.sh scripts/
 COPY models/prepare.py models/requirements.txt models/
+COPY models/millrace_models models/millrace_models/
 RUN --mount=type=cache,id=millrace-pip,target=/root/.cache/pip \
     --mount=type=cache,id=millrace-model-downloads,target=/src/models/prepared/cache \
     python -m venv .tools/venv \
