@@ -3,7 +3,8 @@
 //!
 //! 1. Unicode compatibility decomposition (NFKD, which covers NFKC's folding of full-width and
 //!    mathematical letters, ligatures…), lower-casing, then dropping combining marks (`fück` →
-//!    `fuck`) and invisible format characters (zero-width spaces and joiners, soft hyphens).
+//!    `fuck`) and invisible format characters (zero-width and bidi controls, soft hyphens: the
+//!    list `millrace_text::is_invisible` shares with preprocess).
 //! 2. Splitting into words: runs of letters and digits, plus the leet symbols `@` and `$`, and
 //!    `!` between two word characters (`sh!t`). Apostrophes vanish (`don't` → `dont`).
 //! 3. Separated single letters: three or more one-letter pieces with the same single separator
@@ -65,11 +66,10 @@ impl Normalized {
 
 /// Step 1: compatibility decomposition, lower case, no combining marks or invisible characters.
 pub fn fold(text: &str) -> String {
-    text.nfkd().flat_map(char::to_lowercase).filter(|&c| !is_combining_mark(c) && !is_invisible(c)).collect()
-}
-
-fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
+    text.nfkd()
+        .flat_map(char::to_lowercase)
+        .filter(|&c| !is_combining_mark(c) && !millrace_text::is_invisible(c))
+        .collect()
 }
 
 fn is_word_char(c: char) -> bool {

@@ -216,4 +216,19 @@ mod tests {
         assert_eq!(r.verdicts.last().unwrap().category, "abuse");
         assert_eq!(r.stage, "moderation-output");
     }
+
+    #[test]
+    fn a_blocked_word_hidden_behind_bidi_controls_is_blocked_on_output() {
+        // Model output reaches moderation without passing preprocess, which strips these.
+        for text in [
+            "You are a wor\u{202E}thless id\u{2066}iot\u{2069}.",
+            "You are a \u{202A}worthless\u{202C} \u{061C}idiot\u{FFF9}.",
+        ] {
+            let r = TerminalResult::decode(
+                output_outbound(completion(text), &decide(text, Stage::Output), "Sorry.", 100).payload.as_ref(),
+            )
+            .unwrap();
+            assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::BlockedOutput, "abuse"), "{text:?}");
+        }
+    }
 }

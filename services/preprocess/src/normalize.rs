@@ -24,20 +24,11 @@
 //! invalid UTF-8 in the input).
 use unicode_normalization::UnicodeNormalization;
 
-/// Whether `c` is removed outright: a control character other than `\n`/`\t`, or a
-/// zero-width / format character (see the module docs for the list).
+/// Whether `c` is removed outright: a control character other than `\n`/`\t` (Cc: U+0000–U+001F,
+/// U+007F–U+009F), or an invisible format character ([`millrace_text::is_invisible`], the list
+/// moderation strips too).
 pub fn is_removed(c: char) -> bool {
-    match c {
-        '\n' | '\t' => false,
-        c if c.is_control() => true, // Cc: U+0000–U+001F, U+007F–U+009F
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{FEFF}' => true,
-        '\u{200B}'..='\u{200F}' => true,
-        '\u{202A}'..='\u{202E}' => true,
-        '\u{2060}'..='\u{2064}' => true,
-        '\u{2066}'..='\u{206F}' => true,
-        '\u{FFF9}'..='\u{FFFB}' => true,
-        _ => false,
-    }
+    (c.is_control() && c != '\n' && c != '\t') || millrace_text::is_invisible(c)
 }
 
 /// Normalizes `text` as described in the module docs.
