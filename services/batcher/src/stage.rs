@@ -212,7 +212,7 @@ pub async fn run(
         .jetstream()
         .get_stream(Edge::BATCHES.stream)
         .await
-        .map_err(|e| BusError::Unavailable(format!("stream {}: {e}", Edge::BATCHES.stream)))?;
+        .map_err(|e| BusError::unavailable(format!("stream {}", Edge::BATCHES.stream), e))?;
     // Counted before any prompt is taken: batches left in flight before a restart, or by
     // another replica, keep their model busy.
     let asked_at = Instant::now();
@@ -388,11 +388,12 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
 
 /// Messages left per model on BATCHES: batches inference has not acked yet.
 async fn count_batches(stream: &JsStream) -> Result<HashMap<String, usize>, BusError> {
-    let failed = |e: &dyn std::fmt::Display| BusError::Unavailable(format!("counting {}: {e}", Edge::BATCHES.stream));
+    let context = || format!("counting {}", Edge::BATCHES.stream);
     let prefix = format!("{}.", Edge::BATCHES.subject);
-    let mut subjects = stream.info_with_subjects(Edge::BATCHES.filter()).await.map_err(|e| failed(&e))?;
+    let mut subjects =
+        stream.info_with_subjects(Edge::BATCHES.filter()).await.map_err(|e| BusError::unavailable(context(), e))?;
     let mut counts = HashMap::new();
-    while let Some((subject, count)) = subjects.try_next().await.map_err(|e| failed(&e))? {
+    while let Some((subject, count)) = subjects.try_next().await.map_err(|e| BusError::unavailable(context(), e))? {
         if let Some(model) = subject.strip_prefix(&prefix) {
             counts.insert(model.to_owned(), count);
         }

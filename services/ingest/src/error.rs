@@ -35,8 +35,8 @@ pub enum ApiError {
 impl From<BusError> for ApiError {
     fn from(e: BusError) -> Self {
         match e {
-            BusError::StreamFull(_) => Self::Overloaded(e),
-            BusError::Unavailable(_) => Self::Unavailable(e),
+            BusError::StreamFull { .. } => Self::Overloaded(e),
+            BusError::Unavailable { .. } => Self::Unavailable(e),
             _ => Self::Internal(e),
         }
     }
@@ -90,9 +90,12 @@ mod tests {
 
     #[test]
     fn bus_errors_become_overload_or_unavailability() {
-        assert_eq!(ApiError::from(BusError::StreamFull("max msgs".into())).code(), "overloaded");
-        assert_eq!(ApiError::from(BusError::Unavailable("down".into())).code(), "unavailable");
-        assert_eq!(ApiError::from(BusError::Other("?".into())).code(), "internal");
+        assert_eq!(
+            ApiError::from(BusError::StreamFull { context: "max msgs".into(), source: None }).code(),
+            "overloaded"
+        );
+        assert_eq!(ApiError::from(BusError::gone("down")).code(), "unavailable");
+        assert_eq!(ApiError::from(BusError::Other { context: "?".into(), source: None }).code(), "internal");
     }
 
     #[test]
@@ -101,13 +104,13 @@ mod tests {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("empty_text: "), "{}", status.message());
         assert_eq!(status.metadata().get(millrace_proto::CODE_METADATA).unwrap(), "empty_text");
-        let status = tonic::Status::from(ApiError::from(BusError::StreamFull("full".into())));
+        let status = tonic::Status::from(ApiError::from(BusError::StreamFull { context: "full".into(), source: None }));
         assert_eq!(status.code(), Code::ResourceExhausted);
     }
 
     #[test]
     fn overload_says_when_to_retry() {
-        let response = ApiError::from(BusError::StreamFull("full".into())).error_response();
+        let response = ApiError::from(BusError::StreamFull { context: "full".into(), source: None }).error_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
     }

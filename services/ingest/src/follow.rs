@@ -95,7 +95,7 @@ impl Follower {
         let nats = frontend.gateway.nats();
         let request_id = ctx.request_id.as_str();
         let unavailable =
-            |e: async_nats::SubscribeError| ApiError::Unavailable(BusError::Unavailable(format!("subscription: {e}")));
+            |e: async_nats::SubscribeError| ApiError::Unavailable(BusError::unavailable("subscription", e));
         let tokens = nats.subscribe(ephemeral::tokens(request_id)).await.map_err(unavailable)?;
         let results = nats.subscribe(Edge::RESULTS.subject_for(request_id)).await.map_err(unavailable)?;
         Ok(Self {
@@ -216,15 +216,15 @@ impl Follower {
         self.done = true;
         self.cancel.finished();
         let released = self.guard.released();
-        let blocked = [TerminalStatus::BlockedInput, TerminalStatus::BlockedOutput].map(|s| s.name());
-        let rest = if row.status == TerminalStatus::Completed.name() {
+        let blocked = [TerminalStatus::BlockedInput, TerminalStatus::BlockedOutput];
+        let rest = if row.status == TerminalStatus::Completed {
             // `None` cannot happen while moderation leaves completions as generated; if it
             // ever does, the stream stays short rather than contradicting itself.
             row.completion.strip_prefix(released).or_else(|| {
                 warn!(request_id = self.ctx.request_id, "the completion does not extend the streamed text");
                 None
             })
-        } else if blocked.contains(&row.status.as_str()) && released.is_empty() {
+        } else if blocked.contains(&row.status) && released.is_empty() {
             Some(row.completion.as_str())
         } else {
             None

@@ -25,7 +25,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::Bytes;
 use millrace_proto::now_unix_us;
 use millrace_proto::row::ResultRow;
-use millrace_proto::v1::GenerationParams;
+use millrace_proto::v1::{GenerationParams, TerminalStatus};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
@@ -269,17 +269,17 @@ fn outcome(row: &ResultRow) -> Result<&'static str, OpenAiError> {
     let error = |status: StatusCode, fallback: &str| {
         let code = if row.reason.is_empty() { fallback } else { row.reason.as_str() };
         let message =
-            if row.detail.is_empty() { format!("request {}: {code}", row.status) } else { row.detail.clone() };
+            if row.detail.is_empty() { format!("request {}: {code}", row.status.name()) } else { row.detail.clone() };
         Err(OpenAiError::invalid(status, None, code, message))
     };
-    match row.status.as_str() {
-        "COMPLETED" => Ok(if row.reason == "length" { "length" } else { "stop" }),
-        "BLOCKED_INPUT" | "BLOCKED_OUTPUT" => Ok("content_filter"),
-        "RATE_LIMITED" => error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-        "EXPIRED" => error(StatusCode::GATEWAY_TIMEOUT, "expired"),
-        "REJECTED" => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
-        "CANCELLED" => error(StatusCode::CONFLICT, "cancelled"),
-        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+    match row.status {
+        TerminalStatus::Completed => Ok(if row.reason == "length" { "length" } else { "stop" }),
+        TerminalStatus::BlockedInput | TerminalStatus::BlockedOutput => Ok("content_filter"),
+        TerminalStatus::RateLimited => error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        TerminalStatus::Expired => error(StatusCode::GATEWAY_TIMEOUT, "expired"),
+        TerminalStatus::Rejected => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+        TerminalStatus::Cancelled => error(StatusCode::CONFLICT, "cancelled"),
+        TerminalStatus::Failed | TerminalStatus::Unspecified => error(StatusCode::INTERNAL_SERVER_ERROR, "failed"),
     }
 }
 
@@ -472,7 +472,7 @@ mod tests {
     #[test]
     fn rows_map_to_finish_reasons_or_errors() {
         let row = |status: &str, reason: &str| ResultRow {
-            status: status.into(),
+            status: TerminalStatus::parse(status).unwrap(),
             reason: reason.into(),
             ..Default::default()
         };

@@ -22,7 +22,7 @@ impl Results for ResultsApi {
         let status = match TerminalStatus::try_from(r.status) {
             Ok(TerminalStatus::Unspecified) => "",
             Ok(s) => s.name(),
-            Err(_) => return Err(Status::invalid_argument(format!("bad_status: unknown status {}", r.status))),
+            Err(_) => return Err(api::ApiError::BadStatus(r.status.to_string()).into()),
         };
         let page = api::list(
             &self.store,
@@ -33,5 +33,20 @@ impl Results for ResultsApi {
             results: page.results.into_iter().map(|row| row.into_record()).collect(),
             next_page_token: page.next_page_token,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unknown_status_is_a_coded_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("sink.db").display());
+        let api = ResultsApi { store: Store::open(&url).await.unwrap() };
+        let err = api.list(Request::new(ListResultsRequest { status: 99, ..Default::default() })).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.metadata().get(millrace_proto::CODE_METADATA).unwrap(), "bad_status");
     }
 }

@@ -168,7 +168,7 @@ async fn insert_result(tx: &mut sqlx::Transaction<'_, sqlx::Any>, row: &ResultRo
         .bind(&row.session)
         .bind(&row.model)
         .bind(&row.model_version)
-        .bind(&row.status)
+        .bind(row.status.name())
         .bind(&row.reason)
         .bind(&row.detail)
         .bind(&row.stage)
@@ -217,7 +217,10 @@ fn result_from_row(r: &AnyRow) -> Result<ResultRow, StoreError> {
         session: r.try_get("session_id")?,
         model: r.try_get("model")?,
         model_version: r.try_get("model_version")?,
-        status: r.try_get("status")?,
+        status: {
+            let name: String = r.try_get("status")?;
+            TerminalStatus::parse(&name).ok_or_else(|| StoreError::Corrupt(format!("unknown status {name:?}")))?
+        },
         reason: r.try_get("reason")?,
         detail: r.try_get("detail")?,
         stage: r.try_get("stage")?,

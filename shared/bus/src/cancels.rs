@@ -25,7 +25,7 @@ where
     let mut notices = client
         .subscribe(ephemeral::CANCEL_ALL)
         .await
-        .map_err(|e| BusError::Unavailable(format!("subscribe {}: {e}", ephemeral::CANCEL_ALL)))?;
+        .map_err(|e| BusError::unavailable(format!("subscribe {}", ephemeral::CANCEL_ALL), e))?;
     let prefix = ephemeral::cancel("");
     tracing::info!(subject = ephemeral::CANCEL_ALL, "following cancellations");
     on_ready();
@@ -34,7 +34,7 @@ where
             _ = shutdown.cancelled() => return Ok(()),
             notice = notices.next() => notice,
         };
-        let notice = notice.ok_or_else(|| BusError::Unavailable("cancel subscription ended".into()))?;
+        let notice = notice.ok_or_else(|| BusError::gone("cancel subscription ended"))?;
         if let Some(request_id) = notice.subject.strip_prefix(prefix.as_str()) {
             tracing::debug!(request_id, "cancel notice");
             on_cancel(request_id.to_owned()).await;

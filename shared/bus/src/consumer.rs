@@ -87,14 +87,13 @@ impl<H: DeferringHandler> StageConsumer<H> {
     pub async fn run(&self, shutdown: CancellationToken, on_ready: impl Fn()) -> Result<(), BusError> {
         let stage = self.stage();
         let js = self.publisher.jetstream().clone();
-        let unavailable =
-            |e: &dyn std::fmt::Display| BusError::Unavailable(format!("consumer {}: {e}", self.spec.durable));
-        let stream = js.get_stream(self.spec.edge.stream).await.map_err(|e| unavailable(&e))?;
+        let context = || format!("consumer {}", self.spec.durable);
+        let stream = js.get_stream(self.spec.edge.stream).await.map_err(|e| BusError::unavailable(context(), e))?;
         // The reader owns its consumer's settings: create-or-update to this process's flags.
         let consumer: jetstream::consumer::PullConsumer = stream
             .create_consumer(topology::consumer_config(&self.settings, self.spec.durable))
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| BusError::unavailable(context(), e))?;
         let workers = self.settings.workers.max(1);
         // A pull of one message only re-pulls once it is fully consumed, and then at times not
         // until the pull expired (seen: 35 s stalls with one worker): pull at least two, and
@@ -106,7 +105,7 @@ impl<H: DeferringHandler> StageConsumer<H> {
             .expires(Duration::from_secs(5))
             .messages()
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(|e| BusError::unavailable(context(), e))?;
         let advisories = dlq::MaxDeliveriesListener::new(self.spec, self.publisher.clone());
         let mut advisories = std::pin::pin!(advisories.run(shutdown.clone()));
         let slots = Arc::new(Semaphore::new(workers));
@@ -133,7 +132,7 @@ impl<H: DeferringHandler> StageConsumer<H> {
                             warn!(stage, error = %e, "pull error");
                             continue;
                         }
-                        None => return Err(unavailable(&"message stream ended")),
+                        None => return Err(BusError::gone(format!("{}: message stream ended", context()))),
                     };
                     delivered += 1;
                     let inject_panic = self.settings.fault_panic_every > 0 && delivered % self.settings.fault_panic_every == 0;

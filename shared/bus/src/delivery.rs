@@ -86,7 +86,7 @@ impl From<BusError> for StageError {
     /// A publish that failed is worth retrying: the stream may be full or NATS reconnecting.
     fn from(e: BusError) -> Self {
         let delay = match e {
-            BusError::StreamFull(_) => Duration::from_secs(2),
+            BusError::StreamFull { .. } => Duration::from_secs(2),
             _ => Duration::from_millis(500),
         };
         Self::transient(e.to_string(), delay)

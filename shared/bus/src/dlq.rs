@@ -108,13 +108,13 @@ impl MaxDeliveriesListener {
         let mut advisories = client
             .subscribe(Self::subject(&self.spec))
             .await
-            .map_err(|e| BusError::Unavailable(format!("advisory subscription: {e}")))?;
+            .map_err(|e| BusError::unavailable("advisory subscription", e))?;
         loop {
             let advisory = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 a = advisories.next() => match a {
                     Some(a) => a,
-                    None => return Err(BusError::Unavailable("advisory subscription closed".into())),
+                    None => return Err(BusError::gone("advisory subscription closed")),
                 },
             };
             match serde_json::from_slice::<MaxDeliveriesAdvisory>(&advisory.payload) {
@@ -130,9 +130,10 @@ impl MaxDeliveriesListener {
 
     async fn dead_letter(&self, advisory: &MaxDeliveriesAdvisory) -> Result<(), BusError> {
         let js: &jetstream::Context = self.publisher.jetstream();
-        let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(e.to_string());
-        let stream = js.get_stream(&advisory.stream).await.map_err(|e| unavailable(&e))?;
-        let message = stream.get_raw_message(advisory.stream_seq).await.map_err(|e| unavailable(&e))?;
+        let context = || format!("reading {} #{}", advisory.stream, advisory.stream_seq);
+        let stream = js.get_stream(&advisory.stream).await.map_err(|e| BusError::unavailable(context(), e))?;
+        let message =
+            stream.get_raw_message(advisory.stream_seq).await.map_err(|e| BusError::unavailable(context(), e))?;
         let delivery = Delivery {
             subject: message.subject.to_string(),
             payload: message.payload.clone(),

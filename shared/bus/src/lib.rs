@@ -28,20 +28,45 @@ pub use publisher::{Outbound, Published, Publisher};
 pub use settings::BusSettings;
 pub use topology::{ConsumerSpec, Edge, EdgeKey, Topology};
 
-/// Errors at the bus boundary, classified by what the caller should do about them.
+/// The NATS client's own error, kept as the source of a [`BusError`].
+pub type NatsError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors at the bus boundary, classified by what the caller should do about them. Each keeps
+/// the client's error (when there is one) as its source; the message names the operation and,
+/// for logs that print only the message, repeats the source's text.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// The stream refused the message because it is at its limits (discard-new): back off.
-    #[error("stream full: {0}")]
-    StreamFull(String),
+    #[error("stream full: {context}{}", cause(source))]
+    StreamFull { context: String, source: Option<NatsError> },
     /// NATS cannot be reached or did not answer in time.
-    #[error("NATS unavailable: {0}")]
-    Unavailable(String),
+    #[error("NATS unavailable: {context}{}", cause(source))]
+    Unavailable { context: String, source: Option<NatsError> },
     /// The topology could not be provisioned (conflicting existing config, bad settings).
-    #[error("provisioning {what}: {detail}")]
-    Provision { what: String, detail: String },
-    #[error("{0}")]
-    Other(String),
+    #[error("provisioning {context}{}", cause(source))]
+    Provision { context: String, source: Option<NatsError> },
+    #[error("{context}{}", cause(source))]
+    Other { context: String, source: Option<NatsError> },
+}
+
+fn cause(source: &Option<NatsError>) -> String {
+    source.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+}
+
+impl BusError {
+    /// NATS failed at `context` with the client's error `source`.
+    pub fn unavailable(context: impl Into<String>, source: impl Into<NatsError>) -> Self {
+        Self::Unavailable { context: context.into(), source: Some(source.into()) }
+    }
+
+    /// NATS is unavailable at `context` with no client error to name (a subscription ended).
+    pub fn gone(context: impl Into<String>) -> Self {
+        Self::Unavailable { context: context.into(), source: None }
+    }
+
+    pub fn provision(context: impl Into<String>, source: impl Into<NatsError>) -> Self {
+        Self::Provision { context: context.into(), source: Some(source.into()) }
+    }
 }
 
 /// Connects to NATS with reconnects on, returning the client.
@@ -52,7 +77,7 @@ pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_n
         .max_reconnects(None)
         .connect(url)
         .await
-        .map_err(|e| BusError::Unavailable(format!("connect {url}: {e}")))
+        .map_err(|e| BusError::unavailable(format!("connect {url}"), e))
 }
 
 /// Connects and provisions the mesh topology (idempotent): what every service does first.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use tokio::sync::Semaphore;
 
-use crate::{BusError, BusSettings, metrics, trace};
+use crate::{BusError, BusSettings, NatsError, metrics, trace};
 
 /// The stream's acknowledgement of one publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,11 +65,11 @@ impl Publisher {
     ) -> Result<impl Future<Output = Result<Published, BusError>> + Send + 'static, BusError> {
         if self.js.client().connection_state() != State::Connected {
             metrics::PUBLISH_ERRORS.with_label_values(&["unavailable"]).inc();
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(BusError::gone("not connected to NATS"));
         }
         let permit = tokio::time::timeout(self.timeout, self.window.clone().acquire_owned())
             .await
-            .map_err(|_| BusError::Unavailable("publish window full: PubAcks are not arriving".into()))?
+            .map_err(|_| BusError::gone("publish window full: PubAcks are not arriving"))?
             .expect("the window semaphore is never closed");
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, out.msg_id.as_str());
@@ -90,7 +90,9 @@ impl Publisher {
             }
             Ok(Published { stream: ack.stream, sequence: ack.sequence, duplicate: ack.duplicate })
         });
-        Ok(async move { resolved.await.map_err(|e| BusError::Other(format!("PubAck task: {e}")))? })
+        Ok(async move {
+            resolved.await.map_err(|e| BusError::Other { context: "PubAck task".into(), source: Some(e.into()) })?
+        })
     }
 
     /// Publishes one message and waits for its PubAck.
@@ -109,29 +111,55 @@ impl Publisher {
 }
 
 fn map_publish_error(e: jetstream::context::PublishError) -> BusError {
-    let text = e.to_string();
-    let (kind, err) = match e.kind() {
-        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => ("unavailable", BusError::Unavailable(text)),
-        PublishErrorKind::StreamNotFound => ("no_stream", BusError::Unavailable(text)),
-        // discard-new refusals: "maximum messages exceeded" / "maximum bytes exceeded".
-        _ if is_stream_full(&text) => ("stream_full", BusError::StreamFull(text)),
-        _ => ("other", BusError::Other(text)),
+    let (kind, variant): (_, fn(String, Option<NatsError>) -> BusError) = match e.kind() {
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            ("unavailable", |context, source| BusError::Unavailable { context, source })
+        }
+        PublishErrorKind::StreamNotFound => ("no_stream", |context, source| BusError::Unavailable { context, source }),
+        _ if is_stream_full(&e) => ("stream_full", |context, source| BusError::StreamFull { context, source }),
+        _ => ("other", |context, source| BusError::Other { context, source }),
     };
     metrics::PUBLISH_ERRORS.with_label_values(&[kind]).inc();
-    err
+    variant("publish".into(), Some(e.into()))
 }
 
-fn is_stream_full(text: &str) -> bool {
-    let t = text.to_ascii_lowercase();
-    t.contains("maximum messages") || t.contains("maximum bytes") || t.contains("resource limits")
+/// A discard-new refusal: the stream's store refused the message (`maximum messages / bytes
+/// exceeded`, JetStream error 10077) or the account's storage is used up (10047). Told by the
+/// server's error code, not by its text.
+fn is_stream_full(e: &jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    e.source().and_then(|s| s.downcast_ref::<jetstream::Error>()).is_some_and(|j| {
+        matches!(
+            j.error_code(),
+            jetstream::ErrorCode::STREAM_STORE_FAILED | jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    use super::*;
+
+    fn refused(err_code: u64) -> PublishError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 503, "err_code": err_code, "description": "maximum messages exceeded"
+        }))
+        .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
     #[test]
-    fn discard_new_refusals_are_stream_full() {
-        assert!(super::is_stream_full("publish failed: maximum messages exceeded (10077)"));
-        assert!(super::is_stream_full("maximum bytes exceeded"));
-        assert!(!super::is_stream_full("wrong last sequence"));
+    fn discard_new_refusals_are_told_by_their_error_code() {
+        assert!(matches!(map_publish_error(refused(10077)), BusError::StreamFull { .. }));
+        assert!(matches!(map_publish_error(refused(10047)), BusError::StreamFull { .. }));
+        assert!(matches!(map_publish_error(refused(10071)), BusError::Other { .. }));
+        assert!(matches!(
+            map_publish_error(PublishError::new(PublishErrorKind::TimedOut)),
+            BusError::Unavailable { .. }
+        ));
+        let full = map_publish_error(refused(10077));
+        assert!(std::error::Error::source(&full).is_some(), "the client's error is kept as the source");
     }
 }

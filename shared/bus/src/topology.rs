@@ -182,28 +182,30 @@ pub(crate) fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Co
 }
 
 async fn provision_stream(js: &jetstream::Context, config: &stream::Config) -> Result<(), BusError> {
-    let err = |e: &dyn std::fmt::Display| BusError::Provision {
-        what: format!("stream {}", config.name),
-        detail: e.to_string(),
-    };
+    let what = || format!("stream {}", config.name);
     for _ in 0..3 {
         match js.get_stream(&config.name).await {
             Ok(mut existing) => {
-                let info = existing.info().await.map_err(|e| err(&e))?;
+                let info = existing.info().await.map_err(|e| BusError::provision(what(), e))?;
                 if !stream_matches(&info.config, config) {
-                    js.update_stream(config).await.map_err(|e| err(&e))?;
+                    js.update_stream(config).await.map_err(|e| BusError::provision(what(), e))?;
                 }
                 return Ok(());
             }
             Err(_) => match js.create_stream(config.clone()).await {
                 Ok(_) => return Ok(()),
                 // Another service created it between our get and create: go round and update.
-                Err(e) if e.to_string().contains("already in use") => continue,
-                Err(e) => return Err(err(&e)),
+                Err(e) if is_name_taken(&e) => continue,
+                Err(e) => return Err(BusError::provision(what(), e)),
             },
         }
     }
-    Err(err(&"stream kept changing while provisioning"))
+    Err(BusError::Provision { context: format!("{}: it kept changing while provisioning", what()), source: None })
+}
+
+/// The server's answer when a stream of that name exists already (by its JetStream error code).
+fn is_name_taken(e: &jetstream::context::CreateStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST)
 }
 
 fn stream_matches(have: &stream::Config, want: &stream::Config) -> bool {
@@ -217,16 +219,13 @@ fn stream_matches(have: &stream::Config, want: &stream::Config) -> bool {
 
 async fn provision_consumer(js: &jetstream::Context, stream_name: &str, config: &pull::Config) -> Result<(), BusError> {
     let durable = config.durable_name.clone().unwrap_or_default();
-    let err = |e: &dyn std::fmt::Display| BusError::Provision {
-        what: format!("consumer {stream_name}/{durable}"),
-        detail: e.to_string(),
-    };
-    let stream = js.get_stream(stream_name).await.map_err(|e| err(&e))?;
+    let what = || format!("consumer {stream_name}/{durable}");
+    let stream = js.get_stream(stream_name).await.map_err(|e| BusError::provision(what(), e))?;
     // Only what is missing: an existing consumer belongs to the service that reads it, which
     // brings it to its own settings when it starts consuming (`StageConsumer::run`), so services
     // started with different flags do not take turns rewriting each other's consumers.
     if stream.consumer_info(&durable).await.is_err() {
-        stream.create_consumer(config.clone()).await.map_err(|e| err(&e))?;
+        stream.create_consumer(config.clone()).await.map_err(|e| BusError::provision(what(), e))?;
     }
     Ok(())
 }

@@ -13,8 +13,10 @@ pub struct ResultRow {
     pub session: String,
     pub model: String,
     pub model_version: String,
-    /// Upper-case terminal status name (`COMPLETED`, `FAILED`, …).
-    pub status: String,
+    /// Serialised as its upper-case name (`COMPLETED`, `FAILED`, …), as the API and the
+    /// database show it; an enum everywhere inside.
+    #[serde(with = "status_name")]
+    pub status: TerminalStatus,
     pub reason: String,
     pub detail: String,
     /// The stage that ended the request.
@@ -65,7 +67,7 @@ impl ResultRow {
             session: ctx.session,
             model: ctx.model,
             model_version: result.model_version,
-            status: status.name().to_owned(),
+            status,
             reason: result.reason,
             detail: result.detail,
             stage: result.stage,
@@ -90,7 +92,7 @@ impl ResultRow {
             session: ctx.session,
             model: ctx.model,
             model_version: String::new(),
-            status: TerminalStatus::Failed.name().to_owned(),
+            status: TerminalStatus::Failed,
             reason: record.reason.clone(),
             detail: record.detail.clone(),
             stage: record.stage.clone(),
@@ -107,7 +109,7 @@ impl ResultRow {
 
     pub fn into_record(self) -> ResultRecord {
         ResultRecord {
-            status: TerminalStatus::parse(&self.status).unwrap_or_default() as i32,
+            status: self.status.into(),
             request_id: self.request_id,
             tenant: self.tenant,
             user: self.user,
@@ -126,6 +128,22 @@ impl ResultRow {
             stored_unix_ms: self.stored_unix_ms,
             stage: self.stage,
         }
+    }
+}
+
+/// A terminal status as its upper-case name at the JSON edge.
+mod status_name {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use crate::v1::TerminalStatus;
+
+    pub fn serialize<S: Serializer>(status: &TerminalStatus, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(status.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TerminalStatus, D::Error> {
+        let name = String::deserialize(d)?;
+        TerminalStatus::parse(&name).ok_or_else(|| D::Error::custom(format!("unknown terminal status {name:?}")))
     }
 }
 
@@ -150,7 +168,12 @@ mod tests {
     #[test]
     fn a_result_becomes_a_row_and_a_record() {
         let row = ResultRow::from_result(result("r1", TerminalStatus::Completed), 7).unwrap();
-        assert_eq!((row.status.as_str(), row.user.as_str(), row.stored_unix_ms), ("COMPLETED", "u1", 7));
+        assert_eq!((row.status, row.user.as_str(), row.stored_unix_ms), (TerminalStatus::Completed, "u1", 7));
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["status"], "COMPLETED");
+        assert_eq!(serde_json::from_value::<ResultRow>(json).unwrap(), row);
+        let unknown = serde_json::json!({ "status": "DONE" });
+        assert!(serde_json::from_value::<ResultRow>(unknown).unwrap_err().to_string().contains("DONE"));
         let record = row.into_record();
         assert_eq!(record.status, TerminalStatus::Completed as i32);
         assert_eq!(record.timings.unwrap().stages.len(), 1);
