@@ -274,7 +274,8 @@ mod tests {
     fn the_prepared_models_render_chatml_and_count_with_their_tokenizer() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/prepared");
         if !dir.join("manifest.json").exists() {
-            eprintln!("SKIPPED: no prepared models (run scripts/prepare-models.sh)");
+            let test = "the_prepared_models_render_chatml_and_count_with_their_tokenizer";
+            millrace_testkit::skip_or_fail(test, "no prepared models (run scripts/prepare-models.sh)");
             return;
         }
         let models = PromptModels::load(&dir).unwrap();

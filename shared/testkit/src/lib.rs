@@ -1,5 +1,8 @@
 //! Test harness: a real `nats-server -js` on a free port with its own store, the service
 //! binaries as child processes, readiness waits and clean teardown.
+//!
+//! A test that cannot reach a real component it needs (PostgreSQL, the prepared models) says
+//! `SKIPPED` and passes, unless [`REQUIRE_REAL`] is set: then it fails (see [`skip_or_fail`]).
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -8,6 +11,30 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod mesh;
+
+/// The environment variable that turns every skip into a failure: set it (to anything but
+/// empty or `0`) where every real component must be there, as CI does.
+pub const REQUIRE_REAL: &str = "MILLRACE_REQUIRE_REAL";
+
+/// Whether [`REQUIRE_REAL`] is set: a skip is then a failure.
+pub fn real_required() -> bool {
+    required(std::env::var(REQUIRE_REAL).ok().as_deref())
+}
+
+fn required(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// What a test does when a real component it needs is not there: it says `SKIPPED <test>:
+/// <why>` and the caller returns (the test passes), or, with [`REQUIRE_REAL`] set, it panics
+/// with `why`. The one place that decides, so no skip can pass in CI unnoticed.
+#[track_caller]
+pub fn skip_or_fail(test: &str, why: &str) {
+    if real_required() {
+        panic!("{test} cannot run: {why} ({REQUIRE_REAL} is set: a skipped test is a failure)");
+    }
+    eprintln!("SKIPPED {test}: {why} (with {REQUIRE_REAL}=1 this fails)");
+}
 
 /// A free TCP port on loopback (bound then released; the OS does not hand it out again soon).
 pub fn free_port() -> u16 {
@@ -209,13 +236,29 @@ impl Drop for ServiceProcess {
 }
 
 /// The PostgreSQL URL for PostgreSQL tests (`MILLRACE_TEST_POSTGRES_URL`, which the test script
-/// sets after starting a real server). `None` means skip, and says so.
+/// sets after starting a real server). `None`: the test is skipped, and says so; with
+/// [`REQUIRE_REAL`] set this panics instead (see [`skip_or_fail`]).
+#[track_caller]
 pub fn postgres_url(test: &str) -> Option<String> {
     match std::env::var("MILLRACE_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
-            eprintln!("SKIPPED {test}: no PostgreSQL (MILLRACE_TEST_POSTGRES_URL unset; scripts/test.sh starts one)");
+            skip_or_fail(test, "no PostgreSQL (MILLRACE_TEST_POSTGRES_URL unset; scripts/test.sh starts one)");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_set_non_zero_value_requires_the_real_components() {
+        assert!(!required(None));
+        assert!(!required(Some("")));
+        assert!(!required(Some("0")));
+        assert!(required(Some("1")));
+        assert!(required(Some("yes")));
     }
 }
