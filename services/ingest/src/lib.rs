@@ -9,8 +9,8 @@
 //! | `POST /v1/queries` | 202 `{"request_id", "status": "ACCEPTED"}` + `X-Request-Id`; 200 `"DUPLICATE"` for a retry with the same `Idempotency-Key` |
 //! | `GET /v1/queries/{id}` | 200 with the sink's terminal row, or `{"request_id", "status": "PENDING"}` (also for an id never issued) |
 //! | `DELETE /v1/queries/{id}` | 202 `"CANCELLING"`: a terminal CANCELLED result is published (the first terminal result stands) |
-//! | `POST /v1/chat/completions`, `GET /v1/models` | OpenAI-compatible chat (plain or SSE stream), see `openai` |
-//! | `GET /v1/ws` (WebSocket) | several queries per socket: `accepted`, `token`, `result` and `error` frames, see `ws` |
+//! | `POST /v1/chat/completions`, `GET /v1/models` | OpenAI-compatible chat (plain or SSE stream), see `http::openai` |
+//! | `GET /v1/ws` (WebSocket) | several queries per socket: `accepted`, `token`, `result` and `error` frames, see `http::ws` |
 //! | gRPC `Ingest.Submit` | `SubmitResponse{request_id, created}` |
 //! | gRPC `Ingest.Generate` | a stream: `accepted`, moderated `token`s, then the terminal `result` |
 //!
@@ -28,7 +28,7 @@
 //! - [`gateway`]: publishing submits and cancellations, shared by every API.
 //! - [`follow`]: following a request to its end; [`guard`]: releasing streamed text only once
 //!   moderation allowed it.
-//! - [`http`]: the HTTP APIs (`/v1/queries`, the OpenAI-compatible chat `openai`, the WebSocket
+//! - [`http`]: the HTTP APIs, one module each (`queries`, the OpenAI-compatible chat `openai`, the WebSocket
 //!   `ws`); [`grpc`]: the gRPC API; [`results`]: status reads from the sink.
 //! - [`error`]: the one mapping of failures to codes, HTTP statuses and gRPC codes;
 //!   [`config`]: flags.
@@ -40,7 +40,5 @@ pub mod grpc;
 pub mod guard;
 pub mod http;
 pub mod json;
-pub mod openai;
 pub mod results;
 pub mod submit;
-pub mod ws;

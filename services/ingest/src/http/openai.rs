@@ -30,9 +30,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
+use super::request::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, TENANT, check_content_type, header, read_body};
 use crate::error::ApiError;
 use crate::follow::{Event, Follower};
-use crate::http::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, TENANT, check_content_type, header, read_body};
 use crate::submit::{Submission, SubmitError};
 
 const SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");

@@ -32,9 +32,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use super::request::{HttpApi, TENANT, header};
 use crate::error::ApiError;
 use crate::follow::{Event, Follower, Frontend};
-use crate::http::{HttpApi, TENANT, header};
 use crate::json::submission_from_json;
 use crate::submit::{Submission, SubmitError};
 

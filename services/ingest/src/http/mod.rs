@@ -1,0 +1,56 @@
+//! Ingest's HTTP APIs, one module each: [`queries`] (`/v1/queries`), [`openai`] (OpenAI's
+//! chat completions and models) and [`ws`] (the WebSocket `/v1/ws`); [`request`] holds what
+//! they share. This module binds them into one server.
+use std::net::SocketAddr;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::http::header::HeaderValue;
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{App, HttpServer, web};
+use tracing::info;
+use uuid::Uuid;
+
+pub mod openai;
+pub mod queries;
+pub mod request;
+pub mod ws;
+
+pub use request::HttpApi;
+use request::REQUEST_ID;
+
+/// The server, bound; run it with `millrace_runtime::serve_http`.
+pub fn server(api: HttpApi, addr: SocketAddr) -> std::io::Result<Server> {
+    Ok(HttpServer::new(move || {
+        App::new().app_data(web::Data::new(api.clone())).wrap(from_fn(request_id_on_every_response)).configure(routes)
+    })
+    // The shell owns SIGTERM and drains every child; an in-flight submit waits at most one
+    // PubAck timeout (5 s by default).
+    .disable_signals()
+    .shutdown_timeout(10)
+    .bind(addr)?
+    .run())
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.configure(queries::routes).configure(openai::routes).configure(ws::routes);
+}
+
+/// Answers that name no request (refused input, a status read, `/v1/models`) get a fresh id of
+/// their own, logged with the refusal, so any answer can be traced to a log line.
+async fn request_id_on_every_response(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let mut response = next.call(req).await?;
+    if !response.headers().contains_key(REQUEST_ID) {
+        let id = Uuid::now_v7().hyphenated().to_string();
+        let status = response.status();
+        if status.is_client_error() || status.is_server_error() {
+            info!(request_id = id, %status, path = response.request().path(), "request refused");
+        }
+        let value = HeaderValue::from_str(&id).expect("a UUID is a valid header value");
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    Ok(response)
+}
