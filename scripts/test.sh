@@ -10,6 +10,11 @@ scripts/setup.sh
 .tools/venv/bin/python -c 'import openai' 2>/dev/null \
     || .tools/venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0"
 
+# The model preparation's tests (pytest pinned in models/requirements-test.txt), before cargo's.
+.tools/venv/bin/python -c 'import pytest' 2>/dev/null \
+    || .tools/venv/bin/pip install -q --disable-pip-version-check -r models/requirements-test.txt
+.tools/venv/bin/python -m pytest -q models/tests
+
 if pg_env=$(scripts/postgres.sh start); then
     eval "$pg_env"
     trap 'scripts/postgres.sh stop "$PG_TEST_DIR"' EXIT

@@ -53,12 +53,16 @@ def code_sha256(package_dir: Path = PACKAGE_DIR) -> str:
 BUILD_CODE_SHA256 = code_sha256()
 
 
-def target_key(inputs: dict, code: str = BUILD_CODE_SHA256,
-               manifest_schema: int = MANIFEST_SCHEMA_VERSION) -> str:
-    """The key of a target's outputs: its inputs, the build code and the manifest schema its
-    recorded manifest entry follows (a new schema rebuilds every entry)."""
-    return sha256_json({"recipe": RECIPE_VERSION, "code": code, "manifest_schema": manifest_schema,
-                        **inputs})
+def target_key(inputs: dict, code: str | None = None, manifest_schema: int | None = None) -> str:
+    """The key of a target's outputs: its inputs, the build code (default: this package's) and
+    the manifest schema its recorded manifest entry follows (default: the current one, so that a
+    new schema rebuilds every entry)."""
+    return sha256_json({
+        "recipe": RECIPE_VERSION,
+        "code": BUILD_CODE_SHA256 if code is None else code,
+        "manifest_schema": MANIFEST_SCHEMA_VERSION if manifest_schema is None else manifest_schema,
+        **inputs,
+    })
 
 
 def legacy_key(inputs: dict) -> str:

@@ -118,6 +118,15 @@ def truncated_vocabulary(tok: TokenizerInfo, size: int) -> TokenizerInfo:
                    unk_id=tok.unk_id if tok.unk_id is not None and tok.unk_id < size else None)
 
 
+def tiny_config(real: LlamaConfig) -> LlamaConfig:
+    """tiny-llama's shape (1 layer, hidden 16, 2 query heads sharing 1 KV head of 8), with the
+    rope base, norm epsilon and context length of the real model `real`."""
+    return LlamaConfig(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                       intermediate_size=32, vocab_size=TINY_VOCAB,
+                       rope_theta=real.rope_theta, rms_norm_eps=real.rms_norm_eps,
+                       context_length=real.context_length)
+
+
 def tiny_target(cache: Cache) -> Target:
     out_dir = PREPARED / "tiny-llama"
     model_path, tok_path = out_dir / "model.onnx", out_dir / "tokenizer.json"
@@ -126,10 +135,7 @@ def tiny_target(cache: Cache) -> Target:
         reader = smollm2_gguf(cache)
         real = read_gguf_config(reader)
         tok = truncated_vocabulary(read_gguf_tokenizer(reader), TINY_VOCAB)
-        cfg = LlamaConfig(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8,
-                          intermediate_size=32, vocab_size=TINY_VOCAB,
-                          rope_theta=real.rope_theta, rms_norm_eps=real.rms_norm_eps,
-                          context_length=real.context_length)
+        cfg = tiny_config(real)
         LOG.note(f"config: {asdict(cfg)}, seed {TINY_SEED}")
         model = build_llama_decoder(cfg, random_llama_weights(cfg, TINY_SEED), "tiny-llama")
         write_decoder(model, model_path, tok, tok_path)
