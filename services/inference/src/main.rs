@@ -33,7 +33,8 @@ fn main() -> ExitCode {
         let grpc_addr = config.grpc_addr;
         Ok(vec![
             cancel_listener_child(&publisher, move |request_id: String| {
-                std::future::ready(cancels.cancel(&request_id))
+                cancels.cancel(&request_id);
+                std::future::ready(())
             }),
             consumer_child(batches),
             ChildSpec::new("grpc-api", move |ctx| serve_grpc(ctx, grpc_addr, grpc.clone())),

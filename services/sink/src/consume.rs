@@ -24,7 +24,7 @@ impl Handler for ResultsStage {
         let ctx = result.ctx.clone();
         let row = ResultRow::from_result(result, now_unix_ms())
             .map_err(|e| StageError::poison(TerminalStatus::Failed, e.code(), e.to_string(), ctx))?;
-        self.writer.write(Write::Result(row)).await.map_err(retry)?;
+        self.writer.write(Write::Result(Box::new(row))).await.map_err(retry)?;
         Ok(())
     }
 }
@@ -47,7 +47,10 @@ impl Handler for DeadLetterStage {
         // A dead letter that is one request's also stands for its FAILED row; one that holds
         // several (a batch) has sent each member's terminal result on RESULTS instead.
         let failed = record.ctx.is_some().then(|| ResultRow::failed_from_dead_letter(&record, now_unix_ms()));
-        self.writer.write(Write::DeadLetter(DeadLetterRow::from_record(&record), failed)).await.map_err(retry)?;
+        self.writer
+            .write(Write::DeadLetter(Box::new(DeadLetterRow::from_record(&record)), failed.map(Box::new)))
+            .await
+            .map_err(retry)?;
         Ok(())
     }
 }

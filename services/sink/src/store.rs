@@ -26,10 +26,10 @@ pub enum StoreError {
 /// One write the sink commits.
 #[derive(Debug, Clone)]
 pub enum Write {
-    Result(ResultRow),
+    Result(Box<ResultRow>),
     /// A dead letter, and the FAILED row its request gets unless it already has one (none when
     /// the dead message was not one request's, e.g. a batch).
-    DeadLetter(DeadLetterRow, Option<ResultRow>),
+    DeadLetter(Box<DeadLetterRow>, Option<Box<ResultRow>>),
 }
 
 /// Filters and cursor of a listing, newest rows last.
@@ -90,10 +90,10 @@ impl Store {
         let mut inserted = Vec::with_capacity(writes.len());
         for write in writes {
             let row = match write {
-                Write::Result(row) => Some(row),
+                Write::Result(row) => Some(row.as_ref()),
                 Write::DeadLetter(dead, row) => {
                     insert_dead_letter(&mut tx, dead).await?;
-                    row.as_ref()
+                    row.as_deref()
                 }
             };
             inserted.push(match row {

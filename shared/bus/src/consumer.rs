@@ -135,7 +135,7 @@ impl<H: DeferringHandler> StageConsumer<H> {
                         None => return Err(BusError::gone(format!("{}: message stream ended", context()))),
                     };
                     delivered += 1;
-                    let inject_panic = self.settings.fault_panic_every > 0 && delivered % self.settings.fault_panic_every == 0;
+                    let inject_panic = self.settings.fault_panic_every > 0 && delivered.is_multiple_of(self.settings.fault_panic_every);
                     let ack = AckHandle::new(stage, message, self.publisher.clone(), &self.settings);
                     let handler = self.handler.clone();
                     running.spawn(async move { accept(handler, ack, inject_panic).await; drop(slot); });
@@ -288,7 +288,7 @@ impl Settlement {
                 (AckKind::Nak(Some(delay)), &metrics::NAKS)
             }
             Err(StageError::Permanent { status, reason, detail, ctx }) => {
-                self.dead_letter(status, &reason, &detail, ctx).await
+                self.dead_letter(status, &reason, &detail, ctx.map(|c| *c)).await
             }
         };
         if let Err(e) = self.message.ack_with(kind).await {

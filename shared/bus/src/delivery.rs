@@ -56,7 +56,8 @@ pub enum StageError {
     Transient { detail: String, delay: Duration },
     /// It can never work: DLQ record + terminal result, then term.
     #[error("permanent ({reason}): {detail}")]
-    Permanent { status: TerminalStatus, reason: String, detail: String, ctx: Option<RequestContext> },
+    /// `ctx` is boxed: a request context is large, and results carry this error often.
+    Permanent { status: TerminalStatus, reason: String, detail: String, ctx: Option<Box<RequestContext>> },
 }
 
 impl StageError {
@@ -70,7 +71,7 @@ impl StageError {
         detail: impl Into<String>,
         ctx: Option<RequestContext>,
     ) -> Self {
-        Self::Permanent { status, reason: reason.into(), detail: detail.into(), ctx }
+        Self::Permanent { status, reason: reason.into(), detail: detail.into(), ctx: ctx.map(Box::new) }
     }
 }
 

@@ -17,8 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 async fn setup(nats: &NatsServer, settings: BusSettings) -> Publisher {
     let settings = BusSettings { nats_url: nats.url(), ..settings };
-    let publisher = millrace_bus::connect_mesh(&settings, "bus-test").await.unwrap();
-    publisher
+    millrace_bus::connect_mesh(&settings, "bus-test").await.unwrap()
 }
 
 fn query(request_id: &str) -> Outbound {

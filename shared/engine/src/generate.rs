@@ -357,7 +357,7 @@ fn take_outputs(mut outputs: SessionOutputs<'_>, num_layers: usize) -> Result<(V
 
 /// `<prefix>.<layer>.key` for even `n`, `.value` for odd: the KV tensors in order.
 fn kv_name(prefix: &str, n: usize) -> String {
-    format!("{prefix}.{}.{}", n / 2, if n % 2 == 0 { "key" } else { "value" })
+    format!("{prefix}.{}.{}", n / 2, if n.is_multiple_of(2) { "key" } else { "value" })
 }
 
 fn finished(row: Row) -> Generation {

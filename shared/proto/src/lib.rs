@@ -1,6 +1,8 @@
 //! The Millrace contracts (`proto/millrace/v1`), generated at build time, plus small helpers
 //! every stage needs on them.
 
+// Generated code: clippy's advice is for the generator, not for us.
+#[allow(clippy::all)]
 pub mod v1 {
     tonic::include_proto!("millrace.v1");
 }

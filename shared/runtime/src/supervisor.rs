@@ -195,10 +195,10 @@ impl RootSupervisor {
     }
 
     fn finish_if_all_stopped(&mut self) {
-        if self.children.iter().all(|c| !c.running) {
-            if let Some(done) = self.done.take() {
-                let _ = done.send(self.exit_code.unwrap_or(0));
-            }
+        if self.children.iter().all(|c| !c.running)
+            && let Some(done) = self.done.take()
+        {
+            let _ = done.send(self.exit_code.unwrap_or(0));
         }
     }
 

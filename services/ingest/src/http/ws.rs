@@ -145,7 +145,7 @@ impl Socket {
                     let e = ApiError::SocketBusy(self.max_in_flight);
                     return Some(error_frame(reference, None, e.code(), e.to_string()));
                 }
-                let submission = Submission { tenant: self.tenant.clone(), ..submission };
+                let submission = Submission { tenant: self.tenant.clone(), ..*submission };
                 match self.frontend.submit_and_follow(submission, received_unix_us).await {
                     Ok((accepted, follower)) => {
                         let request_id = accepted.request_id.clone();
@@ -210,7 +210,7 @@ fn error_frame(reference: Option<String>, request_id: Option<&str>, code: &str, 
 /// A decoded client frame.
 #[derive(Debug, PartialEq)]
 enum ClientFrame {
-    Query { reference: Option<String>, submission: Submission },
+    Query { reference: Option<String>, submission: Box<Submission> },
     Cancel { request_id: String },
 }
 
@@ -265,7 +265,7 @@ impl ClientFrame {
                 if let Some(name) = object.keys().next() {
                     return Err(fail(SubmitError::UnknownField(name.clone()).into()));
                 }
-                Ok(Self::Query { reference, submission })
+                Ok(Self::Query { reference, submission: Box::new(submission) })
             }
             Some("cancel") => match object.remove("request_id") {
                 Some(Value::String(id)) => {
