@@ -33,49 +33,9 @@ MODELS=(smollm2-135m minilm-l6 profanity)
 mode=${1:-}
 dir=${2:-target/gpu-bundle}
 
-# Zeroes, in every fatbin of a CUDA library that holds a cubin for sm_<keep>, the payloads of its
-# other cubins: headers and offsets stay as they are, the driver picks sm_<keep> as before, and
-# the zeros compress to nothing. Fatbins without a sm_<keep> cubin are left whole.
-prune_fatbins() {
-    python3 - "$@" <<'PY'
-import struct, sys
-path, keep = sys.argv[1], int(sys.argv[2])
-data = bytearray(open(path, "rb").read())
-shoff, = struct.unpack_from("<Q", data, 0x28)
-shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-def section(i):
-    name, _, _, _, off, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
-    return name, off, size
-_, stroff, _ = section(shstrndx)
-def name_of(n):
-    return bytes(data[stroff + n:data.index(b"\0", stroff + n)]).decode()
-fatbin = [section(i) for i in range(shnum) if name_of(section(i)[0]) == ".nv_fatbin"]
-if not fatbin:
-    sys.exit(f"{path}: no .nv_fatbin section")
-_, pos, size = fatbin[0]
-end, kept, zeroed = pos + size, 0, 0
-while pos + 16 <= end:
-    magic, _, header, fat = struct.unpack_from("<IHHQ", data, pos)
-    if magic != 0xBA55ED50:  # alignment padding between fatbins
-        pos += 8
-        continue
-    entries, e = [], pos + header
-    while e < pos + header + fat:
-        _, _, entry_header, payload = struct.unpack_from("<HHIQ", data, e)
-        arch, = struct.unpack_from("<I", data, e + 28)
-        entries.append((arch, e + entry_header, payload))
-        e += entry_header + payload
-    if any(arch == keep for arch, _, _ in entries):
-        for arch, start, n in entries:
-            if arch == keep:
-                kept += n
-            else:
-                data[start:start + n] = bytes(n)
-                zeroed += n
-    pos += header + fat
-open(path, "wb").write(data)
-print(f"  {path}: kept {kept / 1e6:.0f} MB of sm_{keep} kernels, zeroed {zeroed / 1e6:.0f} MB of others")
-PY
+# Keeps only the sm_<keep> kernels of CUDA library $1 (the others' payloads zeroed in place).
+prune_fatbins() { # library keep
+    python3 scripts/py/prune-fatbins.py "$@"
 }
 
 # Splits archive $1 into $3/$2-NN-of-MM, each at most PART_SIZE.
@@ -178,23 +138,7 @@ bundle)
     chmod +x "$stage"/ort/*
 
     # The models, and a manifest naming only them, whose library is the GPU build.
-    python3 - models/prepared "$stage" "${MODELS[@]}" <<'PY'
-import glob, hashlib, json, os, shutil, sys
-src, stage, keep = sys.argv[1], sys.argv[2], sys.argv[3:]
-manifest = json.load(open(f"{src}/manifest.json"))
-manifest["models"] = [m for m in manifest["models"] if m["name"] in keep]
-missing = set(keep) - {m["name"] for m in manifest["models"]}
-if missing:
-    sys.exit(f"not in {src}/manifest.json: {sorted(missing)} (run scripts/prepare-models.sh)")
-for m in manifest["models"]:
-    for f in m["files"]:
-        os.makedirs(os.path.dirname(f"{stage}/models/{f}"), exist_ok=True)
-        shutil.copyfile(f"{src}/{f}", f"{stage}/models/{f}")
-lib = glob.glob(f"{stage}/ort/libonnxruntime.so.*")[0]
-manifest["onnxruntime"]["library"] = "../ort/" + os.path.basename(lib)
-manifest["onnxruntime"]["sha256"] = hashlib.sha256(open(lib, "rb").read()).hexdigest()
-json.dump(manifest, open(f"{stage}/models/manifest.json", "w"), indent=2)
-PY
+    python3 scripts/py/gpu-bundle-models.py models/prepared "$stage" "${MODELS[@]}"
 
     if [ "$sm" != all ]; then
         echo "pruning the CUDA provider to sm_$sm"

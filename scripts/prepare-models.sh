@@ -22,26 +22,7 @@ fi
 
 # Install the pinned dependencies unless every pin is already satisfied (checked without pip,
 # which takes a second or more even when there is nothing to do).
-if ! "$VENV/bin/python" - "$REQUIREMENTS" <<'EOF'
-import re, sys
-from importlib.metadata import PackageNotFoundError, version
-missing = []
-for line in open(sys.argv[1]):
-    line = line.split("#", 1)[0].strip()
-    if not line:
-        continue
-    name, want = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", line).groups()
-    try:
-        have = version(name)
-    except PackageNotFoundError:
-        have = None
-    if have != want:
-        missing.append(f"{name}=={want} (have {have or 'none'})")
-if missing:
-    print("[prepare-models] not installed: " + ", ".join(missing))
-    sys.exit(1)
-EOF
-then
+if ! "$VENV/bin/python" scripts/py/requirements-satisfied.py "$REQUIREMENTS"; then
     say "installing $REQUIREMENTS into $VENV"
     find_links=()
     # The onnxruntime wheel may already be in the model cache: lets this work offline.

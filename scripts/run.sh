@@ -25,38 +25,7 @@ show() { # method url [json body] [extra curl args...]
 # stored row's outcome and per-stage timings.
 ask() { # user session text
     printf '\n  %s> %s\n  ' "$1" "$3"
-    python3 - "$INGEST" "$1" "$2" "$3" <<'PY'
-import json, sys, time, urllib.request
-base, user, session, text = sys.argv[1:]
-body = {"messages": [{"role": "user", "content": text}], "user": user, "max_tokens": 48, "stream": True}
-request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode(),
-                                 {"content-type": "application/json", "x-session-id": session})
-finish = None
-with urllib.request.urlopen(request) as response:
-    request_id = response.headers["x-request-id"]
-    for line in response:
-        data = line.decode().strip().removeprefix("data: ")
-        if not data or data == "[DONE]":
-            continue
-        event = json.loads(data)
-        if "error" in event:
-            finish = event["error"]["code"]
-            continue
-        choice = event["choices"][0]
-        print(choice["delta"].get("content", ""), end="", flush=True)
-        finish = choice["finish_reason"] or finish
-print()
-for _ in range(100):  # the sink writes rows in small batches
-    row = json.load(urllib.request.urlopen(f"{base}/v1/queries/{request_id}"))
-    if row["status"] != "PENDING":
-        break
-    time.sleep(0.05)
-timings = row.get("timings") or []
-total = (timings[-1]["finished_unix_us"] - timings[0]["received_unix_us"]) / 1000 if timings else 0
-print(f"  [{row['status']}{' · ' + row['reason'] if row.get('reason') else ''} · finish_reason {finish}]")
-print("    " + " → ".join(f"{t['stage']} {(t['finished_unix_us'] - t['received_unix_us']) / 1000:.1f}ms" for t in timings)
-      + f"  (total {total:.0f} ms)")
-PY
+    python3 scripts/py/demo-ask.py "$INGEST" "$1" "$2" "$3"
 }
 
 bold "1. a short conversation, streamed as it is generated (POST /v1/chat/completions, stream: true)"
@@ -77,25 +46,10 @@ show POST $INGEST/v1/queries '{"user":"ada","text":"hi","model":"gpt-9"}'
 show POST $INGEST/v1/queries '{"user":"ada","text":'
 
 bold "5. stream depths (NATS monitoring /jsz): the edges drain as the stages ack"
-curl -sS 'http://127.0.0.1:8222/jsz?streams=true' | python3 -c "$(cat <<'PY'
-import json, sys
-for account in json.load(sys.stdin).get("account_details", []):
-    for stream in account.get("stream_detail", []):
-        print(f"  {stream['name']:<16} {stream['state']['messages']:>4} messages")
-PY
-)"
+curl -sS 'http://127.0.0.1:8222/jsz?streams=true' | python3 scripts/py/demo-stream-depths.py
 
 bold "6. rows in the sink (GET $SINK/v1/results)"
-curl -sS "$SINK/v1/results?page_size=20" | python3 -c "$(cat <<'PY'
-import json, sys
-rows = json.load(sys.stdin)["results"]
-print(f"  {'request_id':<38} {'user':<8} {'status':<15} {'reason':<12} completion")
-for r in rows:
-    text = r["completion"].replace("\n", " ")
-    print(f"  {r['request_id']:<38} {r['user']:<8} {r['status']:<15} {r['reason'][:12]:<12} {text[:40]}")
-print(f"  ({len(rows)} rows)")
-PY
-)"
+curl -sS "$SINK/v1/results?page_size=20" | python3 scripts/py/demo-results.py
 
 bold "Millrace is running"
 cat <<INFO
