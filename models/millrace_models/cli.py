@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
             raise Fatal(f"{shown(MANIFEST_FILE)} has {found}, this preparation writes "
                         f"{MANIFEST_SCHEMA_VERSION}: run scripts/prepare-models.sh without "
                         f"--check-only to prepare again")
-        LOG.note(f"{shown(MANIFEST_FILE)} has {found}: preparing schema_version "
+        LOG.note(f"{shown(MANIFEST_FILE)} has {found}; this run writes schema_version "
                  f"{MANIFEST_SCHEMA_VERSION}")
 
     if args.check_only:

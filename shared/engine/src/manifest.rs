@@ -1,6 +1,7 @@
 //! The model manifest that `scripts/prepare-models.sh` writes (`models/prepared/manifest.json`):
 //! per model its kind, files, tokenizer, chat template, special tokens, shape facts and a
-//! content-hash version; and the ONNX Runtime library to load.
+//! content-hash version; and the ONNX Runtime library to load. Its `schema_version` says how to
+//! read it: a version this engine does not know, or none, is refused with the fix.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,10 @@ use tokenizers::Tokenizer;
 
 use crate::runtime::{self, ActiveProvider, RuntimeOptions};
 use crate::{ChatTemplate, Classifier, DecoderSpec, Embedder, EngineError, Generator};
+
+/// The manifest `schema_version`s this engine reads. The preparation writes
+/// `MANIFEST_SCHEMA_VERSION` (models/millrace_models/manifest.py): change both together.
+pub const SUPPORTED_SCHEMA_VERSIONS: &[u64] = &[1];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,6 +60,8 @@ pub struct OnnxRuntimeEntry {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
+    /// One of [`SUPPORTED_SCHEMA_VERSIONS`] (checked before anything else is read).
+    pub schema_version: u64,
     pub onnxruntime: Option<OnnxRuntimeEntry>,
     pub models: Vec<ModelEntry>,
     #[serde(skip)]
@@ -67,10 +74,18 @@ impl Manifest {
         let path = dir.join("manifest.json");
         let text = std::fs::read_to_string(&path)
             .map_err(|e| EngineError::Manifest(format!("{}: {e} (run scripts/prepare-models.sh)", path.display())))?;
-        let mut manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| EngineError::Manifest(format!("{}: {e}", path.display())))?;
+        let mut manifest = Self::parse(&path, &text)?;
         manifest.dir = dir.to_path_buf();
         Ok(manifest)
+    }
+
+    /// Parses a manifest's text (`path` names it in errors); its schema version is checked
+    /// first, so that a manifest of another schema is refused as such, not for a field.
+    fn parse(path: &Path, text: &str) -> Result<Self, EngineError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| EngineError::Manifest(format!("{}: {e}", path.display())))?;
+        check_schema_version(path, &value)?;
+        serde_json::from_value(value).map_err(|e| EngineError::Manifest(format!("{}: {e}", path.display())))
     }
 
     /// The models of one kind, in manifest order.
@@ -150,6 +165,24 @@ impl Manifest {
     }
 }
 
+/// Refuses a manifest whose `schema_version` is missing or not in [`SUPPORTED_SCHEMA_VERSIONS`],
+/// naming the file, what it found, what this engine reads and the fix.
+fn check_schema_version(path: &Path, manifest: &serde_json::Value) -> Result<u64, EngineError> {
+    let supported = SUPPORTED_SCHEMA_VERSIONS.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    let found = match manifest.get("schema_version") {
+        Some(version) => match version.as_u64() {
+            Some(v) if SUPPORTED_SCHEMA_VERSIONS.contains(&v) => return Ok(v),
+            _ => format!("schema_version {version}"),
+        },
+        None => "no schema_version".to_owned(),
+    };
+    Err(EngineError::Manifest(format!(
+        "{} has {found}; this engine reads schema_version {supported}. Re-run scripts/prepare-models.sh \
+         (it prepares the models again for this checkout and rewrites the manifest)",
+        path.display()
+    )))
+}
+
 impl ModelEntry {
     pub fn decoder_spec(&self) -> Result<DecoderSpec, EngineError> {
         let token = |key: &str| {
@@ -172,5 +205,75 @@ impl ModelEntry {
             eos_token_ids,
             pad_token_id: token("pad").or_else(|_| token("eos"))?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"{
+        "onnxruntime": {"version": "1.31.1", "library": "onnxruntime/libonnxruntime.so.1.31.1"},
+        "models": [{"name": "tiny-llama", "kind": "generate", "version": "abc", "model": "tiny-llama/model.onnx"}]
+    }"#;
+
+    fn with_schema(schema: &str) -> String {
+        MANIFEST.replacen('{', &format!("{{\n        {schema}"), 1)
+    }
+
+    fn refusal(text: &str) -> String {
+        match Manifest::parse(Path::new("models/prepared/manifest.json"), text) {
+            Ok(m) => panic!("accepted schema_version {}", m.schema_version),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_known_schema_version_is_read() {
+        for &version in SUPPORTED_SCHEMA_VERSIONS {
+            let text = with_schema(&format!(r#""schema_version": {version},"#));
+            let manifest = Manifest::parse(Path::new("manifest.json"), &text).expect("supported version");
+            assert_eq!(manifest.schema_version, version);
+            assert_eq!(manifest.model("tiny-llama").expect("model").kind, ModelKind::Generate);
+        }
+    }
+
+    #[test]
+    fn an_unknown_schema_version_is_refused_naming_file_versions_and_fix() {
+        for found in ["2", "0", "-1", "1.5", r#""1""#, "null"] {
+            let error = refusal(&with_schema(&format!(r#""schema_version": {found},"#)));
+            assert!(error.contains("models/prepared/manifest.json"), "{error}");
+            assert!(error.contains(&format!("has schema_version {found};")), "{error}");
+            assert!(error.contains("this engine reads schema_version 1."), "{error}");
+            assert!(error.contains("Re-run scripts/prepare-models.sh"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_schema_version_is_refused() {
+        let error = refusal(MANIFEST);
+        assert!(error.contains("models/prepared/manifest.json has no schema_version;"), "{error}");
+        assert!(error.contains("this engine reads schema_version 1."), "{error}");
+        assert!(error.contains("Re-run scripts/prepare-models.sh"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_schema_is_refused_before_its_fields_are_read() {
+        // A future schema may drop or rename fields: the error must be about the version.
+        let error = refusal(r#"{"schema_version": 2, "generators": []}"#);
+        assert!(error.contains("has schema_version 2;"), "{error}");
+        assert!(!error.contains("missing field"), "{error}");
+    }
+
+    #[test]
+    fn load_names_the_file_in_the_error() {
+        let dir = std::env::temp_dir().join(format!("millrace-manifest-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("manifest.json"), with_schema(r#""schema_version": 99,"#)).expect("write");
+        let error = Manifest::load(&dir).expect_err("schema 99").to_string();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(error.contains(&format!("{} has schema_version 99;", dir.join("manifest.json").display())), "{error}");
+        let loaded = Manifest::load(Path::new("/nonexistent/millrace")).expect_err("no manifest").to_string();
+        assert!(loaded.contains("run scripts/prepare-models.sh"), "{loaded}");
     }
 }
