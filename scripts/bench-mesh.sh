@@ -46,8 +46,9 @@ overhead() {
 
 model() {
     bold "engine bench: SmolLM2, 32 new tokens, the engine alone"
-    MILLRACE_BENCH_BATCHES=${MILLRACE_BENCH_BATCHES:-1,8,16,32} cargo bench -p millrace-engine --bench generate 2>&1 \
-        | tee "$OUT/engine-bench.txt" | grep '^|'
+    rm -f "$OUT/engine-generate.json"
+    MILLRACE_BENCH_BATCHES=${MILLRACE_BENCH_BATCHES:-1,8,16,32} MILLRACE_BENCH_JSON="$PWD/$OUT/engine-generate.json" \
+        cargo bench -p millrace-engine --bench generate 2>&1 | tee "$OUT/engine-bench.txt" | grep '^|'
     # Batches as large as the engine bench's best; one batch in flight, so that under load the
     # next batch gathers everything that arrived while the last one ran (inference has one
     # session: a second batch in flight would only wait there, small); short prompts, like
@@ -59,15 +60,7 @@ model() {
         --start-rate 3 --step-factor 1.25 --step-duration-s 45 --refine 2 --drain-timeout-s 60 \
         --prompt-mix short=1 --users 256 --deadline-ms 120000 --out "$OUT/mesh-model"
     stop_all
-    .tools/venv/bin/python - "$OUT/engine-bench.txt" "$OUT/mesh-model/results.json" <<'PY'
-import json, sys
-rows = [l.split("|") for l in open(sys.argv[1]) if l.startswith("|") and l.split("|")[1].strip().isdigit()]
-engine = max(float(r[5]) for r in rows)
-mesh = json.load(open(sys.argv[2]))
-best = mesh["find_max"]["max_sustained_rps"] or 0.0
-print(f"engine best {engine:.2f} completions/s; mesh sustained {best:.2f} completions/s; "
-      f"efficiency {best / engine:.2f} (target ≥ 0.85)")
-PY
+    .tools/venv/bin/python scripts/py/bench-efficiency.py "$OUT/engine-generate.json" "$OUT/mesh-model/results.json"
 }
 
 case "$mode" in

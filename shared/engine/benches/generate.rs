@@ -1,9 +1,14 @@
 //! Engine bench: greedy generation of 32 new tokens for ~40-token chat prompts at several
-//! batch sizes, on the provider in `MILLRACE_PROVIDER` (cpu, cuda, auto). Prints a table.
+//! batch sizes, on the provider in `MILLRACE_PROVIDER` (cpu, cuda, auto). Prints a table, and
+//! writes the same figures as JSON to the file `MILLRACE_BENCH_JSON` names, if set (what
+//! scripts/bench-mesh.sh reads):
+//! `{"model", "provider", "max_new_tokens", "rows": [{"batch", "prompt_tokens", "new_tokens",
+//! "seconds", "new_tokens_per_s", "completions_per_s"}]}`.
 //!
 //! `cargo bench -p millrace-engine --bench generate`
 //! Env: `MILLRACE_MODELS_DIR` (default models/prepared), `MILLRACE_MODEL` (default
-//! smollm2-135m), `MILLRACE_BENCH_BATCHES` (default "1,8,16,32"), `MILLRACE_INTRA_THREADS`.
+//! smollm2-135m), `MILLRACE_BENCH_BATCHES` (default "1,8,16,32"), `MILLRACE_INTRA_THREADS`,
+//! `MILLRACE_BENCH_JSON`.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -45,6 +50,7 @@ fn main() {
     );
     println!("| batch | prompt tokens | seconds | new tokens/s | completions/s |");
     println!("|------:|--------------:|--------:|-------------:|--------------:|");
+    let mut rows = Vec::new();
     for &batch in &batches {
         let requests: Vec<_> = (0..batch).map(|i| GenerationRequest::new(prompt(i), NEW_TOKENS)).collect();
         let started = Instant::now();
@@ -52,10 +58,27 @@ fn main() {
         let seconds = started.elapsed().as_secs_f64();
         let new_tokens: usize = out.iter().map(|g| g.token_ids.len()).sum();
         let prompt_tokens: usize = out.iter().map(|g| g.prompt_tokens).sum();
+        let (tokens_per_s, completions_per_s) = (new_tokens as f64 / seconds, batch as f64 / seconds);
         println!(
-            "| {batch:>5} | {prompt_tokens:>13} | {seconds:>7.2} | {:>12.1} | {:>13.2} |",
-            new_tokens as f64 / seconds,
-            batch as f64 / seconds
+            "| {batch:>5} | {prompt_tokens:>13} | {seconds:>7.2} | {tokens_per_s:>12.1} | {completions_per_s:>13.2} |"
         );
+        rows.push(serde_json::json!({
+            "batch": batch,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "seconds": seconds,
+            "new_tokens_per_s": tokens_per_s,
+            "completions_per_s": completions_per_s,
+        }));
+    }
+    if let Ok(path) = std::env::var("MILLRACE_BENCH_JSON") {
+        let report = serde_json::json!({
+            "model": model,
+            "provider": provider,
+            "max_new_tokens": NEW_TOKENS,
+            "rows": rows,
+        });
+        let text = serde_json::to_string_pretty(&report).expect("bench report");
+        std::fs::write(&path, text + "\n").unwrap_or_else(|e| panic!("MILLRACE_BENCH_JSON={path}: {e}"));
     }
 }
