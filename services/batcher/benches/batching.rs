@@ -17,7 +17,7 @@ use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_engine::{ChatMessage, Manifest};
 use millrace_proto::Message as _;
 use millrace_proto::v1::{Completion, GenerationParams, Prompt, RequestContext};
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr, workspace_root};
+use millrace_testkit::{NatsServer, ServiceProcess, workspace_root};
 
 const MODEL: &str = "smollm2-135m";
 const QUESTIONS: [&str; 6] = [
@@ -127,19 +127,17 @@ fn main() {
         let nats = NatsServer::start().await.expect("nats-server");
         let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
         let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
-        let inference = ServiceProcess::spawn(
-            "inference",
-            &[format!("--nats-url={}", nats.url()), format!("--models-dir={}", models.display()), format!("--grpc-addr={}", free_addr())],
-        )
-        .expect("inference binary (cargo build --release --bins)");
-        inference.wait_ready(Duration::from_secs(60)).await.unwrap();
+        let args = [format!("--nats-url={}", nats.url()), format!("--models-dir={}", models.display())];
+        let _inference = ServiceProcess::start("inference", &args, &["--grpc-addr"], Duration::from_secs(60))
+            .await
+            .expect("inference binary (cargo build --release --bins)");
 
         let mut table = Vec::new();
         for (m, mode) in MODES.iter().enumerate() {
             let mut args = vec![format!("--nats-url={}", nats.url())];
             args.extend(mode.args.iter().map(|a| a.to_string()));
-            let mut batcher = ServiceProcess::spawn("batcher", &args).expect("batcher binary");
-            batcher.wait_ready(Duration::from_secs(30)).await.unwrap();
+            let mut batcher =
+                ServiceProcess::start("batcher", &args, &[], Duration::from_secs(30)).await.expect("batcher binary");
             for (r, &rate) in rates.iter().enumerate() {
                 let result = run(&publisher, &prompts, rate, seconds, new_tokens, &format!("m{m}r{r}")).await;
                 eprintln!("{} at {rate}/s: p50 {} ms", mode.name, result.latency.value_at_quantile(0.5));

@@ -5,14 +5,16 @@
 //! which trigger fires).
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{self, stream::Stream as JsStream};
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{Edge, ephemeral};
 use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_proto::v1::{Batch, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms};
+use millrace_testkit::bus::{publisher_with, stream, stream_len, wait_result};
+use millrace_testkit::metrics::metric;
 use millrace_testkit::{NatsServer, ServiceProcess};
 
 const MODEL: &str = "smollm2-135m";
@@ -20,28 +22,24 @@ const WAIT: Duration = Duration::from_secs(15);
 
 struct Batcher {
     process: ServiceProcess,
-    args: Vec<String>,
 }
 
 impl Batcher {
     async fn start(nats: &NatsServer, extra: &[&str]) -> Batcher {
         let mut args = vec![format!("--nats-url={}", nats.url())];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = ServiceProcess::spawn("batcher", &args).unwrap();
-        process.wait_ready(WAIT).await.unwrap();
-        Batcher { process, args }
+        let process = ServiceProcess::start("batcher", &args, &[], WAIT).await.unwrap();
+        Batcher { process }
     }
 
     /// Starts it again with the same flags minus any fault flags.
     async fn restart_without_faults(&mut self) {
-        self.process.kill();
-        let args: Vec<String> = self.args.iter().filter(|a| !a.starts_with("--fault")).cloned().collect();
-        self.process = ServiceProcess::spawn("batcher", &args).unwrap();
-        self.process.wait_ready(WAIT).await.unwrap();
+        let args: Vec<String> = self.process.args().iter().filter(|a| !a.starts_with("--fault")).cloned().collect();
+        self.process.restart(args, WAIT).await.unwrap();
     }
 
     async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.process.admin)).await.unwrap().text().await.unwrap()
+        self.process.metrics().await.unwrap()
     }
 
     /// A metric's value (absent: 0).
@@ -67,15 +65,6 @@ impl Batcher {
     }
 }
 
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-        let matches = n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-        if matches { value.parse().ok() } else { None }
-    })
-}
-
 /// The test's side of the bus: a publisher and the `inference` pull consumer on BATCHES.
 struct Bus {
     publisher: Publisher,
@@ -85,9 +74,8 @@ struct Bus {
 impl Bus {
     /// `settings` must match the batcher's bus flags: both provision the consumers.
     async fn connect(nats: &NatsServer, settings: BusSettings) -> Bus {
-        let settings = BusSettings { nats_url: nats.url(), ..settings };
-        let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
-        let batches = stream(&publisher, Edge::BATCHES).await.get_consumer("inference").await.unwrap();
+        let publisher = publisher_with(nats, settings).await;
+        let batches = stream(publisher.jetstream(), Edge::BATCHES).await.get_consumer("inference").await.unwrap();
         Bus { publisher, batches }
     }
 
@@ -126,22 +114,13 @@ impl Bus {
     }
 
     async fn result(&self, request_id: &str) -> (String, TerminalResult) {
-        let stream = stream(&self.publisher, Edge::RESULTS).await;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(m) = stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await {
-                let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
-                return (id, TerminalResult::decode(m.payload).unwrap());
-            }
-            assert!(Instant::now() < deadline, "no result for {request_id}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_result(self.publisher.jetstream(), request_id, WAIT).await
     }
 
     /// Until the batcher has acked every prompt published to it.
     async fn wait_prompts_acked(&self, batcher: &Batcher) {
         let mut consumer: PullConsumer =
-            stream(&self.publisher, Edge::PROMPTS).await.get_consumer("batcher").await.unwrap();
+            stream(self.publisher.jetstream(), Edge::PROMPTS).await.get_consumer("batcher").await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let info = consumer.info().await.unwrap();
@@ -152,10 +131,6 @@ impl Bus {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-async fn stream(publisher: &Publisher, edge: Edge) -> JsStream {
-    publisher.jetstream().get_stream(edge.stream).await.unwrap()
 }
 
 fn prompt(request_id: &str, priority: i32, tokens: u32) -> Prompt {
@@ -237,6 +212,29 @@ async fn dispatch_reasons_priority_order_and_the_in_flight_bound() {
     assert_eq!(metric(&text, "millrace_batcher_batch_size_sum", &[("model", MODEL)]), Some(9.0));
     assert_eq!(metric(&text, "millrace_batcher_batch_tokens_sum", &[("model", MODEL)]), Some(320.0));
     assert_eq!(metric(&text, "millrace_batcher_queue_wait_seconds_count", &[("model", MODEL)]), Some(9.0));
+}
+
+/// A queued prompt holds its message's ack handle, not a consumer worker: one worker still
+/// gathers a full batch (the worker count used to cap the batch size).
+#[tokio::test]
+async fn one_worker_fills_a_batch_larger_than_one() {
+    let nats = NatsServer::start().await.unwrap();
+    let flags = ["--workers=1", "--max-batch-size=4", "--max-wait-ms=60000", "--max-in-flight=1"];
+    let batcher = Batcher::start(&nats, &flags).await;
+    let bus = Bus::connect(&nats, BusSettings { workers: 1, ..BusSettings::default() }).await;
+
+    bus.publish_prompt(prompt("first", 0, 10)).await;
+    let (b1, m1) = bus.next_batch().await;
+    assert_eq!(members(&b1), ["first"]);
+    for id in ["a", "b", "c", "d"] {
+        bus.publish_prompt(prompt(id, 0, 10)).await;
+    }
+    batcher.wait_depth(4).await;
+    m1.double_ack().await.unwrap();
+    let (b2, m2) = bus.next_batch().await;
+    assert_eq!((b2.dispatch_reason.as_str(), members(&b2)), ("size", vec!["a", "b", "c", "d"]));
+    m2.double_ack().await.unwrap();
+    bus.wait_prompts_acked(&batcher).await;
 }
 
 #[tokio::test]
@@ -358,8 +356,7 @@ async fn a_crash_between_publish_and_ack_completes_no_request_twice() {
     let labels = [("model", MODEL), ("reason", "size")];
     assert_eq!(batcher.metric("millrace_batcher_dispatches_total", &labels).await, 1.0);
     assert_eq!(bus.undelivered_batches().await, 0, "no second batch reached inference");
-    let mut batches = stream(&bus.publisher, Edge::BATCHES).await;
-    assert_eq!(batches.info().await.unwrap().state.messages, 1, "BATCHES holds the batch once");
+    assert_eq!(stream_len(bus.publisher.jetstream(), Edge::BATCHES).await, 1, "BATCHES holds the batch once");
 }
 
 /// SIGTERM while requests wait: they are handed back (not lost, not acked) and batched by the

@@ -1,14 +1,13 @@
 //! The inference service against a real nats-server and the real prepared models, run as the
 //! deployed binary. Needs `models/prepared/manifest.json` (`scripts/prepare-models.sh`).
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{Edge, ephemeral};
-use millrace_bus::{BusSettings, Dedup, Publisher};
+use millrace_bus::{Dedup, Publisher};
 use millrace_engine::embed::cosine;
 use millrace_engine::{ChatMessage, Manifest};
 use millrace_proto::v1::inference_client::InferenceClient;
@@ -17,7 +16,8 @@ use millrace_proto::v1::{
     Prompt, RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk, Verdict,
 };
 use millrace_proto::{Message as _, now_unix_ms};
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr, workspace_root};
+use millrace_testkit::bus::{publisher, result, stream, stream_messages};
+use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -27,7 +27,7 @@ const MANIFEST_WAIT: Duration = Duration::from_secs(60);
 
 /// The prepared models' manifest, waiting for it while `scripts/prepare-models.sh` finishes.
 async fn manifest() -> Manifest {
-    let dir = workspace_root().join("models/prepared");
+    let dir = models_dir();
     let deadline = Instant::now() + MANIFEST_WAIT;
     loop {
         match Manifest::load(&dir) {
@@ -42,33 +42,24 @@ async fn manifest() -> Manifest {
 
 struct Inference {
     process: ServiceProcess,
-    grpc: SocketAddr,
 }
 
 impl Inference {
     async fn start(nats: &NatsServer) -> Inference {
-        let grpc = free_addr();
         let args = vec![
             format!("--nats-url={}", nats.url()),
-            format!("--grpc-addr={grpc}"),
-            format!("--models-dir={}", workspace_root().join("models/prepared").display()),
+            format!("--models-dir={}", models_dir().display()),
             // The tests run side by side on few cores: one thread per session each.
             "--intra-threads=1".to_owned(),
         ];
-        let process = ServiceProcess::spawn("inference", &args).unwrap();
-        process.wait_ready(Duration::from_secs(120)).await.unwrap();
-        Inference { process, grpc }
+        let process =
+            ServiceProcess::start("inference", &args, &["--grpc-addr"], Duration::from_secs(120)).await.unwrap();
+        Inference { process }
     }
 
     async fn client(&self) -> InferenceClient<Channel> {
-        InferenceClient::connect(format!("http://{}", self.grpc)).await.unwrap()
+        InferenceClient::connect(format!("http://{}", self.process.addr("--grpc-addr"))).await.unwrap()
     }
-}
-
-async fn publisher(nats: &NatsServer) -> Publisher {
-    let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-    let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
-    publisher
 }
 
 /// A batch member as session would send it: the question rendered with the model's template.
@@ -105,8 +96,8 @@ async fn publish_batch(publisher: &Publisher, batch_id: &str, prompts: Vec<Promp
 /// Waits until the inference consumer has acked the batch at `sequence`: its outputs are all
 /// published by then (ack after effect).
 async fn wait_acked(publisher: &Publisher, sequence: u64, service: &Inference) {
-    let stream = publisher.jetstream().get_stream(Edge::BATCHES.stream).await.unwrap();
-    let mut consumer: PullConsumer = stream.get_consumer("inference").await.unwrap();
+    let mut consumer: PullConsumer =
+        stream(publisher.jetstream(), Edge::BATCHES).await.get_consumer("inference").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(180);
     while consumer.info().await.unwrap().ack_floor.stream_sequence < sequence {
         assert!(Instant::now() < deadline, "batch {sequence} never acked; log:\n{}", service.process.logs());
@@ -116,13 +107,8 @@ async fn wait_acked(publisher: &Publisher, sequence: u64, service: &Inference) {
 
 /// Every completion on `COMPLETIONS`, by request id, with its `Nats-Msg-Id`.
 async fn completions(publisher: &Publisher) -> HashMap<String, (String, Completion)> {
-    let mut stream = publisher.jetstream().get_stream(Edge::COMPLETIONS.stream).await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
     let mut found = HashMap::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        let m = stream.get_raw_message(seq).await.unwrap();
-        let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
-        let completion = Completion::decode(m.payload).unwrap();
+    for (id, completion) in stream_messages::<Completion>(publisher.jetstream(), Edge::COMPLETIONS).await {
         let previous = found.insert(completion.ctx.clone().unwrap().request_id, (id, completion));
         assert!(previous.is_none(), "two completions for one request");
     }
@@ -130,10 +116,7 @@ async fn completions(publisher: &Publisher) -> HashMap<String, (String, Completi
 }
 
 async fn terminal_result(publisher: &Publisher, request_id: &str) -> (String, TerminalResult) {
-    let stream = publisher.jetstream().get_stream(Edge::RESULTS.stream).await.unwrap();
-    let m = stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await.unwrap();
-    let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
-    (id, TerminalResult::decode(m.payload).unwrap())
+    result(publisher.jetstream(), request_id).await.unwrap_or_else(|| panic!("no result for {request_id}"))
 }
 
 /// Token chunks by request id, read until every id in `ids` has sent its last chunk; `on_first`

@@ -5,10 +5,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
+use millrace_bus::topology::Edge;
 use millrace_proto::Message;
 use millrace_proto::v1::ingest_client::IngestClient;
 use millrace_proto::v1::{GenerationParams, Query, Result as TerminalResult, SubmitRequest, TerminalStatus};
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr};
+use millrace_testkit::sink::Sink;
+use millrace_testkit::{NatsServer, ServiceProcess, bus};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -30,16 +32,12 @@ impl Harness {
     }
 
     async fn start_on(nats: NatsServer, extra_args: &[String]) -> Self {
-        let (http, grpc) = (free_addr(), free_addr());
-        let mut args = vec![
-            format!("--nats-url={}", nats.url()),
-            format!("--http-addr={http}"),
-            format!("--grpc-addr={grpc}"),
-            "--stream-storage=memory".to_owned(),
-        ];
+        let mut args = vec![format!("--nats-url={}", nats.url()), "--stream-storage=memory".to_owned()];
         args.extend_from_slice(extra_args);
-        let ingest = ServiceProcess::spawn("ingest", &args).expect("spawn ingest");
-        ingest.wait_ready(READY_TIMEOUT).await.expect("ingest ready");
+        let ingest = ServiceProcess::start("ingest", &args, &["--http-addr", "--grpc-addr"], READY_TIMEOUT)
+            .await
+            .expect("ingest ready");
+        let (http, grpc) = (ingest.addr("--http-addr"), ingest.addr("--grpc-addr"));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
         Self { ingest, nats, http, grpc, client }
     }
@@ -67,25 +65,15 @@ impl Harness {
         self.submit_with(body, &[]).await
     }
 
-    /// Every message on `stream`, decoded, with its `Nats-Msg-Id`.
-    async fn stream_messages<M: Message + Default>(&self, stream: &str) -> Vec<(String, M)> {
+    /// Every message on `edge`, decoded, with its `Nats-Msg-Id` (read on a connection of the
+    /// test's own: ingest provisions the streams, with this test's flags).
+    async fn stream_messages<M: Message + Default>(&self, edge: Edge) -> Vec<(String, M)> {
         let js = jetstream::new(async_nats::connect(self.nats.url()).await.expect("connect"));
-        let mut stream = js.get_stream(stream).await.expect("stream exists");
-        let state = stream.info().await.expect("stream info").state.clone();
-        if state.messages == 0 {
-            return Vec::new();
-        }
-        let mut messages = Vec::new();
-        for seq in state.first_sequence..=state.last_sequence {
-            let m = stream.get_raw_message(seq).await.expect("stored message");
-            let msg_id = m.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default();
-            messages.push((msg_id, M::decode(m.payload).expect("protobuf")));
-        }
-        messages
+        bus::stream_messages(&js, edge).await
     }
 
     async fn queries(&self) -> Vec<(String, Query)> {
-        self.stream_messages("MR_QUERIES").await
+        self.stream_messages(Edge::QUERIES).await
     }
 }
 
@@ -283,7 +271,7 @@ async fn delete_publishes_a_terminal_cancel_and_the_cancel_notice() {
 
     let again = h.client.delete(h.url(&format!("/v1/queries/{id}"))).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::ACCEPTED);
-    let results: Vec<(String, TerminalResult)> = h.stream_messages("MR_RESULTS").await;
+    let results: Vec<(String, TerminalResult)> = h.stream_messages(Edge::RESULTS).await;
     assert_eq!(results.len(), 1, "a repeated cancel is deduplicated");
     let (msg_id, result) = &results[0];
     assert_eq!(msg_id, &format!("{id}/ingest.cancel"));
@@ -297,19 +285,8 @@ async fn delete_publishes_a_terminal_cancel_and_the_cancel_notice() {
 #[tokio::test]
 async fn status_reads_come_from_the_sink() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let data = tempfile::tempdir().unwrap();
-    let sink_http = free_addr();
-    let mut sink = ServiceProcess::spawn(
-        "sink",
-        &[
-            format!("--nats-url={}", nats.url()),
-            format!("--http-addr={sink_http}"),
-            format!("--grpc-addr={}", free_addr()),
-            format!("--database-url=sqlite://{}/sink.db", data.path().display()),
-        ],
-    )
-    .expect("spawn sink (built by `cargo build --workspace --bins`)");
-    sink.wait_ready(READY_TIMEOUT).await.expect("sink ready");
+    let mut sink = Sink::start(&nats).await.expect("sink (built by `cargo build --workspace --bins`)");
+    let sink_http = sink.http();
     let h = Harness::start_on(nats, &[format!("--sink-url=http://{sink_http}/")]).await;
 
     let key = [("idempotency-key", "status-read-1")];
@@ -334,7 +311,7 @@ async fn status_reads_come_from_the_sink() {
     let rows = json_of(h.client.get(format!("http://{sink_http}/v1/results")).send().await.unwrap()).await;
     assert_eq!(rows["results"].as_array().unwrap().len(), 1, "one request, one row: {rows}");
 
-    sink.kill();
+    sink.process.kill();
     let unreachable = h.client.get(h.url(&format!("/v1/queries/{id}"))).send().await.unwrap();
     assert_error(unreachable, 503, "results_unavailable", "sink down").await;
 }

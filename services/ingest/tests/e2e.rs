@@ -19,7 +19,8 @@ use millrace_proto::v1::generate_event::Event as GenerateEventKind;
 use millrace_proto::v1::ingest_client::IngestClient;
 use millrace_proto::v1::sessions_client::SessionsClient;
 use millrace_proto::v1::{GenerationParams, SessionKey, SubmitRequest, TerminalStatus};
-use millrace_testkit::mesh::{Mesh, MeshOptions, metric_value};
+use millrace_testkit::mesh::{Mesh, MeshOptions};
+use millrace_testkit::metrics::metric;
 use millrace_testkit::workspace_root;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -290,8 +291,13 @@ async fn blocked_input_and_output(mesh: &Mesh) {
 /// A request that generates for long; returns once its first text arrived.
 const LONG: &str = "Write a very long story about a dragon who learns to bake bread.";
 
+/// The cancel notices the batcher has heard (absent: 0).
+fn cancel_notices(batcher_metrics: &str) -> f64 {
+    metric(batcher_metrics, "millrace_batcher_cancel_notices_total", &[]).unwrap_or(0.0)
+}
+
 async fn closing_a_socket_or_stream_cancels(mesh: &Mesh) {
-    let batcher_before = metric_value(&mesh.metrics("batcher").await.unwrap(), "millrace_batcher_cancel_notices_total");
+    let batcher_before = cancel_notices(&mesh.metrics("batcher").await.unwrap());
 
     // WebSocket: two long queries on one socket; closing it after the first text cancels both.
     let mut socket = socket(mesh).await;
@@ -330,9 +336,10 @@ async fn closing_a_socket_or_stream_cancels(mesh: &Mesh) {
     // The notices reached the batcher, and the engine stopped the running generations.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let batcher = metric_value(&mesh.metrics("batcher").await.unwrap(), "millrace_batcher_cancel_notices_total");
+        let batcher = cancel_notices(&mesh.metrics("batcher").await.unwrap());
         let inference = mesh.metrics("inference").await.unwrap();
-        let stopped = metric_value(&inference, "millrace_inference_generations_total{finish=\"cancelled\"}");
+        let stopped =
+            metric(&inference, "millrace_inference_generations_total", &[("finish", "cancelled")]).unwrap_or(0.0);
         if batcher - batcher_before >= 3.0 && stopped >= 1.0 {
             eprintln!("cancel notices at the batcher: {}, generations stopped: {stopped}", batcher - batcher_before);
             break;

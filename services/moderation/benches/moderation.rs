@@ -20,7 +20,7 @@ use millrace_moderation::normalize::normalize;
 use millrace_moderation::policy::{Policy, Stage};
 use millrace_proto::Message as _;
 use millrace_proto::v1::{AdmittedQuery, CleanedQuery, RequestContext};
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr};
+use millrace_testkit::{NatsServer, ServiceProcess};
 
 const SENTENCES: [&str; 18] = [
     "Could you explain how the borrow checker decides when a reference may outlive its owner?",
@@ -126,14 +126,14 @@ async fn through_nats(models: &std::path::Path, texts: &[String], messages: usiz
     let nats = NatsServer::start().await.expect("nats-server");
     let args = vec![
         format!("--nats-url={}", nats.url()),
-        format!("--grpc-addr={}", free_addr()),
         format!("--models-dir={}", models.display()),
         "--classifier-sessions=1".to_owned(),
         "--intra-threads=1".to_owned(),
         "--log=warn".to_owned(),
     ];
-    let service = ServiceProcess::spawn("moderation", &args).expect("moderation binary (cargo bench builds it)");
-    service.wait_ready(Duration::from_secs(60)).await.expect("moderation ready");
+    let _service = ServiceProcess::start("moderation", &args, &["--grpc-addr"], Duration::from_secs(60))
+        .await
+        .expect("moderation binary (cargo bench builds it), ready");
     let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
     let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
 

@@ -2,19 +2,20 @@
 //! sink binary storing what it ends. Needs `models/prepared/manifest.json`
 //! (`scripts/prepare-models.sh`) and the `sink` binary (`cargo build --workspace --bins`).
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Dedup, Publisher};
+use millrace_bus::{Dedup, Publisher};
 use millrace_proto::Message as _;
 use millrace_proto::v1::moderation_client::ModerationClient;
 use millrace_proto::v1::{
     AdmittedQuery, CheckRequest, CheckResponse, CleanedQuery, Completion, RequestContext, StageTiming, Timings, Verdict,
 };
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr, workspace_root};
+use millrace_testkit::bus::{publisher, stream_messages};
+use millrace_testkit::sink::Sink;
+use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
 use serde_json::Value;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -23,26 +24,22 @@ const READY: Duration = Duration::from_secs(60);
 
 struct Moderation {
     process: ServiceProcess,
-    grpc: SocketAddr,
 }
 
 impl Moderation {
     async fn start(nats: &NatsServer, extra: &[String]) -> Moderation {
-        let grpc = free_addr();
         let mut args = vec![
             format!("--nats-url={}", nats.url()),
-            format!("--grpc-addr={grpc}"),
-            format!("--models-dir={}", workspace_root().join("models/prepared").display()),
+            format!("--models-dir={}", models_dir().display()),
             "--classifier-sessions=1".to_owned(),
         ];
         args.extend(extra.iter().cloned());
-        let process = ServiceProcess::spawn("moderation", &args).unwrap();
-        process.wait_ready(READY).await.unwrap();
-        Moderation { process, grpc }
+        let process = ServiceProcess::start("moderation", &args, &["--grpc-addr"], READY).await.unwrap();
+        Moderation { process }
     }
 
     async fn client(&self) -> ModerationClient<Channel> {
-        ModerationClient::connect(format!("http://{}", self.grpc)).await.unwrap()
+        ModerationClient::connect(format!("http://{}", self.process.addr("--grpc-addr"))).await.unwrap()
     }
 
     async fn check(&self, text: &str, stage: &str) -> CheckResponse {
@@ -66,48 +63,6 @@ impl Moderation {
     fn count_in_log(&self, needle: &str) -> usize {
         self.process.logs().matches(needle).count()
     }
-}
-
-struct Sink {
-    _process: ServiceProcess,
-    http: SocketAddr,
-    _data: tempfile::TempDir,
-}
-
-impl Sink {
-    async fn start(nats: &NatsServer) -> Sink {
-        let data = tempfile::tempdir().unwrap();
-        let http = free_addr();
-        let args = [
-            format!("--nats-url={}", nats.url()),
-            format!("--http-addr={http}"),
-            format!("--grpc-addr={}", free_addr()),
-            format!("--database-url=sqlite://{}/sink.db", data.path().display()),
-        ];
-        let process =
-            ServiceProcess::spawn("sink", &args).expect("spawn sink (built by `cargo build --workspace --bins`)");
-        process.wait_ready(READY).await.unwrap();
-        Sink { _process: process, http, _data: data }
-    }
-
-    /// The row of `request_id`, waiting for it.
-    async fn row(&self, request_id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let r = reqwest::get(format!("http://{}/v1/results/{request_id}", self.http)).await.unwrap();
-            if r.status().as_u16() == 200 {
-                return r.json().await.unwrap();
-            }
-            assert!(Instant::now() < deadline, "no sink row for {request_id}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-async fn publisher(nats: &NatsServer) -> Publisher {
-    let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-    let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
-    publisher
 }
 
 fn ctx(request_id: &str) -> Option<RequestContext> {
@@ -163,13 +118,8 @@ async fn send_completion(publisher: &Publisher, request_id: &str, text: &str) {
 
 /// Every message on `ADMITTED`, by request id, with its `Nats-Msg-Id`.
 async fn admitted(publisher: &Publisher) -> HashMap<String, (String, AdmittedQuery)> {
-    let mut stream = publisher.jetstream().get_stream(Edge::ADMITTED.stream).await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
     let mut found = HashMap::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        let Ok(m) = stream.get_raw_message(seq).await else { continue };
-        let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
-        let query = AdmittedQuery::decode(m.payload).unwrap();
+    for (id, query) in stream_messages::<AdmittedQuery>(publisher.jetstream(), Edge::ADMITTED).await {
         let previous = found.insert(query.ctx.clone().unwrap().request_id, (id, query));
         assert!(previous.is_none(), "two admitted messages for one request");
     }
@@ -183,7 +133,7 @@ fn stages(row: &Value) -> Vec<&str> {
 #[tokio::test]
 async fn input_and_output_moderation_end_in_the_sink() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let sink = Sink::start(&nats).await;
+    let sink = Sink::start(&nats).await.expect("sink (built by `cargo build --workspace --bins`)");
     let moderation = Moderation::start(&nats, &[]).await;
     let publisher = publisher(&nats).await;
 
@@ -314,7 +264,7 @@ async fn the_policy_reloads_when_its_file_changes_and_a_bad_one_is_refused() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(moderation.check("you idiot", "input").await.policy_version, v2.policy_version);
-    millrace_testkit::wait_http_ok(&format!("http://{}/readyz", moderation.process.admin), Duration::from_secs(5))
+    millrace_testkit::wait_http_ok(&format!("http://{}/readyz", moderation.process.admin()), Duration::from_secs(5))
         .await
         .unwrap();
 }

@@ -8,10 +8,11 @@ use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
-use millrace_bus::{BusSettings, Dedup, Publisher};
+use millrace_bus::{Dedup, Publisher};
 use millrace_proto::v1::{CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
-use millrace_testkit::{NatsServer, ServiceProcess, workspace_root};
+use millrace_testkit::bus::{publisher, stream, stream_len, wait_result};
+use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
 
 const MODEL: &str = "smollm2-135m";
 
@@ -25,15 +26,10 @@ struct Mesh {
 impl Mesh {
     async fn start(extra: &[&str]) -> Mesh {
         let nats = NatsServer::start().await.unwrap();
-        let mut args = vec![
-            format!("--nats-url={}", nats.url()),
-            format!("--models-dir={}", workspace_root().join("models/prepared").display()),
-        ];
+        let mut args = vec![format!("--nats-url={}", nats.url()), format!("--models-dir={}", models_dir().display())];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = ServiceProcess::spawn("preprocess", &args).unwrap();
-        process.wait_ready(Duration::from_secs(60)).await.unwrap();
-        let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-        let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
+        let process = ServiceProcess::start("preprocess", &args, &[], Duration::from_secs(60)).await.unwrap();
+        let publisher = publisher(&nats).await;
         Mesh { publisher, process, _nats: nats }
     }
 
@@ -65,7 +61,7 @@ impl Mesh {
     /// The next `n` CleanedQueries on CLEAN (acked, as moderation would), by request id, with
     /// their `Nats-Msg-Id`.
     async fn cleaned(&self, n: usize) -> HashMap<String, (String, CleanedQuery)> {
-        let stream = self.publisher.jetstream().get_stream(Edge::CLEAN.stream).await.unwrap();
+        let stream = stream(self.publisher.jetstream(), Edge::CLEAN).await;
         let consumer: PullConsumer = stream.get_consumer(ConsumerSpec::MODERATION_INPUT.durable).await.unwrap();
         let mut found = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -95,16 +91,7 @@ impl Mesh {
 
     /// The terminal result of `request_id`, waiting for it.
     async fn result(&self, request_id: &str) -> (String, TerminalResult) {
-        let stream = self.publisher.jetstream().get_stream(Edge::RESULTS.stream).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(m) = stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await {
-                let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).unwrap().as_str().to_owned();
-                return (id, TerminalResult::decode(m.payload).unwrap());
-            }
-            assert!(Instant::now() < deadline, "no result for {request_id}; log:\n{}", self.process.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_result(self.publisher.jetstream(), request_id, Duration::from_secs(30)).await
     }
 
     async fn rejected(&self, request_id: &str, reason: &str) -> TerminalResult {
@@ -120,8 +107,7 @@ impl Mesh {
     }
 
     async fn stream_messages(&self, edge: Edge) -> u64 {
-        let mut stream = self.publisher.jetstream().get_stream(edge.stream).await.unwrap();
-        stream.info().await.unwrap().state.messages
+        stream_len(self.publisher.jetstream(), edge).await
     }
 }
 

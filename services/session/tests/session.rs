@@ -4,15 +4,13 @@
 //!
 //! No assertion depends on timing: every wait polls for a state until a generous deadline.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::stream::Stream as JsStream;
 use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Dedup, Publisher};
+use millrace_bus::{Dedup, Publisher};
 use millrace_proto::Message as _;
 use millrace_proto::v1::sessions_client::SessionsClient;
 use millrace_proto::v1::{
@@ -21,7 +19,8 @@ use millrace_proto::v1::{
 use millrace_session::key::SessionId;
 use millrace_session::prompt::PromptModels;
 use millrace_session::state::Conversation;
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr, workspace_root};
+use millrace_testkit::bus::{publisher, result, stream};
+use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
 use tonic::Code;
 
 const MODEL: &str = "smollm2-135m";
@@ -29,31 +28,20 @@ const TENANT: &str = "t0";
 const WAIT: Duration = Duration::from_secs(20);
 const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
-fn models_dir() -> String {
-    workspace_root().join("models/prepared").display().to_string()
-}
-
 struct Session {
     process: ServiceProcess,
-    grpc: SocketAddr,
 }
 
 impl Session {
     async fn start(nats: &NatsServer, extra: &[&str]) -> Session {
-        let grpc = free_addr();
-        let mut args = vec![
-            format!("--nats-url={}", nats.url()),
-            format!("--models-dir={}", models_dir()),
-            format!("--grpc-addr={grpc}"),
-        ];
+        let mut args = vec![format!("--nats-url={}", nats.url()), format!("--models-dir={}", models_dir().display())];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = ServiceProcess::spawn("session", &args).unwrap();
-        process.wait_ready(WAIT).await.unwrap();
-        Session { process, grpc }
+        let process = ServiceProcess::start("session", &args, &["--grpc-addr"], WAIT).await.unwrap();
+        Session { process }
     }
 
     async fn client(&self) -> SessionsClient<tonic::transport::Channel> {
-        SessionsClient::connect(format!("http://{}", self.grpc)).await.unwrap()
+        SessionsClient::connect(format!("http://{}", self.process.addr("--grpc-addr"))).await.unwrap()
     }
 
     async fn get(&self, user: &str, session: &str) -> Result<SessionState, tonic::Status> {
@@ -79,12 +67,13 @@ impl Session {
     }
 
     async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.process.admin)).await.unwrap().text().await.unwrap()
+        self.process.metrics().await.unwrap()
     }
 }
 
+/// An unlabelled counter's value (absent: 0).
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
+    millrace_testkit::metrics::metric(text, name, &[]).unwrap_or(0.0)
 }
 
 fn key(user: &str, session: &str) -> SessionKey {
@@ -112,9 +101,8 @@ struct Bus {
 
 impl Bus {
     async fn connect(nats: &NatsServer) -> Bus {
-        let settings = BusSettings { nats_url: nats.url(), ..BusSettings::default() };
-        let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
-        let prompts = stream(&publisher, Edge::PROMPTS).await.get_consumer("batcher").await.unwrap();
+        let publisher = publisher(nats).await;
+        let prompts = stream(publisher.jetstream(), Edge::PROMPTS).await.get_consumer("batcher").await.unwrap();
         Bus { publisher, prompts, seen: HashMap::new() }
     }
 
@@ -201,9 +189,7 @@ impl Bus {
 
     /// The terminal result RESULTS holds for `request_id`, if any (without waiting).
     async fn result(&self, request_id: &str) -> Option<TerminalResult> {
-        let stream = stream(&self.publisher, Edge::RESULTS).await;
-        let m = stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await.ok()?;
-        Some(TerminalResult::decode(m.payload).unwrap())
+        result(self.publisher.jetstream(), request_id).await.map(|(_, result)| result)
     }
 
     /// The stored conversation, read straight from the bucket.
@@ -212,10 +198,6 @@ impl Bus {
         let value = kv.get(SessionId::new(TENANT, user, session).key()).await.unwrap()?;
         Some(Conversation::from_json(&value).unwrap())
     }
-}
-
-async fn stream(publisher: &Publisher, edge: Edge) -> JsStream {
-    publisher.jetstream().get_stream(edge.stream).await.unwrap()
 }
 
 /// The prompt's user and assistant contents, in order, without the template's markers.
@@ -338,7 +320,7 @@ async fn an_idle_conversation_expires() {
 #[tokio::test]
 async fn history_is_trimmed_oldest_first_to_the_token_budget() {
     let nats = NatsServer::start().await.unwrap();
-    let models = PromptModels::load(std::path::Path::new(&models_dir())).unwrap();
+    let models = PromptModels::load(&models_dir()).unwrap();
     let model = models.get(MODEL).unwrap();
     let budget = 220;
     let reserve = model.context_length() - budget;

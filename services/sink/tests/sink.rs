@@ -5,51 +5,54 @@ use std::time::Duration;
 
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Dedup, Publisher};
+use millrace_bus::{Dedup, Publisher};
 use millrace_proto::Message as _;
 use millrace_proto::v1::results_client::ResultsClient;
 use millrace_proto::v1::{
     GetResultRequest, ListResultsRequest, RequestContext, Result as TerminalResult, StageTiming, TerminalStatus,
     Timings,
 };
-use millrace_testkit::{NatsServer, ServiceProcess, free_addr, postgres_url};
+use millrace_testkit::bus::publisher;
+use millrace_testkit::metrics::metric;
+use millrace_testkit::{NatsServer, ServiceProcess, postgres_url};
 use serde_json::Value;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+const READY: Duration = Duration::from_secs(30);
+
 struct Sink {
     process: ServiceProcess,
-    http: SocketAddr,
-    grpc: SocketAddr,
-    args: Vec<String>,
 }
 
 impl Sink {
     async fn start(nats: &NatsServer, database_url: &str, extra: &[&str]) -> Sink {
-        let (http, grpc) = (free_addr(), free_addr());
         let mut args = vec![
             format!("--nats-url={}", nats.url()),
             format!("--database-url={database_url}"),
-            format!("--http-addr={http}"),
-            format!("--grpc-addr={grpc}"),
             "--ack-wait-s=2".to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = ServiceProcess::spawn("sink", &args).unwrap();
-        process.wait_ready(Duration::from_secs(30)).await.unwrap();
-        Sink { process, http, grpc, args }
+        let process = ServiceProcess::start("sink", &args, &["--http-addr", "--grpc-addr"], READY).await.unwrap();
+        Sink { process }
     }
 
-    /// Starts the same sink again (same database, ports), minus any fault flags.
+    /// Starts the same sink again (same database), minus any fault flags.
     async fn restart(&mut self) {
-        self.process.kill();
-        let args: Vec<String> = self.args.iter().filter(|a| !a.starts_with("--fault")).cloned().collect();
-        self.process = ServiceProcess::spawn("sink", &args).unwrap();
-        self.process.wait_ready(Duration::from_secs(30)).await.unwrap();
+        let args: Vec<String> = self.process.args().iter().filter(|a| !a.starts_with("--fault")).cloned().collect();
+        self.process.restart(args, READY).await.unwrap();
+    }
+
+    fn http(&self) -> SocketAddr {
+        self.process.addr("--http-addr")
+    }
+
+    fn grpc(&self) -> SocketAddr {
+        self.process.addr("--grpc-addr")
     }
 
     async fn get(&self, request_id: &str) -> (u16, Value) {
-        let r = reqwest::get(format!("http://{}/v1/results/{request_id}", self.http)).await.unwrap();
+        let r = reqwest::get(format!("http://{}/v1/results/{request_id}", self.http())).await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap())
     }
 
@@ -68,7 +71,7 @@ impl Sink {
         let mut rows = Vec::new();
         let mut token = String::new();
         loop {
-            let url = format!("http://{}/v1/results?{query}&page_size=50&page_token={token}", self.http);
+            let url = format!("http://{}/v1/results?{query}&page_size=50&page_token={token}", self.http());
             let page: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
             rows.extend(page["results"].as_array().unwrap().iter().cloned());
             token = page["next_page_token"].as_str().unwrap().to_owned();
@@ -77,12 +80,6 @@ impl Sink {
             }
         }
     }
-}
-
-async fn publisher(nats: &NatsServer) -> Publisher {
-    let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-    let publisher = millrace_bus::connect_mesh(&settings, "test").await.unwrap();
-    publisher
 }
 
 fn result(request_id: &str, user: &str, status: TerminalStatus) -> TerminalResult {
@@ -153,16 +150,16 @@ async fn results_round_trip(database_url: &str) {
     assert!(u3.iter().all(|r| r["user"] == "u3"));
     assert_eq!(sink.list_all("status=COMPLETED").await.len(), 120);
     assert_eq!(sink.list_all("status=FAILED").await.len(), 0);
-    let bad = reqwest::get(format!("http://{}/v1/results?status=DONE", sink.http)).await.unwrap();
+    let bad = reqwest::get(format!("http://{}/v1/results?status=DONE", sink.http())).await.unwrap();
     assert_eq!(bad.status().as_u16(), 400);
     assert_eq!(bad.json::<Value>().await.unwrap()["error"]["code"], "bad_status");
 
     let channel =
-        tonic::transport::Channel::from_shared(format!("http://{}", sink.grpc)).unwrap().connect().await.unwrap();
+        tonic::transport::Channel::from_shared(format!("http://{}", sink.grpc())).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel);
     let serving = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     assert_eq!(serving.status(), ServingStatus::Serving);
-    let mut grpc = ResultsClient::connect(format!("http://{}", sink.grpc)).await.unwrap();
+    let mut grpc = ResultsClient::connect(format!("http://{}", sink.grpc())).await.unwrap();
     let record = grpc.get(GetResultRequest { request_id: "rt-7".into() }).await.unwrap().into_inner();
     assert_eq!((record.status, record.user.as_str()), (TerminalStatus::Completed as i32, "u2"));
     let missing = grpc.get(GetResultRequest { request_id: "nope".into() }).await.unwrap_err();
@@ -234,12 +231,10 @@ async fn poison_result_becomes_a_dead_letter_and_a_failed_row_and_the_rest_still
     assert_eq!(row["status"], "FAILED");
     assert_eq!(row["reason"], "undecodable_payload");
     assert_eq!(row["stage"], "sink-results");
-    let metrics = reqwest::get(format!("http://{}/metrics", sink.process.admin)).await.unwrap().text().await.unwrap();
-    assert!(
-        metrics.contains("millrace_dlq_total{reason=\"undecodable_payload\",stage=\"sink-results\"} 1"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("millrace_terms_total{stage=\"sink-results\"} 1"), "{metrics}");
+    let metrics = sink.process.metrics().await.unwrap();
+    let dead = [("reason", "undecodable_payload"), ("stage", "sink-results")];
+    assert_eq!(metric(&metrics, "millrace_dlq_total", &dead), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, "millrace_terms_total", &[("stage", "sink-results")]), Some(1.0), "{metrics}");
 }
 
 #[tokio::test]
@@ -276,7 +271,7 @@ async fn a_panicking_worker_is_restarted_and_no_message_is_lost() {
     let logs = sink.process.logs();
     assert!(logs.contains("injected fault"), "no fault was injected:\n{logs}");
     assert!(logs.contains("restarting"), "no restart:\n{logs}");
-    let health = reqwest::get(format!("http://{}/readyz", sink.process.admin)).await.unwrap();
+    let health = reqwest::get(format!("http://{}/readyz", sink.process.admin())).await.unwrap();
     assert_eq!(health.status().as_u16(), 200, "the process stayed up and is ready again");
 }
 

@@ -11,14 +11,10 @@ use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
 use millrace_bus::{BusSettings, Dedup, Delivery, Handler, Publisher, StageConsumer, StageError, Topology};
 use millrace_proto::Message as _;
-use millrace_proto::v1::{Batch, DlqRecord, Prompt, Query, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_proto::v1::{Batch, DlqRecord, Prompt, Query, RequestContext, TerminalStatus};
 use millrace_testkit::NatsServer;
+use millrace_testkit::bus::{publisher_with, result, stream, stream_len, wait_result};
 use tokio_util::sync::CancellationToken;
-
-async fn setup(nats: &NatsServer, settings: BusSettings) -> Publisher {
-    let settings = BusSettings { nats_url: nats.url(), ..settings };
-    millrace_bus::connect_mesh(&settings, "bus-test").await.unwrap()
-}
 
 fn query(request_id: &str) -> Outbound {
     let q = Query {
@@ -33,27 +29,22 @@ fn query(request_id: &str) -> Outbound {
     }
 }
 
-async fn stream_messages(publisher: &Publisher, stream: &str) -> u64 {
-    let mut s = publisher.jetstream().get_stream(stream).await.unwrap();
-    s.info().await.unwrap().state.messages
-}
-
 #[tokio::test]
 async fn the_same_msg_id_twice_is_stored_once() {
     let nats = NatsServer::start().await.unwrap();
-    let publisher = setup(&nats, BusSettings::default()).await;
+    let publisher = publisher_with(&nats, BusSettings::default()).await;
     let first = publisher.publish(query("r1")).await.unwrap();
     let second = publisher.publish(query("r1")).await.unwrap();
     assert!(!first.duplicate);
     assert!(second.duplicate);
     assert_eq!(first.sequence, second.sequence);
-    assert_eq!(stream_messages(&publisher, "MR_QUERIES").await, 1);
+    assert_eq!(stream_len(publisher.jetstream(), Edge::QUERIES).await, 1);
 }
 
 #[tokio::test]
 async fn provisioning_twice_and_concurrently_is_idempotent() {
     let nats = NatsServer::start().await.unwrap();
-    let publisher = setup(&nats, BusSettings::default()).await;
+    let publisher = publisher_with(&nats, BusSettings::default()).await;
     let topology = Topology::mesh(&BusSettings { nats_url: nats.url(), ..Default::default() });
     let (a, b) = tokio::join!(topology.provision(publisher.jetstream()), topology.provision(publisher.jetstream()));
     a.unwrap();
@@ -90,7 +81,7 @@ impl Handler for FlakyRelay {
 async fn transient_failures_are_naked_redelivered_and_acked_after_the_effect() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
-    let publisher = setup(&nats, settings.clone()).await;
+    let publisher = publisher_with(&nats, settings.clone()).await;
     let relay = Arc::new(FlakyRelay { publisher: publisher.clone(), calls: AtomicU32::new(0) });
     let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, relay.clone(), publisher.clone(), settings);
     let stop = CancellationToken::new();
@@ -101,14 +92,16 @@ async fn transient_failures_are_naked_redelivered_and_acked_after_the_effect() {
     let outs: Vec<_> = (0..20).map(|i| query(&format!("q{i}"))).collect();
     publisher.publish_all(outs).await.unwrap();
     for _ in 0..200 {
-        if stream_messages(&publisher, "MR_CLEAN").await == 20 && stream_messages(&publisher, "MR_QUERIES").await == 0 {
+        if stream_len(publisher.jetstream(), Edge::CLEAN).await == 20
+            && stream_len(publisher.jetstream(), Edge::QUERIES).await == 0
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(stream_messages(&publisher, "MR_CLEAN").await, 20);
+    assert_eq!(stream_len(publisher.jetstream(), Edge::CLEAN).await, 20);
     // Interest retention: acked inputs leave the stream.
-    assert_eq!(stream_messages(&publisher, "MR_QUERIES").await, 0);
+    assert_eq!(stream_len(publisher.jetstream(), Edge::QUERIES).await, 0);
     assert_eq!(relay.calls.load(Ordering::SeqCst), 40, "each message once naked, once handled");
     stop.cancel();
     running.await.unwrap().unwrap();
@@ -126,7 +119,7 @@ impl Handler for AlwaysFails {
 async fn a_message_out_of_deliveries_is_dead_lettered_with_a_failed_result() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 3, ack_wait_s: 1, ..Default::default() };
-    let publisher = setup(&nats, settings.clone()).await;
+    let publisher = publisher_with(&nats, settings.clone()).await;
     let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, Arc::new(AlwaysFails), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
@@ -146,7 +139,7 @@ async fn a_message_out_of_deliveries_is_dead_lettered_with_a_failed_result() {
 /// Waits for the DLQ record and the FAILED result of `request_id`.
 async fn expect_dead_letter(publisher: &Publisher, request_id: &str) -> DlqRecord {
     let js = publisher.jetstream();
-    let dlq = js.get_stream("MR_DLQ").await.unwrap();
+    let dlq = stream(js, Edge::DLQ).await;
     let mut seen = None;
     for _ in 0..150 {
         if let Ok(m) = dlq.get_last_raw_message_by_subject("mr.v1.dlq.preprocess").await {
@@ -158,10 +151,7 @@ async fn expect_dead_letter(publisher: &Publisher, request_id: &str) -> DlqRecor
     let record = DlqRecord::decode(seen.expect("a DLQ record").payload).unwrap();
     assert_eq!(record.request_id, request_id);
     assert_eq!(record.reason, "max_deliveries");
-    let results = js.get_stream("MR_RESULTS").await.unwrap();
-    let subject = Edge::RESULTS.subject_for(request_id);
-    let result =
-        TerminalResult::decode(results.get_last_raw_message_by_subject(&subject).await.unwrap().payload).unwrap();
+    let (_, result) = result(js, request_id).await.expect("a FAILED result");
     assert_eq!(result.status, TerminalStatus::Failed as i32);
     assert_eq!(result.ctx.unwrap().request_id, request_id);
     record
@@ -171,7 +161,7 @@ async fn expect_dead_letter(publisher: &Publisher, request_id: &str) -> DlqRecor
 async fn a_message_whose_workers_keep_dying_is_dead_lettered_from_the_advisory() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, ..Default::default() };
-    let publisher = setup(&nats, settings).await;
+    let publisher = publisher_with(&nats, settings).await;
     let stop = CancellationToken::new();
     let listener = MaxDeliveriesListener::new(ConsumerSpec::PREPROCESS, publisher.clone());
     let listening = tokio::spawn(listener.run(stop.clone()));
@@ -179,7 +169,7 @@ async fn a_message_whose_workers_keep_dying_is_dead_lettered_from_the_advisory()
     publisher.publish(query("orphan")).await.unwrap();
     // A worker that takes the message and dies without acking, every time.
     let consumer: PullConsumer =
-        publisher.jetstream().get_stream("MR_QUERIES").await.unwrap().get_consumer("preprocess").await.unwrap();
+        stream(publisher.jetstream(), Edge::QUERIES).await.get_consumer("preprocess").await.unwrap();
     let mut taken = 0;
     for _ in 0..6 {
         let mut batch = consumer.fetch().max_messages(1).expires(Duration::from_secs(2)).messages().await.unwrap();
@@ -217,7 +207,7 @@ impl Handler for Slow {
 async fn long_work_sends_in_progress_and_is_not_redelivered_meanwhile() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), ack_wait_s: 1, ..Default::default() };
-    let publisher = setup(&nats, settings.clone()).await;
+    let publisher = publisher_with(&nats, settings.clone()).await;
     let slow = Arc::new(Slow { calls: AtomicU32::new(0) });
     let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, slow.clone(), publisher.clone(), settings);
     let stop = CancellationToken::new();
@@ -227,12 +217,12 @@ async fn long_work_sends_in_progress_and_is_not_redelivered_meanwhile() {
     });
     publisher.publish(query("long")).await.unwrap();
     for _ in 0..100 {
-        if stream_messages(&publisher, "MR_QUERIES").await == 0 {
+        if stream_len(publisher.jetstream(), Edge::QUERIES).await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(stream_messages(&publisher, "MR_QUERIES").await, 0, "acked once done");
+    assert_eq!(stream_len(publisher.jetstream(), Edge::QUERIES).await, 0, "acked once done");
     assert_eq!(slow.calls.load(Ordering::SeqCst), 1, "never redelivered while in progress");
     stop.cancel();
     running.await.unwrap().unwrap();
@@ -242,7 +232,7 @@ async fn long_work_sends_in_progress_and_is_not_redelivered_meanwhile() {
 async fn a_dead_batch_ends_every_member_request() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, ..Default::default() };
-    let publisher = setup(&nats, settings.clone()).await;
+    let publisher = publisher_with(&nats, settings.clone()).await;
     let consumer = StageConsumer::new(ConsumerSpec::INFERENCE, Arc::new(AlwaysFails), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
@@ -267,26 +257,17 @@ async fn a_dead_batch_ends_every_member_request() {
         })
         .await
         .unwrap();
-    let results = publisher.jetstream().get_stream("MR_RESULTS").await.unwrap();
+    let js = publisher.jetstream();
     for id in ["r1", "r2"] {
-        let subject = Edge::RESULTS.subject_for(id);
-        let mut found = None;
-        for _ in 0..100 {
-            if let Ok(m) = results.get_last_raw_message_by_subject(&subject).await {
-                found = Some(m);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let result = TerminalResult::decode(found.unwrap_or_else(|| panic!("no result for {id}")).payload).unwrap();
+        let (_, result) = wait_result(js, id, Duration::from_secs(10)).await;
         assert_eq!((result.status, result.reason.as_str()), (TerminalStatus::Failed as i32, "max_deliveries"));
     }
     // No row for the batch itself: its DLQ record names no request.
-    let dlq = publisher.jetstream().get_stream("MR_DLQ").await.unwrap();
+    let dlq = stream(js, Edge::DLQ).await;
     let record =
         DlqRecord::decode(dlq.get_last_raw_message_by_subject("mr.v1.dlq.inference").await.unwrap().payload).unwrap();
     assert!(record.ctx.is_none());
-    assert!(results.get_last_raw_message_by_subject("mr.v1.results.b1").await.is_err());
+    assert!(result(js, "b1").await.is_none());
     stop.cancel();
     running.await.unwrap().unwrap();
 }

@@ -1,15 +1,14 @@
 //! The whole mesh for end-to-end tests: a real `nats-server -js` and the seven service binaries,
-//! one process each as deployed, on free ports, with a SQLite sink in a temp folder and the
-//! prepared models (`scripts/prepare-models.sh`).
+//! one process each as deployed, with a SQLite sink in a temp folder and the prepared models
+//! (`scripts/prepare-models.sh`).
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{NatsServer, ServiceProcess, free_addr, workspace_root};
+use crate::sink::{ROW_WAIT, start_sink, wait_row};
+use crate::{NatsServer, ServiceProcess, models_dir};
 
 /// How long a service may take to become ready (loading models included).
 const READY: Duration = Duration::from_secs(120);
-/// How long a request's row may take (a debug build working through a burst on two cores).
-const ROW_WAIT: Duration = Duration::from_secs(180);
 
 /// What differs between meshes; every other flag is the service's default.
 #[derive(Debug, Clone)]
@@ -41,49 +40,47 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// Starts NATS, then every service but ingest side by side, then ingest, which is told
+    /// where the sink and moderation listen.
     pub async fn start(options: MeshOptions) -> anyhow::Result<Mesh> {
         let nats = NatsServer::start().await?;
         let data = tempfile::tempdir()?;
-        let models = format!("--models-dir={}", workspace_root().join("models/prepared").display());
-        let (ingest_http, ingest_grpc, sink_http) = (free_addr(), free_addr(), free_addr());
-        let (moderation_grpc, session_grpc) = (free_addr(), free_addr());
-        let grpc = || format!("--grpc-addr={}", free_addr());
-        let specs: Vec<(&str, Vec<String>)> = vec![
-            (
-                "sink",
-                vec![
-                    format!("--http-addr={sink_http}"),
-                    grpc(),
-                    format!("--database-url=sqlite://{}/sink.db", data.path().display()),
-                ],
-            ),
-            ("inference", vec![models.clone(), grpc(), format!("--model={}", options.model)]),
-            ("batcher", vec![]),
-            ("session", vec![models.clone(), format!("--grpc-addr={session_grpc}")]),
-            ("moderation", vec![models.clone(), format!("--grpc-addr={moderation_grpc}")]),
-            ("preprocess", vec![models.clone()]),
-            (
-                "ingest",
-                vec![
-                    format!("--http-addr={ingest_http}"),
-                    format!("--grpc-addr={ingest_grpc}"),
-                    format!("--sink-url=http://{sink_http}"),
-                    format!("--moderation-url=http://{moderation_grpc}"),
-                    format!("--allowed-models={}", options.model),
-                ],
-            ),
-        ];
-        let mut services = Vec::new();
-        for (name, mut args) in specs {
-            args.push(format!("--nats-url={}", nats.url()));
-            args.push("--stream-storage=memory".to_owned());
+        // What every service gets besides its own flags: in-memory streams and the test's extras.
+        let extra = |name: &str| -> Vec<String> {
+            let mut args = vec!["--stream-storage=memory".to_owned()];
             args.extend(options.extra_args.iter().filter(|(service, _)| *service == name).map(|(_, arg)| arg.clone()));
-            services.push(ServiceProcess::spawn(name, &args)?);
-        }
-        for service in &services {
-            service.wait_ready(READY).await?;
-        }
-        Ok(Mesh { services, _data: data, nats, ingest_http, ingest_grpc, sink_http, session_grpc })
+            args
+        };
+        let service = |name: &'static str, mut args: Vec<String>, listen: &'static [&'static str]| {
+            args.push(format!("--nats-url={}", nats.url()));
+            args.extend(extra(name));
+            async move { ServiceProcess::start(name, &args, listen, READY).await }
+        };
+        let models = format!("--models-dir={}", models_dir().display());
+        let sink_extra = extra("sink");
+        let (sink, inference, batcher, session, moderation, preprocess) = tokio::try_join!(
+            start_sink(&nats, data.path(), &sink_extra),
+            service("inference", vec![models.clone(), format!("--model={}", options.model)], &["--grpc-addr"]),
+            service("batcher", vec![], &[]),
+            service("session", vec![models.clone()], &["--grpc-addr"]),
+            service("moderation", vec![models.clone()], &["--grpc-addr"]),
+            service("preprocess", vec![models.clone()], &[]),
+        )?;
+        let ingest_args = vec![
+            format!("--sink-url=http://{}", sink.addr("--http-addr")),
+            format!("--moderation-url=http://{}", moderation.addr("--grpc-addr")),
+            format!("--allowed-models={}", options.model),
+        ];
+        let ingest = service("ingest", ingest_args, &["--http-addr", "--grpc-addr"]).await?;
+        Ok(Mesh {
+            ingest_http: ingest.addr("--http-addr"),
+            ingest_grpc: ingest.addr("--grpc-addr"),
+            sink_http: sink.addr("--http-addr"),
+            session_grpc: session.addr("--grpc-addr"),
+            services: vec![sink, inference, batcher, session, moderation, preprocess, ingest],
+            _data: data,
+            nats,
+        })
     }
 
     /// An ingest HTTP URL (`path` starts with `/`).
@@ -99,36 +96,18 @@ impl Mesh {
     /// The sink's row for a request, once stored (a stream ends when the result is published;
     /// the sink stores it a moment later).
     pub async fn stored_row(&self, request_id: &str) -> anyhow::Result<serde_json::Value> {
-        let deadline = Instant::now() + ROW_WAIT;
-        loop {
-            let response = reqwest::get(self.sink_url(&format!("/v1/results/{request_id}"))).await?;
-            if response.status() == reqwest::StatusCode::OK {
-                return Ok(response.json().await?);
-            }
-            anyhow::ensure!(Instant::now() < deadline, "no row for {request_id} within {ROW_WAIT:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_row(self.sink_http, request_id, ROW_WAIT).await
     }
 
     /// A service's Prometheus metrics text.
     pub async fn metrics(&self, service: &str) -> anyhow::Result<String> {
         let process =
             self.services.iter().find(|s| s.name() == service).ok_or_else(|| anyhow::anyhow!("no {service}"))?;
-        Ok(reqwest::get(format!("http://{}/metrics", process.admin)).await?.text().await?)
+        process.metrics().await
     }
 
     /// Every service's log, for a failure message.
     pub fn logs(&self) -> String {
         self.services.iter().map(|s| format!("--- {} ---\n{}", s.name(), s.logs())).collect::<Vec<_>>().join("\n")
     }
-}
-
-/// The value of an unlabelled Prometheus counter or gauge in a metrics text, 0 if absent.
-pub fn metric_value(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .filter_map(|value| value.trim().parse().ok())
-        .next()
-        .unwrap_or(0.0)
 }
