@@ -20,7 +20,7 @@ if pg_env=$(scripts/postgres.sh start); then
     trap 'scripts/postgres.sh stop "$PG_TEST_DIR"' EXIT
     echo "[test] PostgreSQL at $MILLRACE_TEST_POSTGRES_URL"
 else
-    echo "[test] PostgreSQL could not be started: the PostgreSQL tests will say SKIPPED" >&2
+    echo "[test] PostgreSQL could not be started: the PostgreSQL tests will say SKIPPED (and fail under MILLRACE_REQUIRE_REAL=1, as in CI)" >&2
 fi
 
 cargo build --workspace --bins --locked
