@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn error_codes_prefer_millrace_metadata() {
-        let coded = millrace_proto::coded_status(tonic::Code::ResourceExhausted, "overloaded", "busy");
+        let coded = millrace_proto::coded_status(millrace_proto::ErrorClass::Overloaded, "overloaded", "busy");
         assert_eq!(error_code(&coded), "overloaded");
         assert_eq!(error_code(&tonic::Status::unavailable("down")), "grpc_unavailable");
     }

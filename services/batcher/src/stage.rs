@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::stream::Stream as JsStream;
 use futures::TryStreamExt;
 use millrace_bus::{
-    AckHandle, BusError, BusSettings, ConsumerSpec, Dedup, DeferringHandler, Delivery, Edge, Outbound, Publisher,
-    StageError, terminal_result,
+    AckHandle, BusError, BusSettings, ConsumerSpec, DeferringHandler, Delivery, Edge, Outbound, Publisher, StageError,
+    terminal_result,
 };
 use millrace_proto::v1::{Batch, Prompt, Result as TerminalResult, TerminalStatus};
-use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
+use millrace_proto::{now_unix_ms, now_unix_us};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -353,12 +353,7 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
         created_unix_us: now_unix_us(),
         dispatch_reason: reason.to_owned(),
     };
-    // A batch is not one request's message: its dedup id is derived from its members.
-    let out = Outbound {
-        subject: Edge::BATCHES.subject_for(&model),
-        msg_id: Dedup::Stage(STAGE).msg_id(&id),
-        payload: message.encode_to_vec().into(),
-    };
+    let out = Outbound::batch(&message);
     let (publisher, abort) = (batching.publisher.clone(), batching.fault_abort_after_publish);
     tokio::spawn(async move {
         let published = publisher.publish(out).await;
@@ -421,6 +416,7 @@ async fn count_periodically(stream: JsStream, every: Duration, events: mpsc::Unb
 
 #[cfg(test)]
 mod tests {
+    use millrace_proto::Message as _;
     use millrace_proto::v1::{RequestContext, StageTiming, Timings, Verdict};
 
     use super::*;

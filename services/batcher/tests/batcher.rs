@@ -13,7 +13,7 @@ use millrace_bus::topology::{Edge, ephemeral};
 use millrace_bus::{BusSettings, Dedup, Publisher};
 use millrace_proto::v1::{Batch, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms};
-use millrace_testkit::bus::{batch_outbound, publisher_with, stream, stream_len, wait_result};
+use millrace_testkit::bus::{publisher_with, stream, stream_len, wait_result};
 use millrace_testkit::metrics::metric;
 use millrace_testkit::{NatsServer, ServiceProcess};
 
@@ -304,7 +304,7 @@ async fn a_crash_between_publish_and_ack_completes_no_request_twice() {
     // Two batches already in flight (another replica's, say): the batcher starts at the bound.
     for blocker in ["blocker-1", "blocker-2"] {
         let batch = Batch { batch_id: blocker.to_owned(), model: MODEL.to_owned(), ..Default::default() };
-        bus.publisher.publish(batch_outbound(&batch)).await.unwrap();
+        bus.publisher.publish(Outbound::batch(&batch)).await.unwrap();
     }
     let flags = [
         "--ack-wait-s=1",

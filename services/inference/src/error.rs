@@ -2,7 +2,7 @@
 //! status code; the code leads the status message (`"empty_prompt: ..."`) and rides in
 //! `x-millrace-code` metadata, as ingest's errors do.
 use millrace_engine::EngineError;
-use tonic::Code;
+use millrace_proto::ErrorClass;
 use tracing::error;
 
 use crate::request::Rejection;
@@ -36,34 +36,37 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn class(&self) -> (&'static str, Code) {
+    fn class(&self) -> (&'static str, ErrorClass) {
+        use ErrorClass as C;
         match self {
-            Self::Rejected(r) => (r.code(), Code::InvalidArgument),
-            Self::PromptAndMessages => ("prompt_and_messages", Code::InvalidArgument),
-            Self::NoChatTemplate(_) => ("no_chat_template", Code::FailedPrecondition),
-            Self::Messages(_) => ("invalid_messages", Code::InvalidArgument),
-            Self::NoTexts => ("empty_texts", Code::InvalidArgument),
-            Self::TooManyTexts(_) => ("too_many_texts", Code::InvalidArgument),
-            Self::Disabled(_) => ("model_disabled", Code::FailedPrecondition),
-            Self::Overloaded => ("overloaded", Code::ResourceExhausted),
-            Self::Engine(_) => ("engine", Code::Internal),
-            Self::Internal(_) => ("internal", Code::Internal),
+            Self::Rejected(r) => (r.code(), C::Unprocessable),
+            Self::PromptAndMessages => ("prompt_and_messages", C::BadRequest),
+            Self::NoChatTemplate(_) => ("no_chat_template", C::FailedPrecondition),
+            Self::Messages(_) => ("invalid_messages", C::BadRequest),
+            Self::NoTexts => ("empty_texts", C::Unprocessable),
+            Self::TooManyTexts(_) => ("too_many_texts", C::Unprocessable),
+            Self::Disabled(_) => ("model_disabled", C::FailedPrecondition),
+            Self::Overloaded => ("overloaded", C::Overloaded),
+            Self::Engine(_) => ("engine", C::Internal),
+            Self::Internal(_) => ("internal", C::Internal),
         }
     }
 }
 
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
-        let (code, grpc_code) = e.class();
-        if grpc_code == Code::Internal {
+        let (code, class) = e.class();
+        if class == ErrorClass::Internal {
             error!(error = %e, "inference call failed");
         }
-        millrace_proto::coded_status(grpc_code, code, &e)
+        millrace_proto::coded_status(class, code, &e)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     #[test]

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
-use millrace_bus::Publisher;
 use millrace_bus::topology::{Edge, ephemeral};
+use millrace_bus::{Outbound, Publisher};
 use millrace_engine::embed::cosine;
 use millrace_engine::{ChatMessage, Manifest};
 use millrace_proto::v1::inference_client::InferenceClient;
@@ -15,7 +15,7 @@ use millrace_proto::v1::{
     Prompt, RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk, Verdict,
 };
 use millrace_proto::{Message as _, now_unix_ms};
-use millrace_testkit::bus::{batch_outbound, publisher, result, stream, stream_messages};
+use millrace_testkit::bus::{publisher, result, stream, stream_messages};
 use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -81,7 +81,7 @@ fn prompt(manifest: &Manifest, request_id: &str, question: &str, max_new_tokens:
 /// Publishes the batch as the batcher does and returns its stream sequence.
 async fn publish_batch(publisher: &Publisher, batch_id: &str, prompts: Vec<Prompt>) -> u64 {
     let batch = Batch { batch_id: batch_id.to_owned(), model: MODEL.to_owned(), prompts, ..Default::default() };
-    publisher.publish(batch_outbound(&batch)).await.unwrap().sequence
+    publisher.publish(Outbound::batch(&batch)).await.unwrap().sequence
 }
 
 /// Waits until the inference consumer has acked the batch at `sequence`: its outputs are all

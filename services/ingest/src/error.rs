@@ -3,7 +3,7 @@
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
 use millrace_bus::BusError;
-use tonic::Code;
+use millrace_proto::ErrorClass;
 
 use crate::submit::SubmitError;
 
@@ -43,16 +43,16 @@ impl From<BusError> for ApiError {
 }
 
 impl ApiError {
-    fn class(&self) -> (&'static str, StatusCode, Code) {
+    fn class(&self) -> (&'static str, ErrorClass) {
         match self {
-            Self::Invalid(e) => (e.code(), e.http_status(), Code::InvalidArgument),
-            Self::InvalidRequestId(_) => ("invalid_request_id", StatusCode::BAD_REQUEST, Code::InvalidArgument),
-            Self::Overloaded(_) => ("overloaded", StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted),
-            Self::Unavailable(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
-            Self::ResultsUnavailable(_) => ("results_unavailable", StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
-            Self::DeadlinePassed(_) => ("timeout", StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
-            Self::SocketBusy(_) => ("too_many_in_flight", StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted),
-            Self::Internal(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+            Self::Invalid(e) => e.class(),
+            Self::InvalidRequestId(_) => ("invalid_request_id", ErrorClass::BadRequest),
+            Self::Overloaded(_) => ("overloaded", ErrorClass::Overloaded),
+            Self::Unavailable(_) => ("unavailable", ErrorClass::Unavailable),
+            Self::ResultsUnavailable(_) => ("results_unavailable", ErrorClass::Unavailable),
+            Self::DeadlinePassed(_) => ("timeout", ErrorClass::Timeout),
+            Self::SocketBusy(_) => ("too_many_in_flight", ErrorClass::Overloaded),
+            Self::Internal(_) => ("internal", ErrorClass::Internal),
         }
     }
 
@@ -64,7 +64,7 @@ impl ApiError {
 /// `{"error": {"code": "...", "message": "..."}}` with the class's status.
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        self.class().1
+        StatusCode::from_u16(self.class().1.http_status()).expect("the class table holds valid statuses")
     }
 
     fn error_response(&self) -> HttpResponse {
@@ -79,13 +79,15 @@ impl ResponseError for ApiError {
 /// The code leads the message (`"empty_text: ..."`) and rides in `x-millrace-code` metadata.
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
-        let (code, _, grpc_code) = e.class();
-        millrace_proto::coded_status(grpc_code, code, &e)
+        let (code, class) = e.class();
+        millrace_proto::coded_status(class, code, &e)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! Pure apart from the clock read by the UUIDv7 id and the timing record: no NATS, no I/O.
 use actix_web::http::StatusCode;
+use millrace_proto::ErrorClass;
 use millrace_proto::v1::{GenerationParams, Query, RequestContext, Timings};
 use uuid::Uuid;
 
@@ -80,27 +81,26 @@ pub enum SubmitError {
 }
 
 impl SubmitError {
-    /// The one mapping of each class to its machine-readable code and HTTP status. (Over gRPC
-    /// every class is `InvalidArgument`.) 400 = the request could not be read; 422 = it was read
-    /// but its content is refused.
-    fn class(&self) -> (&'static str, StatusCode) {
-        use StatusCode as S;
+    /// Each refusal's machine-readable code and class (see [`ErrorClass`]): 400 = the request
+    /// could not be read; 422 = it was read but its content is refused.
+    pub fn class(&self) -> (&'static str, ErrorClass) {
+        use ErrorClass as C;
         match self {
-            Self::MalformedJson(_) => ("malformed_json", S::BAD_REQUEST),
-            Self::WrongType { .. } => ("wrong_type", S::BAD_REQUEST),
-            Self::MissingField(_) => ("missing_field", S::BAD_REQUEST),
-            Self::UnknownField(_) => ("unknown_field", S::BAD_REQUEST),
-            Self::EmptyText => ("empty_text", S::UNPROCESSABLE_ENTITY),
-            Self::TextTooLong { .. } => ("text_too_long", S::UNPROCESSABLE_ENTITY),
-            Self::InvalidUtf8 { .. } => ("invalid_utf8", S::BAD_REQUEST),
-            Self::UnknownModel { .. } => ("unknown_model", S::UNPROCESSABLE_ENTITY),
-            Self::BodyTooLarge { .. } => ("body_too_large", S::PAYLOAD_TOO_LARGE),
-            Self::UnreadableBody(_) => ("unreadable_body", S::BAD_REQUEST),
-            Self::BadDeadline(_) => ("bad_deadline", S::UNPROCESSABLE_ENTITY),
-            Self::BadParams(_) => ("bad_params", S::UNPROCESSABLE_ENTITY),
-            Self::UnsupportedMediaType(_) => ("unsupported_media_type", S::UNSUPPORTED_MEDIA_TYPE),
-            Self::BadIdempotencyKey(_) => ("bad_idempotency_key", S::BAD_REQUEST),
-            Self::BadIdentifier { .. } => ("bad_identifier", S::UNPROCESSABLE_ENTITY),
+            Self::MalformedJson(_) => ("malformed_json", C::BadRequest),
+            Self::WrongType { .. } => ("wrong_type", C::BadRequest),
+            Self::MissingField(_) => ("missing_field", C::BadRequest),
+            Self::UnknownField(_) => ("unknown_field", C::BadRequest),
+            Self::EmptyText => ("empty_text", C::Unprocessable),
+            Self::TextTooLong { .. } => ("text_too_long", C::Unprocessable),
+            Self::InvalidUtf8 { .. } => ("invalid_utf8", C::BadRequest),
+            Self::UnknownModel { .. } => ("unknown_model", C::Unprocessable),
+            Self::BodyTooLarge { .. } => ("body_too_large", C::PayloadTooLarge),
+            Self::UnreadableBody(_) => ("unreadable_body", C::BadRequest),
+            Self::BadDeadline(_) => ("bad_deadline", C::Unprocessable),
+            Self::BadParams(_) => ("bad_params", C::Unprocessable),
+            Self::UnsupportedMediaType(_) => ("unsupported_media_type", C::UnsupportedMediaType),
+            Self::BadIdempotencyKey(_) => ("bad_idempotency_key", C::BadRequest),
+            Self::BadIdentifier { .. } => ("bad_identifier", C::Unprocessable),
         }
     }
 
@@ -109,7 +109,7 @@ impl SubmitError {
     }
 
     pub fn http_status(&self) -> StatusCode {
-        self.class().1
+        StatusCode::from_u16(self.class().1.http_status()).expect("the class table holds valid statuses")
     }
 }
 

@@ -1,8 +1,9 @@
 //! gRPC `millrace.v1.Moderation`: `Check` one text against the policy in force, outside the
 //! mesh. Errors carry a machine-readable code (`empty_text: …`, also in `x-millrace-code`).
+use millrace_proto::ErrorClass;
 use millrace_proto::v1::moderation_server::Moderation;
 use millrace_proto::v1::{CheckRequest, CheckResponse};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::error;
 
 use crate::moderator::{ModerationError, Moderator};
@@ -24,23 +25,23 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn class(&self) -> (&'static str, Code) {
+    fn class(&self) -> (&'static str, ErrorClass) {
         match self {
-            Self::EmptyText => ("empty_text", Code::InvalidArgument),
-            Self::TextTooLong(_) => ("text_too_long", Code::InvalidArgument),
-            Self::UnknownStage(_) => ("unknown_stage", Code::InvalidArgument),
-            Self::Moderation(_) => ("internal", Code::Internal),
+            Self::EmptyText => ("empty_text", ErrorClass::Unprocessable),
+            Self::TextTooLong(_) => ("text_too_long", ErrorClass::Unprocessable),
+            Self::UnknownStage(_) => ("unknown_stage", ErrorClass::BadRequest),
+            Self::Moderation(_) => ("internal", ErrorClass::Internal),
         }
     }
 }
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        let (code, grpc_code) = e.class();
-        if grpc_code == Code::Internal {
+        let (code, class) = e.class();
+        if class == ErrorClass::Internal {
             error!(error = %e, "moderation check failed");
         }
-        millrace_proto::coded_status(grpc_code, code, &e)
+        millrace_proto::coded_status(class, code, &e)
     }
 }
 
@@ -76,6 +77,8 @@ impl Moderation for ModerationApi {
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     fn request(text: &str, stage: &str) -> CheckRequest {

@@ -5,10 +5,10 @@
 //! expired or forgotten conversation is `NOT_FOUND` (`session_not_found`) on `Get`.
 use std::sync::Arc;
 
-use millrace_proto::coded_status;
 use millrace_proto::v1::sessions_server::Sessions;
 use millrace_proto::v1::{DeleteSessionResponse, SessionKey, SessionState, Turn};
-use tonic::{Code, Request, Response, Status};
+use millrace_proto::{ErrorClass, coded_status};
+use tonic::{Request, Response, Status};
 
 use crate::key::SessionId;
 use crate::stage::SessionCore;
@@ -21,13 +21,13 @@ pub struct SessionsApi<B> {
 
 fn session_id(key: &SessionKey) -> Result<SessionId, Status> {
     if key.user.is_empty() {
-        return Err(coded_status(Code::InvalidArgument, "missing_user", "`user` is required"));
+        return Err(coded_status(ErrorClass::BadRequest, "missing_user", "`user` is required"));
     }
     Ok(SessionId::resolve(&key.tenant, &key.user, &key.session))
 }
 
 fn unavailable(e: StoreError) -> Status {
-    coded_status(Code::Unavailable, "store_unavailable", e)
+    coded_status(ErrorClass::Unavailable, "store_unavailable", e)
 }
 
 impl<B> SessionCore<B> {
@@ -80,7 +80,7 @@ impl<B: KvBackend> Sessions for SessionsApi<B> {
         let loaded = self.core.store.load(&id).await.map_err(unavailable)?;
         let Some(conversation) = loaded.conversation else {
             return Err(coded_status(
-                Code::NotFound,
+                ErrorClass::NotFound,
                 "session_not_found",
                 "no such conversation (never started, expired or forgotten)",
             ));
@@ -88,7 +88,7 @@ impl<B: KvBackend> Sessions for SessionsApi<B> {
         let core = self.core.clone();
         let state = tokio::task::spawn_blocking(move || core.state(key, &conversation, loaded.revision))
             .await
-            .map_err(|e| coded_status(Code::Internal, "internal", e))?;
+            .map_err(|e| coded_status(ErrorClass::Internal, "internal", e))?;
         Ok(Response::new(state))
     }
 
@@ -101,6 +101,8 @@ impl<B: KvBackend> Sessions for SessionsApi<B> {
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     #[test]

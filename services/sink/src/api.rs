@@ -1,6 +1,7 @@
 //! The results API shared by HTTP and gRPC: request validation and one mapping of errors to
 //! HTTP statuses and gRPC codes.
 use actix_web::http::StatusCode;
+use millrace_proto::ErrorClass;
 use millrace_proto::v1::TerminalStatus;
 
 use crate::row::ResultRow;
@@ -24,33 +25,29 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn code(&self) -> &'static str {
+    fn class(&self) -> (&'static str, ErrorClass) {
         match self {
-            Self::NotFound(_) => "not_found",
-            Self::BadStatus(_) => "bad_status",
-            Self::BadPageSize(_) => "bad_page_size",
-            Self::BadPageToken => "bad_page_token",
-            Self::Store(_) => "store_unavailable",
+            Self::NotFound(_) => ("not_found", ErrorClass::NotFound),
+            Self::BadStatus(_) => ("bad_status", ErrorClass::BadRequest),
+            Self::BadPageSize(_) => ("bad_page_size", ErrorClass::BadRequest),
+            Self::BadPageToken => ("bad_page_token", ErrorClass::BadRequest),
+            Self::Store(_) => ("store_unavailable", ErrorClass::Unavailable),
         }
     }
 
+    pub fn code(&self) -> &'static str {
+        self.class().0
+    }
+
     pub fn http_status(&self) -> StatusCode {
-        match self {
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::BadStatus(_) | Self::BadPageSize(_) | Self::BadPageToken => StatusCode::BAD_REQUEST,
-            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        }
+        StatusCode::from_u16(self.class().1.http_status()).expect("the class table holds valid statuses")
     }
 }
 
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
-        let code = match e {
-            ApiError::NotFound(_) => tonic::Code::NotFound,
-            ApiError::BadStatus(_) | ApiError::BadPageSize(_) | ApiError::BadPageToken => tonic::Code::InvalidArgument,
-            ApiError::Store(_) => tonic::Code::Unavailable,
-        };
-        millrace_proto::coded_status(code, e.code(), &e)
+        let (code, class) = e.class();
+        millrace_proto::coded_status(class, code, &e)
     }
 }
 

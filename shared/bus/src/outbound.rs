@@ -3,11 +3,11 @@
 //! record, goes to the subject its edge derives from that context, and has the dedup id
 //! `<request_id>/<suffix>` that [`Dedup`] names, so the invariant "exactly one terminal row per
 //! accepted request" rests on these two constructors rather than on every stage's copy.
-use millrace_proto::PerRequest;
-use millrace_proto::v1::{RequestContext, Result as TerminalResult, TerminalStatus, Timings};
+use millrace_proto::v1::{Batch, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
+use millrace_proto::{Message as _, PerRequest};
 
 use crate::publisher::Outbound;
-use crate::topology::{Edge, EdgeKey};
+use crate::topology::{ConsumerSpec, Edge, EdgeKey};
 
 /// The dedup-id suffix of a request's message: `Nats-Msg-Id = <request_id>/<suffix>`. One kind
 /// of publish, one suffix, so a retried publish is recognised and two different messages of a
@@ -75,6 +75,17 @@ impl Outbound {
         Self::per_request(edge, Dedup::Stage(stage), message)
     }
 
+    /// A batch on its model's BATCHES subject. It is many requests' message, so its dedup id is
+    /// `<batch_id>/batcher`, the batch id being derived from the model and the members: the
+    /// same members batched again (a redelivery after a crash) are dropped by the stream.
+    pub fn batch(batch: &Batch) -> Self {
+        Self {
+            subject: Edge::BATCHES.subject_for(&batch.model),
+            msg_id: Dedup::Stage(ConsumerSpec::BATCHER.durable).msg_id(&batch.batch_id),
+            payload: batch.encode_to_vec().into(),
+        }
+    }
+
     /// A terminal result on RESULTS, deduplicated on `<request_id>/<stage>` of the stage that
     /// ended the request.
     pub fn terminal(result: &TerminalResult) -> Self {
@@ -107,7 +118,6 @@ pub fn terminal_result(
 
 #[cfg(test)]
 mod tests {
-    use millrace_proto::Message as _;
     use millrace_proto::v1::{Prompt, Query};
 
     use super::*;

@@ -13,7 +13,7 @@ use millrace_bus::{BusSettings, Dedup, Delivery, Handler, Publisher, StageConsum
 use millrace_proto::Message as _;
 use millrace_proto::v1::{Batch, DlqRecord, Prompt, Query, RequestContext, TerminalStatus};
 use millrace_testkit::NatsServer;
-use millrace_testkit::bus::{batch_outbound, publisher_with, result, stream, stream_len, wait_result};
+use millrace_testkit::bus::{publisher_with, result, stream, stream_len, wait_result};
 use tokio_util::sync::CancellationToken;
 
 fn query(request_id: &str) -> Outbound {
@@ -249,7 +249,7 @@ async fn a_dead_batch_ends_every_member_request() {
         prompts: vec![member("r1"), member("r2")],
         ..Default::default()
     };
-    publisher.publish(batch_outbound(&batch)).await.unwrap();
+    publisher.publish(Outbound::batch(&batch)).await.unwrap();
     let js = publisher.jetstream();
     for id in ["r1", "r2"] {
         let (_, result) = wait_result(js, id, Duration::from_secs(10)).await;

@@ -72,10 +72,89 @@ impl TerminalStatus {
 /// gRPC metadata key carrying an error's machine-readable code.
 pub const CODE_METADATA: &str = "x-millrace-code";
 
-/// A gRPC status for a Millrace error: the message starts with the machine-readable `code`
-/// (`"empty_text: …"`), which also rides in [`CODE_METADATA`].
-pub fn coded_status(grpc: tonic::Code, code: &'static str, message: impl std::fmt::Display) -> tonic::Status {
-    let mut status = tonic::Status::new(grpc, format!("{code}: {message}"));
+/// What kind of failure an API error is. This one table decides its HTTP status and its gRPC
+/// code for every Millrace API, so the same failure answers alike everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request could not be read (syntax, types, encoding, headers): 400.
+    BadRequest,
+    /// It was read, but its content is refused (empty, too long, out of range): 422.
+    Unprocessable,
+    /// The body is over the size limit: 413.
+    PayloadTooLarge,
+    /// The body is not JSON: 415.
+    UnsupportedMediaType,
+    /// What it names does not exist: 404.
+    NotFound,
+    /// This server cannot serve that kind of request as configured: 409.
+    FailedPrecondition,
+    /// Back off and retry (stream full, generators busy, too many in flight): 429.
+    Overloaded,
+    /// A dependency (NATS, the store, the results service) cannot be reached: 503.
+    Unavailable,
+    /// The request did not finish before its deadline: 504.
+    Timeout,
+    /// A fault of ours: 500.
+    Internal,
+}
+
+impl ErrorClass {
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::Unprocessable => 422,
+            Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::NotFound => 404,
+            Self::FailedPrecondition => 409,
+            Self::Overloaded => 429,
+            Self::Unavailable => 503,
+            Self::Timeout => 504,
+            Self::Internal => 500,
+        }
+    }
+
+    pub fn grpc_code(self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::BadRequest | Self::Unprocessable | Self::PayloadTooLarge | Self::UnsupportedMediaType => {
+                Code::InvalidArgument
+            }
+            Self::NotFound => Code::NotFound,
+            Self::FailedPrecondition => Code::FailedPrecondition,
+            Self::Overloaded => Code::ResourceExhausted,
+            Self::Unavailable => Code::Unavailable,
+            Self::Timeout => Code::DeadlineExceeded,
+            Self::Internal => Code::Internal,
+        }
+    }
+}
+
+/// A gRPC status for a Millrace error: its class's code; the message starts with the
+/// machine-readable `code` (`"empty_text: …"`), which also rides in [`CODE_METADATA`].
+pub fn coded_status(class: ErrorClass, code: &'static str, message: impl std::fmt::Display) -> tonic::Status {
+    let mut status = tonic::Status::new(class.grpc_code(), format!("{code}: {message}"));
     status.metadata_mut().insert(CODE_METADATA, tonic::metadata::MetadataValue::from_static(code));
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coded_status_carries_its_class_code_and_machine_readable_code() {
+        let status = coded_status(ErrorClass::Overloaded, "overloaded", "busy");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.message(), "overloaded: busy");
+        assert_eq!(status.metadata().get(CODE_METADATA).unwrap(), "overloaded");
+        assert_eq!(
+            (ErrorClass::Unprocessable.http_status(), ErrorClass::Unprocessable.grpc_code()),
+            (422, tonic::Code::InvalidArgument)
+        );
+        assert_eq!(
+            (ErrorClass::Timeout.http_status(), ErrorClass::Timeout.grpc_code()),
+            (504, tonic::Code::DeadlineExceeded)
+        );
+    }
 }

@@ -5,11 +5,10 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::LastRawMessageErrorKind, stream::Stream};
-use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::Edge;
-use millrace_bus::{BusSettings, Dedup, Publisher};
+use millrace_bus::{BusSettings, Publisher};
 use millrace_proto::Message;
-use millrace_proto::v1::{Batch, Result as TerminalResult};
+use millrace_proto::v1::Result as TerminalResult;
 
 use crate::NatsServer;
 
@@ -26,16 +25,6 @@ pub async fn publisher_with(nats: &NatsServer, settings: BusSettings) -> Publish
     millrace_bus::connect_mesh(&settings, "test")
         .await
         .unwrap_or_else(|e| panic!("connecting to {} and provisioning the mesh: {e}", settings.nats_url))
-}
-
-/// `batch` as the batcher publishes it: on its model's BATCHES subject, deduplicated on
-/// `<batch_id>/batcher`.
-pub fn batch_outbound(batch: &Batch) -> Outbound {
-    Outbound {
-        subject: Edge::BATCHES.subject_for(&batch.model),
-        msg_id: Dedup::Stage("batcher").msg_id(&batch.batch_id),
-        payload: batch.encode_to_vec().into(),
-    }
 }
 
 /// The stream of `edge`.
