@@ -175,7 +175,7 @@ mod tests {
         SinkRow {
             request_id: id.into(),
             user: "u".into(),
-            status: "COMPLETED".into(),
+            status: millrace_proto::v1::TerminalStatus::Completed,
             timings: vec![],
             stored_unix_ms: 0,
         }

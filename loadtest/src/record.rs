@@ -4,16 +4,15 @@
 //! runner read them; this module imports none of those, so each of them depends on it alone.
 use std::time::Duration;
 
+use millrace_proto::v1::TerminalStatus;
+
 use crate::workload::PromptClass;
 
 /// How a request ended, as far as the client saw.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ending {
-    /// The API delivered the request's terminal outcome at `at` (phase clock). `status` is the
-    /// sink's status name where the API carries it (ws, grpc); the chat stream only tells
-    /// `COMPLETED` (finish `stop`/`length`), `BLOCKED` (`content_filter`) or
-    /// `stream_error:<code>`.
-    Terminal { status: String, at: Duration },
+    /// The API delivered the request's terminal outcome at `at` (phase clock).
+    Terminal { told: Told, at: Duration },
     /// Refused before acceptance (an HTTP error status, a WebSocket error frame, a gRPC error
     /// status), with the API's error code.
     Rejected { code: String },
@@ -23,13 +22,28 @@ pub enum Ending {
     TimedOut,
 }
 
-impl Ending {
-    pub const COMPLETED: &str = "COMPLETED";
+/// What the API told of a request's end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Told {
+    /// Its terminal status: WebSocket and gRPC carry it; the chat stream's `stop` and `length`
+    /// finishes are `COMPLETED`.
+    Status(TerminalStatus),
+    /// The chat stream's `content_filter` finish: blocked on input or on output (it does not say).
+    Blocked,
+    /// Another chat finish reason.
+    Finish(String),
+    /// The chat stream's error event, with its code.
+    StreamError(String),
+}
 
+impl Ending {
     /// The key under which the report counts this ending.
     pub fn label(&self) -> String {
         match self {
-            Self::Terminal { status, .. } => status.clone(),
+            Self::Terminal { told: Told::Status(status), .. } => status.name().to_owned(),
+            Self::Terminal { told: Told::Blocked, .. } => "BLOCKED".to_owned(),
+            Self::Terminal { told: Told::Finish(reason), .. } => format!("finish:{reason}"),
+            Self::Terminal { told: Told::StreamError(code), .. } => format!("stream_error:{code}"),
             Self::Rejected { code } => format!("rejected:{code}"),
             Self::Failed { .. } => "failed".to_owned(),
             Self::TimedOut => "timed_out".to_owned(),
@@ -37,7 +51,7 @@ impl Ending {
     }
 
     pub fn is_completed(&self) -> bool {
-        matches!(self, Self::Terminal { status, .. } if status == Self::COMPLETED)
+        matches!(self, Self::Terminal { told: Told::Status(TerminalStatus::Completed), .. })
     }
 }
 
@@ -99,15 +113,15 @@ pub mod tests {
 
     /// A request that completed `e2e` after its intended send.
     pub fn completed(e2e: Duration) -> RequestRecord {
-        record(Ending::Terminal { status: Ending::COMPLETED.into(), at: e2e })
+        record(Ending::Terminal { told: Told::Status(TerminalStatus::Completed), at: e2e })
     }
 
     #[test]
     fn endings_label_and_classify() {
         let at = Duration::ZERO;
-        assert_eq!(Ending::Terminal { status: "COMPLETED".into(), at }.label(), "COMPLETED");
-        assert!(Ending::Terminal { status: "COMPLETED".into(), at }.is_completed());
-        assert!(!Ending::Terminal { status: "EXPIRED".into(), at }.is_completed());
+        assert_eq!(Ending::Terminal { told: Told::Status(TerminalStatus::Completed), at }.label(), "COMPLETED");
+        assert!(Ending::Terminal { told: Told::Status(TerminalStatus::Completed), at }.is_completed());
+        assert!(!Ending::Terminal { told: Told::Status(TerminalStatus::Expired), at }.is_completed());
         assert_eq!(Ending::Rejected { code: "overloaded".into() }.label(), "rejected:overloaded");
         assert_eq!(Ending::Failed { error: "x".into() }.label(), "failed");
         assert_eq!(Ending::TimedOut.label(), "timed_out");
@@ -122,7 +136,8 @@ pub mod tests {
         r.first_token_at = Some(Duration::from_millis(500));
         assert_eq!(r.ttft(), Some(Duration::from_millis(300)));
         assert_eq!(record(Ending::TimedOut).e2e(), None);
-        let expired = record(Ending::Terminal { status: "EXPIRED".into(), at: Duration::from_secs(2) });
+        let expired =
+            record(Ending::Terminal { told: Told::Status(TerminalStatus::Expired), at: Duration::from_secs(2) });
         assert_eq!((expired.e2e(), expired.ttft()), (None, None), "only COMPLETED requests are timed");
     }
 }

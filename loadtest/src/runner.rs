@@ -11,6 +11,8 @@ use crate::client::{ClientError, Endpoints};
 use crate::findmax::{Criteria, RateSearch, StepVerdict, judge};
 use crate::ledger;
 use crate::phase::{PhaseOutcome, PhasePlan, RunState, run_phase};
+use millrace_proto::v1::TerminalStatus;
+
 use crate::record::Ending;
 use crate::report::{FindMaxReport, PhaseReport, PhaseRole, Report, Settings};
 use crate::sink::{SinkClient, SinkError, SinkRow};
@@ -240,13 +242,13 @@ fn phase_report(done: &PhaseDone, rows_by_id: &HashMap<&str, &SinkRow>) -> Phase
     for request_id in outcome.records.iter().filter_map(|r| r.request_id.as_deref()) {
         match rows_by_id.get(request_id) {
             Some(row) => {
-                *statuses.entry(row.status.clone()).or_default() += 1;
+                *statuses.entry(row.status.name().to_owned()).or_default() += 1;
                 stages.add(row);
             }
             None => *statuses.entry(NO_ROW.to_owned()).or_default() += 1,
         }
     }
-    let completed = stats.outcomes.get(Ending::COMPLETED).copied().unwrap_or(0);
+    let completed = stats.outcomes.get(TerminalStatus::Completed.name()).copied().unwrap_or(0);
     let elapsed_s = outcome.elapsed.as_secs_f64();
     // Over the whole schedule at least: a phase whose last send came just before its end
     // would otherwise seem to complete more than was offered.

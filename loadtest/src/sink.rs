@@ -1,7 +1,7 @@
 //! The sink's results API: `GET /v1/results/{id}` and `GET /v1/results?user=…` (paged).
 use std::time::Duration;
 
-use millrace_proto::v1::StageTiming;
+use millrace_proto::v1::{StageTiming, TerminalStatus};
 use reqwest::Url;
 use serde::Deserialize;
 
@@ -21,7 +21,8 @@ pub struct SinkRow {
     pub request_id: String,
     #[serde(default)]
     pub user: String,
-    pub status: String,
+    #[serde(with = "millrace_proto::row::status_name")]
+    pub status: TerminalStatus,
     #[serde(default)]
     pub timings: Vec<StageTiming>,
     #[serde(default)]
@@ -135,7 +136,7 @@ mod tests {
                 "prompt_tokens":3,"completion_tokens":4,"accepted_unix_ms":5,"stored_unix_ms":6}"#,
         )
         .unwrap();
-        assert_eq!((row.request_id.as_str(), row.user.as_str(), row.status.as_str()), ("r1", "u", "COMPLETED"));
+        assert_eq!((row.request_id.as_str(), row.user.as_str(), row.status), ("r1", "u", TerminalStatus::Completed));
         assert_eq!(row.timings, vec![StageTiming { stage: "ingest".into(), received_unix_us: 1, finished_unix_us: 2 }]);
         assert_eq!(row.stored_unix_ms, 6);
     }

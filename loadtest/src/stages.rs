@@ -93,7 +93,13 @@ mod tests {
     }
 
     fn row(timings: Vec<StageTiming>, stored_unix_ms: i64) -> SinkRow {
-        SinkRow { request_id: "r".into(), user: "u".into(), status: "COMPLETED".into(), timings, stored_unix_ms }
+        SinkRow {
+            request_id: "r".into(),
+            user: "u".into(),
+            status: millrace_proto::v1::TerminalStatus::Completed,
+            timings,
+            stored_unix_ms,
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use millrace_proto::v1::TerminalStatus;
+
 use crate::record::{Ending, RequestRecord};
 use crate::workload::PromptClass;
 
@@ -99,7 +101,7 @@ impl PhaseStats {
 
     /// Requests that did not end COMPLETED.
     pub fn errors(&self) -> u64 {
-        self.ended - self.outcomes.get(Ending::COMPLETED).copied().unwrap_or(0)
+        self.ended - self.outcomes.get(TerminalStatus::Completed.name()).copied().unwrap_or(0)
     }
 
     pub fn record_end(&mut self, record: &RequestRecord) {

@@ -6,7 +6,7 @@ use millrace_proto::v1::{GenerationParams, SubmitRequest, TerminalStatus};
 use tonic::transport::{Channel, Endpoint};
 
 use super::{ClientError, Trace};
-use crate::record::Ending;
+use crate::record::{Ending, Told};
 use crate::workload::Query;
 
 pub struct GrpcClient {
@@ -46,7 +46,7 @@ impl GrpcClient {
                     Some(Event::Token(token)) => trace.token(&token.text),
                     Some(Event::Result(result)) => {
                         let status = TerminalStatus::try_from(result.status).unwrap_or_default();
-                        return Ok(trace.terminal(status.name()));
+                        return Ok(trace.terminal(Told::Status(status)));
                     }
                     None => continue,
                 },

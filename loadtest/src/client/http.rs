@@ -4,7 +4,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ClientError, Trace};
-use crate::record::Ending;
+use millrace_proto::v1::TerminalStatus;
+
+use crate::record::{Ending, Told};
 use crate::workload::Query;
 
 pub struct HttpClient {
@@ -50,7 +52,7 @@ impl HttpClient {
             for data in events.push(&bytes) {
                 match ChatEvent::parse(&data)? {
                     ChatEvent::Done => return ending.ok_or(ClientError::Protocol("[DONE] before a finish_reason")),
-                    ChatEvent::Error { code } => ending = Some(trace.terminal(format!("stream_error:{code}"))),
+                    ChatEvent::Error { code } => ending = Some(trace.terminal(Told::StreamError(code))),
                     ChatEvent::Chunk { content, finish_reason } => {
                         trace.token(&content);
                         if let Some(reason) = finish_reason {
@@ -87,11 +89,11 @@ impl ErrorObject {
     }
 }
 
-fn status_of_finish(reason: &str) -> String {
+fn status_of_finish(reason: &str) -> Told {
     match reason {
-        "stop" | "length" => Ending::COMPLETED.to_owned(),
-        "content_filter" => "BLOCKED".to_owned(),
-        other => format!("finish:{other}"),
+        "stop" | "length" => Told::Status(TerminalStatus::Completed),
+        "content_filter" => Told::Blocked,
+        other => Told::Finish(other.to_owned()),
     }
 }
 
@@ -210,9 +212,9 @@ mod tests {
 
     #[test]
     fn finish_reasons_and_error_bodies_map_to_codes() {
-        assert_eq!(status_of_finish("stop"), "COMPLETED");
-        assert_eq!(status_of_finish("length"), "COMPLETED");
-        assert_eq!(status_of_finish("content_filter"), "BLOCKED");
+        assert_eq!(status_of_finish("stop"), Told::Status(TerminalStatus::Completed));
+        assert_eq!(status_of_finish("length"), Told::Status(TerminalStatus::Completed));
+        assert_eq!(status_of_finish("content_filter"), Told::Blocked);
         let body = br#"{"error":{"message":"busy","type":"rate_limit_error","param":null,"code":"overloaded"}}"#;
         assert_eq!(error_code(body).as_deref(), Some("overloaded"));
         assert_eq!(error_code(br#"{"error":{"type":"server_error"}}"#).as_deref(), Some("server_error"));

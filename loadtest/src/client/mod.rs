@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::record::{Ending, Event};
+use crate::record::{Ending, Event, Told};
 use crate::workload::Query;
 
 /// Which API of ingest carries the requests.
@@ -97,8 +97,8 @@ impl Trace {
         }
     }
 
-    pub fn terminal(&self, status: impl Into<String>) -> Ending {
-        Ending::Terminal { status: status.into(), at: self.now() }
+    pub fn terminal(&self, told: Told) -> Ending {
+        Ending::Terminal { told, at: self.now() }
     }
 }
 

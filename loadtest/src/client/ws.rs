@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{ClientError, Trace};
-use crate::record::Ending;
+use millrace_proto::v1::TerminalStatus;
+
+use crate::record::{Ending, Told};
 use crate::workload::Query;
 
 /// How long closing waits for the server to answer the close frame.
@@ -64,7 +66,8 @@ enum ServerFrame {
 /// The part of the result row the client needs; the sink is read for the rest.
 #[derive(Debug, Deserialize, PartialEq)]
 struct ResultStatus {
-    status: String,
+    #[serde(with = "millrace_proto::row::status_name")]
+    status: TerminalStatus,
 }
 
 #[derive(Debug, Deserialize, PartialEq)]
@@ -139,7 +142,7 @@ async fn follow(
                 trace.accepted(request_id);
             }
             ServerFrame::Token { text, .. } => trace.token(&text),
-            ServerFrame::Result { result, .. } => return Ok(trace.terminal(result.status)),
+            ServerFrame::Result { result, .. } => return Ok(trace.terminal(Told::Status(result.status))),
             ServerFrame::Error { error, .. } => return Ok(Ending::Rejected { code: error.code }),
         }
     }
@@ -250,7 +253,7 @@ mod tests {
             frame(
                 r#"{"type":"result","request_id":"r1","result":{"request_id":"r1","status":"COMPLETED","timings":[]}}"#
             ),
-            ServerFrame::Result { request_id: "r1".into(), result: ResultStatus { status: "COMPLETED".into() } }
+            ServerFrame::Result { request_id: "r1".into(), result: ResultStatus { status: TerminalStatus::Completed } }
         );
         assert_eq!(
             frame(r#"{"type":"error","ref":"c2","error":{"code":"empty_text","message":"m"}}"#),

@@ -131,8 +131,8 @@ impl ResultRow {
     }
 }
 
-/// A terminal status as its upper-case name at the JSON edge.
-mod status_name {
+/// A terminal status as its upper-case name at the JSON edge (`#[serde(with = …)]`).
+pub mod status_name {
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
 
     use crate::v1::TerminalStatus;
