@@ -17,7 +17,6 @@ start)
     fi
     dir=$(mktemp -d /tmp/millrace-pg.XXXXXX)
     chmod 755 "$dir"
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     # initdb refuses to run as root: run the server as the postgres user when we are root.
     if [ "$(id -u)" -eq 0 ]; then
         id postgres >/dev/null 2>&1 || useradd --system postgres
@@ -28,9 +27,19 @@ start)
     fi
     as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; exit 1; }
-    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null \
-        || { cat "$dir/server.log" >&2; exit 1; }
+    # A port picked free may be taken before the server binds it: on that, pick another.
+    for attempt in 1 2 3 4 5; do
+        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        if as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+            -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null; then
+            break
+        fi
+        if [ "$attempt" -eq 5 ] || ! grep -q "could not bind\|already in use" "$dir/server.log"; then
+            cat "$dir/server.log" >&2
+            exit 1
+        fi
+        echo "[postgres] port $port was taken; trying another" >&2
+    done
     echo "export MILLRACE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres"
     echo "export PG_TEST_DIR=$dir"
     ;;
