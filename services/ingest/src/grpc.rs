@@ -91,6 +91,7 @@ fn submission(r: SubmitRequest) -> Submission {
         params: r.params.unwrap_or_default(),
         deadline_ms: (r.deadline_ms != 0).then(|| i64::from(r.deadline_ms)),
         priority: r.priority,
+        ..Default::default()
     }
 }
 

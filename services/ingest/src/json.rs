@@ -29,8 +29,7 @@ pub fn submission_from_json(value: Value, path: Option<&'static str>) -> Result<
         params: fields.take("params")?.map(decode_params).transpose()?.unwrap_or_default(),
         deadline_ms: fields.take("deadline_ms")?.map(deadline_ms).transpose()?,
         priority: fields.take("priority")?.unwrap_or_default(),
-        tenant: None,
-        idempotency_key: None,
+        ..Default::default()
     };
     fields.finish()?;
     Ok(submission)

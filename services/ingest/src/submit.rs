@@ -5,7 +5,7 @@
 //! Pure apart from the clock read by the UUIDv7 id and the timing record: no NATS, no I/O.
 use actix_web::http::StatusCode;
 use millrace_proto::ErrorClass;
-use millrace_proto::v1::{GenerationParams, Query, RequestContext, Timings};
+use millrace_proto::v1::{ChatTurn, GenerationParams, Query, RequestContext, Timings};
 use uuid::Uuid;
 
 use crate::config::SubmitPolicy;
@@ -42,6 +42,11 @@ pub struct Submission {
     /// not as a type error.
     pub deadline_ms: Option<i64>,
     pub priority: i32,
+    /// The messages before `text`, oldest first (OpenAI's `messages`; empty elsewhere).
+    pub messages: Vec<ChatTurn>,
+    /// No server-side history: the prompt is `messages` + `text` alone and no conversation is
+    /// read or written (`session` must then be absent).
+    pub stateless: bool,
 }
 
 /// Why a submit was refused. Each variant is one class of bad input with its own stable code.
@@ -122,8 +127,13 @@ impl Submission {
         check_identifier("user", &user)?;
         let text = self.text.ok_or(SubmitError::MissingField("text"))?;
         check_text(&text, policy.max_text_chars)?;
-        let session = self.session.unwrap_or_else(|| DEFAULT_SESSION.to_owned());
-        check_identifier("session", &session)?;
+        let session = match (self.stateless, self.session) {
+            (true, _) => String::new(),
+            (false, session) => session.unwrap_or_else(|| DEFAULT_SESSION.to_owned()),
+        };
+        if !self.stateless {
+            check_identifier("session", &session)?;
+        }
         let tenant = self.tenant.unwrap_or_else(|| policy.default_tenant.clone());
         check_identifier("tenant", &tenant)?;
         if let Some(key) = &self.idempotency_key {
@@ -148,9 +158,11 @@ impl Submission {
                 params: Some(self.params),
                 accepted_unix_ms,
                 priority: self.priority,
+                stateless: self.stateless,
             }),
             timings: Some(timings),
             text,
+            messages: self.messages,
         })
     }
 }

@@ -98,7 +98,24 @@ async fn openai_chat_completions_over_the_whole_mesh() {
     // Errors in OpenAI's shape.
     for (body, status, code, param) in [
         (json!({ "model": "smollm2-135m", "messages": [] }), 400, "no_user_message", "messages"),
-        (json!({ "model": "gpt-9", "messages": [{ "role": "user", "content": "hi" }] }), 422, "unknown_model", "model"),
+        (
+            json!({ "model": "gpt-9", "messages": [{ "role": "user", "content": "hi" }] }),
+            404,
+            "model_not_found",
+            "model",
+        ),
+        (
+            json!({ "messages": [{ "role": "user", "content": "hi" }, { "role": "assistant", "content": "yo" }] }),
+            400,
+            "no_user_message",
+            "messages",
+        ),
+        (
+            json!({ "messages": [{ "role": "tool", "content": "x" }, { "role": "user", "content": "hi" }] }),
+            400,
+            "unsupported_role",
+            "messages",
+        ),
         (
             json!({ "messages": [{ "role": "user", "content": "hi" }], "temperature": 5 }),
             422,
@@ -139,9 +156,32 @@ assert "Paris" in "".join(parts), parts
 try:
     client.chat.completions.create(model="gpt-9", messages=messages)
     raise SystemExit("unknown model accepted")
-except openai.APIStatusError as e:
-    assert e.status_code == 422 and e.body["code"] == "unknown_model", e.body
-print("official client OK")
+except openai.NotFoundError as e:
+    assert e.status_code == 404 and e.body["code"] == "model_not_found", e.body
+assert client.models.retrieve("smollm2-135m").id == "smollm2-135m"
+try:
+    client.models.retrieve("gpt-9")
+    raise SystemExit("unknown model listed")
+except openai.NotFoundError:
+    pass
+
+# Stateless (no X-Session-Id): the request's messages are the conversation.
+def prompt_tokens(msgs, **kw):
+    return client.chat.completions.create(model="smollm2-135m", messages=msgs, temperature=0, max_tokens=4,
+                                          **kw).usage.prompt_tokens
+bare = prompt_tokens(messages)
+system = "You are a meticulous assistant for a shipping company. " * 20
+with_system = prompt_tokens([{"role": "system", "content": system}] + messages)
+assert with_system > bare + 150, (bare, with_system)
+history = [{"role": "user", "content": "Hello, I am planning a trip to Europe next spring."},
+           {"role": "assistant", "content": "That sounds wonderful. Which countries would you like to visit?"}]
+with_history = prompt_tokens(history + messages)
+assert with_history > bare + 20, (bare, with_history)
+# Two anonymous clients never share a conversation: another client's turn does not reach ours.
+prompt_tokens([{"role": "user", "content": "Remember this: my name is Zebedee and my code word is heliotrope."}])
+assert prompt_tokens(messages) == bare, "another anonymous client's text reached this prompt"
+assert prompt_tokens(messages, user="someone") == bare, "a named user without a session shares nothing either"
+print("official client OK: prompt tokens bare", bare, "system", with_system, "history", with_history)
 "#;
     let output = Command::new(&python).args(["-c", script, &mesh.ingest_url("/v1")]).output().unwrap();
     assert!(

@@ -89,6 +89,7 @@ pub fn input_outbound(mut query: CleanedQuery, decision: &Decision, refusal: &st
         text: query.text,
         token_count: query.token_count,
         verdicts: decision.verdicts.clone(),
+        messages: query.messages,
     };
     Outbound::stage_output(Edge::ADMITTED, STAGE_INPUT, &admitted)
 }

@@ -135,6 +135,7 @@ fn query(i: usize, text: &str) -> Outbound {
         ctx: Some(RequestContext { request_id: id.clone(), model: MODEL.into(), ..Default::default() }),
         timings: Some(timings),
         text: text.to_owned(),
+        ..Default::default()
     };
     Outbound {
         subject: Edge::QUERIES.subject_for(""),

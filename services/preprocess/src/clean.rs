@@ -152,6 +152,19 @@ impl Preprocessor {
     }
 }
 
+impl Preprocessor {
+    /// An earlier message of the request's conversation (OpenAI's `messages`), made as safe as
+    /// its text: normalized and redacted, placeholders counted into `redactions`. No length or
+    /// token check: the session service fits the whole conversation to the model's budget.
+    pub fn clean_turn(&self, content: &str, redactions: &mut BTreeMap<String, u32>) -> String {
+        let redaction = self.redactor.redact(&normalize(content));
+        for (kind, n) in redaction.counts {
+            *redactions.entry(kind.to_owned()).or_default() += n;
+        }
+        redaction.text
+    }
+}
+
 /// `text` without a placeholder cut short at its end (`… see [EMAI`), trimmed.
 fn drop_partial_placeholder(text: &str) -> &str {
     if let Some(open) = text.rfind('[') {

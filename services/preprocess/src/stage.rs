@@ -53,6 +53,12 @@ impl Handler for PreprocessStage {
                 return Err(StageError::poison(TerminalStatus::Failed, "tokenizer_error", e.to_string(), query.ctx));
             }
         };
+        let outcome = outcome.map(|mut cleaned| {
+            for turn in &mut query.messages {
+                turn.content = self.preprocessor.clean_turn(&turn.content, &mut cleaned.redactions);
+            }
+            cleaned
+        });
         if let Err(rejection) = &outcome {
             debug!(reason = rejection.reason(), %rejection, "rejected");
         }
@@ -75,6 +81,7 @@ pub fn outbound(query: Query, outcome: Result<Cleaned, Rejection>, received_unix
                 token_count: cleaned.token_count,
                 truncated: cleaned.truncated,
                 redactions: cleaned.redactions.into_iter().collect(),
+                messages: query.messages,
             };
             Outbound::stage_output(Edge::CLEAN, STAGE, &cleaned)
         }
@@ -104,6 +111,7 @@ mod tests {
             ctx: Some(RequestContext { request_id: id.into(), model: "m".into(), ..Default::default() }),
             timings: Some(Timings::default()),
             text: "original with ann@example.com".into(),
+            ..Default::default()
         }
     }
 

@@ -9,7 +9,9 @@ use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge};
 use millrace_bus::{Dedup, Publisher};
-use millrace_proto::v1::{CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings};
+use millrace_proto::v1::{
+    ChatTurn, CleanedQuery, Query, RequestContext, Result as TerminalResult, TerminalStatus, Timings,
+};
 use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
 use millrace_testkit::bus::{publisher, stream, stream_len, wait_result};
 use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
@@ -35,6 +37,11 @@ impl Mesh {
 
     /// Publishes a Query as ingest does (dedup id `<rid>/ingest`, ingest's timing recorded).
     async fn submit(&self, request_id: &str, model: &str, text: &str) {
+        self.submit_conversation(request_id, model, &[], text).await;
+    }
+
+    /// Publishes a Query whose client sent `messages` before `text` (OpenAI's API).
+    async fn submit_conversation(&self, request_id: &str, model: &str, messages: &[(&str, &str)], text: &str) {
         let mut timings = Timings::default();
         timings.record("ingest", now_unix_us());
         let query = Query {
@@ -47,6 +54,10 @@ impl Mesh {
             }),
             timings: Some(timings),
             text: text.to_owned(),
+            messages: messages
+                .iter()
+                .map(|(role, content)| ChatTurn { role: (*role).into(), content: (*content).into() })
+                .collect(),
         };
         self.publisher
             .publish(Outbound {
@@ -109,6 +120,22 @@ impl Mesh {
     async fn stream_messages(&self, edge: Edge) -> u64 {
         stream_len(self.publisher.jetstream(), edge).await
     }
+}
+
+/// The messages a client sent before its new turn reach the model too: they are normalized
+/// and redacted like the text, their placeholders counted with the text's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earlier_messages_are_normalized_and_redacted_like_the_text() {
+    let mesh = Mesh::start(&[]).await;
+    let earlier =
+        [("system", "Answer  as\u{202E} a clerk."), ("user", "Mail me at bob@example.com"), ("assistant", "Sure.")];
+    mesh.submit_conversation("r-conv", MODEL, &earlier, "Call +44 20 7946 0958 instead").await;
+    let cleaned = mesh.cleaned(1).await;
+    let (_, q) = &cleaned["r-conv"];
+    assert_eq!(q.text, "Call [PHONE_1] instead");
+    let turns: Vec<(&str, &str)> = q.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+    assert_eq!(turns, [("system", "Answer as a clerk."), ("user", "Mail me at [EMAIL_1]"), ("assistant", "Sure.")]);
+    assert_eq!(q.redactions, HashMap::from([("email".into(), 1), ("phone".into(), 1)]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,15 @@
-//! Building a prompt: the model's chat template over a system message, the conversation's
-//! history and the new user text, trimmed to the model's token budget.
+//! Building a prompt: the model's chat template over a system message, the earlier
+//! conversation and the new user text, trimmed to the model's token budget.
+//!
+//! The earlier conversation is a list of *units*, oldest first: a stored exchange (user +
+//! assistant, in a session) is one unit; each message a client sent before its new turn
+//! (OpenAI's `messages`) is one unit. The system message is the request's own when it sent
+//! one, else the policy's; it is never trimmed.
 //!
 //! The budget is `context_length − reserve_tokens` (the reserve is room for the answer). When
-//! the whole history does not fit, the **oldest** exchanges are dropped, always as whole
-//! user + assistant pairs, until the rendered prompt — counted with the model's own tokenizer,
-//! template markers included — fits. The number of exchanges kept is the prompt's
-//! `turns_used`.
+//! the whole conversation does not fit, the **oldest** units are dropped until the rendered
+//! prompt — counted with the model's own tokenizer, template markers included — fits. The
+//! number of units kept is the prompt's `turns_used`.
 //!
 //! When even the prompt without any history is over the budget (preprocess checks the user
 //! text against its own budget, which may differ), it goes out without history as long as it
@@ -50,14 +54,49 @@ pub struct PromptModel<C = Tokenizer> {
     context_length: usize,
 }
 
+/// What a prompt is built from (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Conversation {
+    /// The request's own system message, if it sent one.
+    pub system: Option<String>,
+    /// Trimmable units, oldest first.
+    pub earlier: Vec<Vec<ChatMessage>>,
+    pub user_text: String,
+}
+
+impl Conversation {
+    /// Stored `history` (`(user, assistant)` pairs, oldest first), then the request's earlier
+    /// `messages` (`(role, content)`; system ones become the system message), then `user_text`.
+    pub fn of<'a>(
+        history: &[(String, String)],
+        messages: impl IntoIterator<Item = (&'a str, &'a str)>,
+        user_text: &str,
+    ) -> Self {
+        let mut earlier: Vec<Vec<ChatMessage>> = history
+            .iter()
+            .map(|(user, assistant)| vec![ChatMessage::new("user", user), ChatMessage::new("assistant", assistant)])
+            .collect();
+        let mut system: Vec<&str> = Vec::new();
+        for (role, content) in messages {
+            if role == "system" {
+                system.push(content);
+            } else {
+                earlier.push(vec![ChatMessage::new(role, content)]);
+            }
+        }
+        let system = (!system.is_empty()).then(|| system.join("\n\n"));
+        Self { system, earlier, user_text: user_text.to_owned() }
+    }
+}
+
 /// A rendered prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Built {
     pub prompt: String,
     pub prompt_tokens: usize,
-    /// History exchanges in the prompt (the newest ones).
+    /// Units of the earlier conversation in the prompt (the newest ones).
     pub turns_used: usize,
-    /// History exchanges left out for the budget (the oldest ones).
+    /// Units left out for the budget (the oldest ones).
     pub turns_dropped: usize,
 }
 
@@ -82,60 +121,48 @@ impl<C: TokenCount> PromptModel<C> {
         self.counter.count(text)
     }
 
-    /// Renders system message + the last `keep` exchanges of `history` + `user_text`.
-    fn render(
-        &self,
-        policy: &PromptPolicy,
-        history: &[(String, String)],
-        keep: usize,
-        user_text: &str,
-    ) -> Result<(String, usize), PromptError> {
-        let mut messages = Vec::with_capacity(2 + 2 * keep);
-        if let Some(system) = &policy.system_prompt {
+    /// Renders the system message + the last `keep` units + the user text.
+    fn render(&self, policy: &PromptPolicy, c: &Conversation, keep: usize) -> Result<(String, usize), PromptError> {
+        let kept = &c.earlier[c.earlier.len() - keep..];
+        let mut messages = Vec::with_capacity(2 + kept.iter().map(Vec::len).sum::<usize>());
+        if let Some(system) = c.system.as_ref().or(policy.system_prompt.as_ref()) {
             messages.push(ChatMessage::new("system", system));
         }
-        for (user, assistant) in &history[history.len() - keep..] {
-            messages.push(ChatMessage::new("user", user));
-            messages.push(ChatMessage::new("assistant", assistant));
-        }
-        messages.push(ChatMessage::new("user", user_text));
+        messages.extend(kept.iter().flatten().cloned());
+        messages.push(ChatMessage::new("user", &c.user_text));
         let prompt = self.template.render(&messages, true).map_err(|e| PromptError::Template(e.to_string()))?;
         let tokens = self.counter.count(&prompt)?;
         Ok((prompt, tokens))
     }
 
-    /// The prompt for `user_text` after `history` (oldest first, `(user, assistant)` pairs),
-    /// with as many of the newest exchanges as the budget holds (see the module docs).
-    pub fn build(
-        &self,
-        policy: &PromptPolicy,
-        history: &[(String, String)],
-        user_text: &str,
-    ) -> Result<Built, PromptError> {
+    /// The prompt for the conversation, with as many of its newest units as the budget holds
+    /// (see the module docs).
+    pub fn build(&self, policy: &PromptPolicy, c: &Conversation) -> Result<Built, PromptError> {
+        let units = c.earlier.len();
         let budget = self.context_length.saturating_sub(policy.reserve_tokens);
         let built = |(prompt, prompt_tokens): (String, usize), keep: usize| Built {
             prompt,
             prompt_tokens,
             turns_used: keep,
-            turns_dropped: history.len() - keep,
+            turns_dropped: units - keep,
         };
-        let all = self.render(policy, history, history.len(), user_text)?;
+        let all = self.render(policy, c, units)?;
         if all.1 <= budget {
-            return Ok(built(all, history.len()));
+            return Ok(built(all, units));
         }
-        let bare = self.render(policy, history, 0, user_text)?;
+        let bare = self.render(policy, c, 0)?;
         if bare.1 > budget {
             if bare.1 > self.context_length {
                 return Err(PromptError::TooLong { tokens: bare.1, context_length: self.context_length });
             }
             return Ok(built(bare, 0));
         }
-        // The most exchanges that fit: fits(0) holds and fits(len) does not; the prompt only
-        // grows with each exchange kept, so bisect.
-        let (mut fits, mut over) = ((bare, 0usize), history.len());
+        // The most units that fit: fits(0) holds and fits(len) does not; the prompt only grows
+        // with each unit kept, so bisect.
+        let (mut fits, mut over) = ((bare, 0usize), units);
         while over - fits.1 > 1 {
             let mid = fits.1 + (over - fits.1) / 2;
-            let rendered = self.render(policy, history, mid, user_text)?;
+            let rendered = self.render(policy, c, mid)?;
             if rendered.1 <= budget {
                 fits = (rendered, mid);
             } else {
@@ -219,7 +246,7 @@ mod tests {
     #[test]
     fn everything_fits_under_a_large_budget() {
         let h = history(3, 2);
-        let b = model(1000).build(&policy(0), &h, "hello").unwrap();
+        let b = model(1000).build(&policy(0), &Conversation::of(&h, [], "hello")).unwrap();
         assert_eq!((b.turns_used, b.turns_dropped), (3, 0));
         assert!(b.prompt.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq0 "));
         assert!(b.prompt.ends_with("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"));
@@ -230,10 +257,10 @@ mod tests {
     fn the_oldest_pairs_are_dropped_first_until_it_fits() {
         let h = history(6, 10);
         let m = model(100);
-        let full = m.build(&policy(0), &h, "hello").unwrap();
+        let full = m.build(&policy(0), &Conversation::of(&h, [], "hello")).unwrap();
         assert!(full.prompt_tokens > 60, "{}", full.prompt_tokens);
         for reserve in [10, 30, 45, 60, 70] {
-            let b = m.build(&policy(reserve), &h, "hello").unwrap();
+            let b = m.build(&policy(reserve), &Conversation::of(&h, [], "hello")).unwrap();
             assert!(b.prompt_tokens <= 100 - reserve, "reserve {reserve}: {} tokens", b.prompt_tokens);
             assert_eq!(b.turns_used + b.turns_dropped, 6);
             // Exactly the newest `turns_used` pairs, whole, in order.
@@ -244,7 +271,8 @@ mod tests {
             }
             // And it is the most that fit: one more pair would be over.
             if b.turns_dropped > 0 {
-                let one_more = m.render(&policy(reserve), &h, b.turns_used + 1, "hello").unwrap();
+                let one_more =
+                    m.render(&policy(reserve), &Conversation::of(&h, [], "hello"), b.turns_used + 1).unwrap();
                 assert!(one_more.1 > 100 - reserve);
             }
         }
@@ -254,17 +282,20 @@ mod tests {
     fn without_room_for_history_the_prompt_goes_bare_unless_past_the_window() {
         let h = history(2, 10);
         let m = model(30);
-        let b = m.build(&policy(25), &h, "hello there").unwrap();
+        let b = m.build(&policy(25), &Conversation::of(&h, [], "hello there")).unwrap();
         assert_eq!((b.turns_used, b.turns_dropped), (0, 2));
         assert!(b.prompt_tokens > 5 && b.prompt_tokens <= 30);
         let long = "w ".repeat(40);
-        assert!(matches!(m.build(&policy(0), &h, &long), Err(PromptError::TooLong { context_length: 30, .. })));
+        assert!(matches!(
+            m.build(&policy(0), &Conversation::of(&h, [], &long)),
+            Err(PromptError::TooLong { context_length: 30, .. })
+        ));
     }
 
     #[test]
     fn no_system_message_when_none_is_configured() {
         let p = PromptPolicy { system_prompt: None, reserve_tokens: 0 };
-        let b = model(100).build(&p, &[], "hi").unwrap();
+        let b = model(100).build(&p, &Conversation::of(&[], [], "hi")).unwrap();
         assert_eq!(b.prompt, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(b.turns_used, 0);
     }
@@ -285,7 +316,7 @@ mod tests {
             system_prompt: Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face".into()),
             reserve_tokens: 512,
         };
-        let b = m.build(&p, &h, "And of Italy?").unwrap();
+        let b = m.build(&p, &Conversation::of(&h, [], "And of Italy?")).unwrap();
         assert_eq!(b.turns_used, 1);
         assert_eq!(
             b.prompt,
@@ -297,7 +328,7 @@ mod tests {
         assert!(b.prompt_tokens > 20 && b.prompt_tokens < 80, "{}", b.prompt_tokens);
         // A budget of 40 tokens cannot hold the exchange.
         let tight = PromptPolicy { reserve_tokens: m.context_length() - 40, ..p };
-        let b = m.build(&tight, &h, "And of Italy?").unwrap();
+        let b = m.build(&tight, &Conversation::of(&h, [], "And of Italy?")).unwrap();
         assert_eq!((b.turns_used, b.turns_dropped), (0, 1));
         assert!(b.prompt_tokens <= 40);
     }

@@ -21,7 +21,7 @@ use tracing::{debug, error, warn};
 use crate::key::SessionId;
 use crate::limiter::{Decision, RateLimiter};
 use crate::metrics;
-use crate::prompt::{Built, PromptError, PromptModels, PromptPolicy};
+use crate::prompt::{Built, Conversation, PromptError, PromptModels, PromptPolicy};
 use crate::state::{Begin, Completion};
 use crate::store::{KvBackend, SessionStore, StoreError};
 
@@ -41,14 +41,9 @@ pub struct SessionCore<B> {
 }
 
 impl<B> SessionCore<B> {
-    pub fn build_prompt(
-        &self,
-        model: &str,
-        history: &[(String, String)],
-        user_text: &str,
-    ) -> Result<Built, PromptError> {
+    pub fn build_prompt(&self, model: &str, conversation: &Conversation) -> Result<Built, PromptError> {
         let m = self.models.get(model).ok_or_else(|| PromptError::Models(format!("unknown model {model:?}")))?;
-        m.build(&self.policy, history, user_text)
+        m.build(&self.policy, conversation)
     }
 }
 
@@ -87,11 +82,14 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
         let request_id = ctx.request_id.as_str();
 
         // A redelivered query whose pending turn is recorded passed the limit before; one
-        // that was answered (e.g. rate limited) and then lost its ack is done.
+        // that was answered (e.g. rate limited) and then lost its ack is done. A stateless
+        // query has no conversation to look into.
         let mut passed_before = false;
         if delivery.deliveries > 1 {
-            let loaded = self.core.store.load(&id).await.map_err(store_error)?;
-            passed_before = loaded.conversation.is_some_and(|c| c.knows(request_id));
+            if !ctx.stateless {
+                let loaded = self.core.store.load(&id).await.map_err(store_error)?;
+                passed_before = loaded.conversation.is_some_and(|c| c.knows(request_id));
+            }
             if !passed_before && self.has_result(request_id).await {
                 debug!(request_id, "redelivered query already has its terminal result");
                 return Ok(());
@@ -103,24 +101,35 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
             return Ok(());
         }
 
-        let now = now_unix_ms();
-        let modified = self
-            .core
-            .store
-            .modify(&id, |c| {
-                let begin = c.begin(request_id, &query.text, &ctx.model, now);
-                (begin == Begin::Added, begin)
-            })
-            .await
-            .map_err(store_error)?;
-        if modified.outcome == Begin::AlreadyCompleted {
-            debug!(request_id, "redelivered query already completed");
-            return Ok(());
-        }
-        let history = modified.conversation.history(request_id);
-        let (core, model, text) = (self.core.clone(), ctx.model.clone(), query.text.clone());
-        // Rendering and tokenizing a long history is CPU work: off the async workers.
-        let built = tokio::task::spawn_blocking(move || core.build_prompt(&model, &history, &text))
+        // A stateless query's prompt is its own messages; otherwise its pending turn is
+        // recorded first and the conversation's history comes before its messages.
+        let history = if ctx.stateless {
+            Vec::new()
+        } else {
+            let now = now_unix_ms();
+            let modified = self
+                .core
+                .store
+                .modify(&id, |c| {
+                    let begin = c.begin(request_id, &query.text, &ctx.model, now);
+                    (begin == Begin::Added, begin)
+                })
+                .await
+                .map_err(store_error)?;
+            if modified.outcome == Begin::AlreadyCompleted {
+                debug!(request_id, "redelivered query already completed");
+                return Ok(());
+            }
+            modified.conversation.history(request_id)
+        };
+        let conversation = Conversation::of(
+            &history,
+            query.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())),
+            &query.text,
+        );
+        let (core, model) = (self.core.clone(), ctx.model.clone());
+        // Rendering and tokenizing a long conversation is CPU work: off the async workers.
+        let built = tokio::task::spawn_blocking(move || core.build_prompt(&model, &conversation))
             .await
             .map_err(|e| StageError::transient(format!("prompt task: {e}"), Duration::from_millis(100)))?;
         let built = match built {
@@ -205,7 +214,9 @@ impl<B: KvBackend> Handler for ResultsStage<B> {
             warn!(subject = delivery.subject, "undecodable result: ignored");
             return Ok(());
         };
-        let Some(ctx) = result.ctx.as_ref().filter(|c| !c.request_id.is_empty() && !c.user.is_empty()) else {
+        // A stateless request has no conversation to complete.
+        let Some(ctx) = result.ctx.as_ref().filter(|c| !c.request_id.is_empty() && !c.user.is_empty() && !c.stateless)
+        else {
             return Ok(());
         };
         let id = SessionId::resolve(&ctx.tenant, &ctx.user, &ctx.session);
@@ -267,6 +278,7 @@ mod tests {
             text: "hi".into(),
             token_count: 1,
             verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
+            messages: vec![],
         }
     }
 

@@ -14,7 +14,8 @@ use millrace_bus::{Dedup, Publisher};
 use millrace_proto::Message as _;
 use millrace_proto::v1::sessions_client::SessionsClient;
 use millrace_proto::v1::{
-    AdmittedQuery, Prompt, RequestContext, Result as TerminalResult, SessionKey, SessionState, TerminalStatus, Timings,
+    AdmittedQuery, ChatTurn, Prompt, RequestContext, Result as TerminalResult, SessionKey, SessionState,
+    TerminalStatus, Timings,
 };
 use millrace_session::key::SessionId;
 use millrace_session::prompt::PromptModels;
@@ -113,12 +114,29 @@ impl Bus {
             text: text.into(),
             token_count: 0,
             verdicts: vec![],
+            messages: vec![],
         };
         Outbound {
             subject: Edge::ADMITTED.subject_for(""),
             msg_id: Dedup::Stage("moderation").msg_id(request_id),
             payload: query.encode_to_vec().into(),
         }
+    }
+
+    /// Admits a stateless query (OpenAI's API without a session id) with its own earlier messages.
+    async fn ask_stateless(&mut self, request_id: &str, user: &str, messages: &[(&str, &str)], text: &str) -> Prompt {
+        let query = AdmittedQuery {
+            ctx: Some(RequestContext { stateless: true, ..ctx(request_id, user, "") }),
+            timings: Some(Timings::default()),
+            text: text.into(),
+            messages: messages
+                .iter()
+                .map(|(role, content)| ChatTurn { role: (*role).into(), content: (*content).into() })
+                .collect(),
+            ..Default::default()
+        };
+        self.publisher.publish(Outbound::stage_output(Edge::ADMITTED, "moderation", &query)).await.unwrap();
+        self.prompt(request_id).await
     }
 
     async fn admit(&self, request_id: &str, user: &str, session: &str, text: &str) {
@@ -294,6 +312,43 @@ async fn later_turns_see_earlier_context_and_forget_me_starts_afresh() {
     assert_eq!(fresh.turns_used, 0);
     assert!(!fresh.prompt.contains("France") && !fresh.prompt.contains("welcome"));
     assert!(session.get(user, sid).await.unwrap().turns.is_empty());
+}
+
+/// OpenAI's API is stateless: the request's messages are the conversation, its system message
+/// replaces the default one, and nothing is read from or written to any stored conversation,
+/// so two anonymous clients never see each other's text.
+#[tokio::test]
+async fn stateless_queries_are_their_own_messages_and_leave_nothing_behind() {
+    let nats = NatsServer::start().await.unwrap();
+    let session = Session::start(&nats, &[]).await;
+    let mut bus = Bus::connect(&nats).await;
+    let user = "anonymous";
+    // Someone's stored conversation under the same user name must not leak in either.
+    bus.ask("kept-1", user, "default", "My secret is 4711.").await;
+    bus.complete("kept-1", user, "default", "Noted.").await;
+    session.wait_turns(user, "default", 2).await;
+
+    let earlier = [("system", "You are a pirate."), ("user", "Hi"), ("assistant", "Arr!")];
+    let first = bus.ask_stateless("s1", user, &earlier, "Where is the treasure?").await;
+    assert_eq!(
+        contents(&first.prompt),
+        [("system", "You are a pirate."), ("user", "Hi"), ("assistant", "Arr!"), ("user", "Where is the treasure?")]
+            .map(|(r, c)| (r.to_owned(), c.to_owned()))
+    );
+    assert_eq!(first.turns_used, 2);
+    bus.complete("s1", user, "", "Under the palm tree.").await;
+
+    let second = bus.ask_stateless("s2", user, &[], "What did I tell you?").await;
+    assert_eq!(
+        contents(&second.prompt),
+        [("system", SYSTEM), ("user", "What did I tell you?")].map(|(r, c)| (r.to_owned(), c.to_owned()))
+    );
+    assert!(second.prompt_tokens < first.prompt_tokens);
+    // Nothing stored for the stateless requests: the kept conversation is as it was, and no
+    // conversation exists under an empty session.
+    assert!(bus.stored(user, "").await.is_none());
+    let kept = session.get(user, "default").await.unwrap();
+    assert!(kept.turns.iter().all(|t| t.request_id == "kept-1"), "{:?}", kept.turns);
 }
 
 #[tokio::test]

@@ -39,7 +39,7 @@ fn message(i: usize, edge: Edge, sent_unix_us: i64) -> Outbound {
     let mut q = Query {
         ctx: Some(RequestContext { request_id: format!("b{i}"), ..Default::default() }),
         timings: Some(timings),
-        text: String::new(),
+        ..Default::default()
     };
     q.text = "x".repeat(PAYLOAD_BYTES.saturating_sub(q.encoded_len()));
     Outbound {

@@ -3,9 +3,17 @@
 //!
 //! A chat request becomes one ordinary submit (the same [`Submission`] checks as
 //! `POST /v1/queries`):
-//! - the LAST `user` message is the query `text`. Earlier messages (and `system`/`assistant`
-//!   ones) are ignored: the session service keeps the conversation and builds the prompt from
-//!   it, keyed by the `X-Session-Id` header (default `default`) and `user` (default `anonymous`);
+//! - the request's `messages` are the conversation, as OpenAI's API is stateless: the prompt is
+//!   the model's chat template over them, the system message included (it replaces the
+//!   service's default one). The LAST message must be the user's: it is the query `text` (what
+//!   input moderation checks and the stored row shows); the ones before it travel with it,
+//!   redacted by preprocess like the text. No conversation is read or written, whoever the
+//!   `user` is, so two clients never see each other's text;
+//! - with an `X-Session-Id` header the session service keeps the conversation instead (as on
+//!   `/v1/queries`): the stored history of (`user`, session) comes first, then the request's
+//!   messages, and the new exchange is stored;
+//! - roles `system` (or `developer`), `user` and `assistant`; content a string or an array of
+//!   `text` parts;
 //! - `model`, `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`), `stop` (a
 //!   string or an array), `seed` map to the generation parameters; `X-Tenant` and
 //!   `Idempotency-Key` work as on `/v1/queries`; other OpenAI fields are accepted and ignored
@@ -25,7 +33,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::Bytes;
 use millrace_proto::now_unix_us;
 use millrace_proto::row::ResultRow;
-use millrace_proto::v1::{GenerationParams, TerminalStatus};
+use millrace_proto::v1::{ChatTurn, GenerationParams, TerminalStatus};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
@@ -41,7 +49,9 @@ const DEFAULT_USER: &str = "anonymous";
 const CHAT_DEADLINE_MS: u32 = 60_000;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/chat/completions", web::post().to(chat_completions)).route("/v1/models", web::get().to(models));
+    cfg.route("/v1/chat/completions", web::post().to(chat_completions))
+        .route("/v1/models", web::get().to(models))
+        .route("/v1/models/{id}", web::get().to(model));
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -107,11 +117,13 @@ impl ResponseError for OpenAiError {
     }
 }
 
-/// The ingest error's status and code, with the OpenAI parameter it concerns.
+/// The ingest error's status and code, with the OpenAI parameter it concerns; an unknown model
+/// is 404 `model_not_found`, as OpenAI answers.
 impl From<ApiError> for OpenAiError {
     fn from(e: ApiError) -> Self {
         let status = e.status_code();
         let (param, message) = match &e {
+            ApiError::Invalid(SubmitError::UnknownModel { model, .. }) => return model_not_found(model),
             ApiError::Invalid(s) => param_of(s),
             _ => (None, e.to_string()),
         };
@@ -123,6 +135,15 @@ impl From<SubmitError> for OpenAiError {
     fn from(e: SubmitError) -> Self {
         ApiError::from(e).into()
     }
+}
+
+fn model_not_found(model: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        StatusCode::NOT_FOUND,
+        Some("model"),
+        "model_not_found",
+        format!("The model `{model}` does not exist or you do not have access to it."),
+    )
 }
 
 /// Which request field a validation error is about, and its message in OpenAI's terms.
@@ -166,8 +187,10 @@ const CHAT_FIELDS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ChatRequest {
     pub model: Option<String>,
-    /// The last user message's text.
+    /// The last message's text: the user's new turn.
     pub text: String,
+    /// The messages before it, oldest first, roles normalized (`developer` → `system`).
+    pub earlier: Vec<ChatTurn>,
     pub user: Option<String>,
     pub params: GenerationParams,
     pub stream: bool,
@@ -189,7 +212,7 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     };
     let messages: Vec<Map<String, Value>> =
         take(&mut object, "messages")?.ok_or(SubmitError::MissingField("messages"))?;
-    let text = last_user_text(&messages)?;
+    let (text, earlier) = conversation(&messages)?;
     if let Some(n) = take::<u32>(&mut object, "n")?
         && n != 1
     {
@@ -219,6 +242,7 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     Ok(ChatRequest {
         model: take(&mut object, "model")?,
         text,
+        earlier,
         user: take(&mut object, "user")?,
         params,
         stream: take(&mut object, "stream")?.unwrap_or(false),
@@ -235,19 +259,35 @@ fn take<T: DeserializeOwned>(object: &mut Map<String, Value>, name: &str) -> Res
     }
 }
 
-/// The text of the last `user` message: a string, or the `text` parts of a content array.
-fn last_user_text(messages: &[Map<String, Value>]) -> Result<String, OpenAiError> {
-    let no_user = || {
-        OpenAiError::invalid(
-            StatusCode::BAD_REQUEST,
-            Some("messages"),
-            "no_user_message",
-            "`messages` must contain at least one message with role \"user\"",
-        )
-    };
-    let message =
-        messages.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user")).ok_or_else(no_user)?;
-    match message.get("content") {
+/// The conversation of a request: the last message, which must be the user's, and the ones
+/// before it.
+fn conversation(messages: &[Map<String, Value>]) -> Result<(String, Vec<ChatTurn>), OpenAiError> {
+    let refused =
+        |code: &str, message: String| OpenAiError::invalid(StatusCode::BAD_REQUEST, Some("messages"), code, message);
+    let mut turns = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some("system" | "developer") => "system",
+                Some(role @ ("user" | "assistant")) => role,
+                Some(other) => {
+                    return Err(refused("unsupported_role", format!("messages[{i}]: role {other:?} is not supported")));
+                }
+                None => return Err(refused("missing_role", format!("messages[{i}] has no role"))),
+            };
+            Ok(ChatTurn { role: role.to_owned(), content: content_text(i, m.get("content"))? })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    match turns.pop() {
+        Some(last) if last.role == "user" => Ok((last.content, turns)),
+        _ => Err(refused("no_user_message", "`messages` must end with a message with role \"user\"".to_owned())),
+    }
+}
+
+/// A message's content: a string, or the `text` parts of a content array.
+fn content_text(index: usize, content: Option<&Value>) -> Result<String, OpenAiError> {
+    match content {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Array(parts)) => Ok(parts
             .iter()
@@ -258,7 +298,7 @@ fn last_user_text(messages: &[Map<String, Value>]) -> Result<String, OpenAiError
         None | Some(Value::Null) => Ok(String::new()),
         Some(_) => Err(SubmitError::WrongType {
             field: "messages".into(),
-            detail: "content must be a string or an array of parts".into(),
+            detail: format!("messages[{index}]: content must be a string or an array of parts"),
         }
         .into()),
     }
@@ -283,15 +323,21 @@ fn outcome(row: &ResultRow) -> Result<&'static str, OpenAiError> {
     }
 }
 
+/// `GET /v1/models/{id}`: the model, or 404 `model_not_found`.
+async fn model(id: web::Path<String>, api: web::Data<HttpApi>) -> Result<HttpResponse, OpenAiError> {
+    let policy = api.frontend.gateway.policy();
+    match policy.allowed_models.iter().find(|m| **m == *id) {
+        Some(m) => Ok(HttpResponse::Ok().json(model_object(m))),
+        None => Err(model_not_found(&id)),
+    }
+}
+
+fn model_object(id: &str) -> Value {
+    json!({ "id": id, "object": "model", "created": 0, "owned_by": "millrace" })
+}
+
 async fn models(api: web::Data<HttpApi>) -> HttpResponse {
-    let data: Vec<Value> = api
-        .frontend
-        .gateway
-        .policy()
-        .allowed_models
-        .iter()
-        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": "millrace" }))
-        .collect();
+    let data: Vec<Value> = api.frontend.gateway.policy().allowed_models.iter().map(|m| model_object(m)).collect();
     HttpResponse::Ok().json(json!({ "object": "list", "data": data }))
 }
 
@@ -313,8 +359,11 @@ async fn chat_completions(
         tenant,
         idempotency_key,
         user: Some(chat.user.unwrap_or_else(|| DEFAULT_USER.to_owned())),
+        // Without a session id the request's messages are the whole conversation.
+        stateless: session.is_none(),
         session,
         text: Some(chat.text),
+        messages: chat.earlier,
         model: chat.model,
         params: chat.params,
         deadline_ms: Some(i64::from(deadline_ms)),
