@@ -118,7 +118,7 @@ async fn openai_chat_completions_over_the_whole_mesh() {
         ),
         (
             json!({ "messages": [{ "role": "user", "content": "hi" }], "temperature": 5 }),
-            422,
+            400,
             "bad_params",
             "temperature",
         ),
@@ -181,6 +181,19 @@ assert with_history > bare + 20, (bare, with_history)
 prompt_tokens([{"role": "user", "content": "Remember this: my name is Zebedee and my code word is heliotrope."}])
 assert prompt_tokens(messages) == bare, "another anonymous client's text reached this prompt"
 assert prompt_tokens(messages, user="someone") == bare, "a named user without a session shares nothing either"
+# stream_options.include_usage: a last chunk without choices, with the usage.
+chunks = list(client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=8,
+                                             stream=True, stream_options={"include_usage": True}))
+assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == bare, chunks[-1]
+assert all(c.usage is None for c in chunks[:-1])
+# Refused, not ignored: typed errors from the client.
+for kwargs, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
+                      ({"temperature": 5}, "temperature")]:
+    try:
+        client.chat.completions.create(model="smollm2-135m", messages=messages, **kwargs)
+        raise SystemExit(f"{kwargs} accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and e.body["param"] == param, e.body
 print("official client OK: prompt tokens bare", bare, "system", with_system, "history", with_history)
 "#;
     let output = Command::new(&python).args(["-c", script, &mesh.ingest_url("/v1")]).output().unwrap();

@@ -15,9 +15,12 @@
 //! - roles `system` (or `developer`), `user` and `assistant`; content a string or an array of
 //!   `text` parts;
 //! - `model`, `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`), `stop` (a
-//!   string or an array), `seed` map to the generation parameters; `X-Tenant` and
-//!   `Idempotency-Key` work as on `/v1/queries`; other OpenAI fields are accepted and ignored
-//!   (`n` above 1 is refused).
+//!   string or an array), `seed` map to the generation parameters; `stream_options.include_usage`
+//!   adds a last chunk with the usage; `X-Tenant` and `Idempotency-Key` work as on
+//!   `/v1/queries`. OpenAI parameters not implemented here (penalties, logprobs, logit_bias,
+//!   response_format, tools, `n` above 1) are accepted only at their default value and
+//!   otherwise refused with 400 `unsupported_parameter`; unknown ones with 400
+//!   `unknown_field`, as OpenAI refuses unrecognized arguments — never silently ignored.
 //!
 //! The request gets a 60 s deadline (or the policy's maximum, if lower). Both answers follow the
 //! request with a [`Follower`]: the plain one is built from the terminal result (moderation may
@@ -121,7 +124,11 @@ impl ResponseError for OpenAiError {
 /// is 404 `model_not_found`, as OpenAI answers.
 impl From<ApiError> for OpenAiError {
     fn from(e: ApiError) -> Self {
-        let status = e.status_code();
+        // OpenAI answers every refused field 400, where /v1/queries tells 400 from 422.
+        let status = match e.status_code() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            status => status,
+        };
         let (param, message) = match &e {
             ApiError::Invalid(SubmitError::UnknownModel { model, .. }) => return model_not_found(model),
             ApiError::Invalid(s) => param_of(s),
@@ -180,7 +187,27 @@ const CHAT_FIELDS: &[&str] = &[
     "seed",
     "user",
     "stream",
+    "stream_options",
     "n",
+];
+
+/// OpenAI parameters this API does not implement yet, accepted only at their neutral value
+/// (what OpenAI does when they are absent); any other value is refused with 400
+/// `unsupported_parameter` rather than ignored.
+const NEUTRAL_ONLY: &[(&str, fn(&Value) -> bool)] = &[
+    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
+    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
+    ("logprobs", |v| v.as_bool() == Some(false)),
+    ("top_logprobs", |v| v.as_u64() == Some(0)),
+    ("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty())),
+    ("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text")),
+    ("tools", |v| v.as_array().is_some_and(|a| a.is_empty())),
+    ("tool_choice", |v| v.as_str() == Some("none")),
+    ("functions", |v| v.as_array().is_some_and(|a| a.is_empty())),
+    ("function_call", |v| v.as_str() == Some("none")),
+    ("parallel_tool_calls", |_| true),
+    ("store", |v| v.as_bool() == Some(false)),
+    ("metadata", |_| true),
 ];
 
 /// A decoded chat request.
@@ -194,6 +221,15 @@ pub struct ChatRequest {
     pub user: Option<String>,
     pub params: GenerationParams,
     pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with the usage and no choices.
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -239,14 +275,31 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
             Some(Stop::Many(v)) => v,
         },
     };
-    Ok(ChatRequest {
+    let request = ChatRequest {
         model: take(&mut object, "model")?,
         text,
         earlier,
         user: take(&mut object, "user")?,
         params,
         stream: take(&mut object, "stream")?.unwrap_or(false),
-    })
+        include_usage: take::<StreamOptions>(&mut object, "stream_options")?.is_some_and(|o| o.include_usage),
+    };
+    // What is left is either a parameter at its neutral value or one this API does not do.
+    for (name, value) in &object {
+        match NEUTRAL_ONLY.iter().find(|(known, _)| known == name) {
+            Some((_, neutral)) if value.is_null() || neutral(value) => {}
+            Some((known, _)) => {
+                return Err(OpenAiError::invalid(
+                    StatusCode::BAD_REQUEST,
+                    Some(known),
+                    "unsupported_parameter",
+                    format!("`{name}` is not supported by this server (only its default value is accepted)"),
+                ));
+            }
+            None => return Err(SubmitError::UnknownField(name.clone()).into()),
+        }
+    }
+    Ok(request)
 }
 
 /// Removes and decodes `name`; absent and `null` both mean "not given".
@@ -371,8 +424,12 @@ async fn chat_completions(
     };
     let (accepted, mut follower) = api.frontend.submit_and_follow(submission, received_unix_us).await?;
     let request_id = accepted.request_id.clone();
-    let meta =
-        Meta { id: format!("chatcmpl-{request_id}"), created: received_unix_us / 1_000_000, model: accepted.model };
+    let meta = Meta {
+        id: format!("chatcmpl-{request_id}"),
+        created: received_unix_us / 1_000_000,
+        model: accepted.model,
+        include_usage: chat.include_usage,
+    };
     if chat.stream {
         let events = stream_chat(follower, meta);
         return Ok(HttpResponse::Ok()
@@ -401,11 +458,7 @@ async fn chat_completions(
             "logprobs": null,
             "finish_reason": finish_reason,
         }],
-        "usage": {
-            "prompt_tokens": row.prompt_tokens,
-            "completion_tokens": row.completion_tokens,
-            "total_tokens": row.prompt_tokens + row.completion_tokens,
-        },
+        "usage": usage(&row),
     })))
 }
 
@@ -414,9 +467,31 @@ struct Meta {
     id: String,
     created: i64,
     model: String,
+    include_usage: bool,
+}
+
+/// OpenAI's `usage` of a terminal row.
+fn usage(row: &ResultRow) -> Value {
+    json!({
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "total_tokens": row.prompt_tokens + row.completion_tokens,
+    })
 }
 
 impl Meta {
+    /// The last chunk of a stream asked for with `include_usage`: no choices, the usage.
+    fn usage_chunk(&self, row: &ResultRow) -> Bytes {
+        event(&json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(row),
+        }))
+    }
+
     fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Bytes {
         event(&json!({
             "id": self.id,
@@ -441,6 +516,7 @@ fn stream_chat(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Re
     enum State {
         Start(Follower),
         Following(Follower),
+        Usage(Box<ResultRow>),
         Done,
         End,
     }
@@ -454,12 +530,16 @@ fn stream_chat(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Re
                     (meta.chunk(json!({ "content": text }), None), State::Following(follower))
                 }
                 Some(Ok(Event::Finished(row))) => match outcome(&row) {
+                    Ok(finish_reason) if meta.include_usage => {
+                        (meta.chunk(json!({}), Some(finish_reason)), State::Usage(row))
+                    }
                     Ok(finish_reason) => (meta.chunk(json!({}), Some(finish_reason)), State::Done),
                     Err(e) => (event(&e.body()), State::Done),
                 },
                 Some(Err(e)) => (event(&OpenAiError::from(e).body()), State::Done),
                 None => (Bytes::from_static(DONE), State::End),
             },
+            State::Usage(row) => (meta.usage_chunk(&row), State::Done),
             State::Done => (Bytes::from_static(DONE), State::End),
             State::End => return None,
         };
@@ -492,9 +572,42 @@ mod tests {
                 stop: vec!["\n".into()],
             }
         );
+        assert!(chat.include_usage);
         let chat = decode_chat(br#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#).unwrap();
         assert_eq!(chat.params.stop, ["a", "b"]);
-        assert!(!chat.stream);
+        assert!(!chat.stream && !chat.include_usage);
+    }
+
+    #[test]
+    fn parameters_not_implemented_are_refused_unless_neutral() {
+        let with = |extra: &str| {
+            decode_chat(format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{extra}}}"#).as_bytes())
+        };
+        for neutral in [
+            r#""presence_penalty":0"#,
+            r#""logprobs":false"#,
+            r#""response_format":{"type":"text"}"#,
+            r#""tools":[]"#,
+            r#""metadata":{"a":"b"}"#,
+            r#""frequency_penalty":null"#,
+        ] {
+            assert!(with(neutral).is_ok(), "{neutral}");
+        }
+        for (refused, param) in [
+            (r#""presence_penalty":0.5"#, "presence_penalty"),
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""response_format":{"type":"json_object"}"#, "response_format"),
+            (r#""tools":[{"type":"function"}]"#, "tools"),
+        ] {
+            let e = with(refused).unwrap_err();
+            assert_eq!(
+                (e.status, e.param, e.code.as_str()),
+                (StatusCode::BAD_REQUEST, Some(param), "unsupported_parameter"),
+                "{refused}"
+            );
+        }
+        let e = with(r#""temprature":1"#).unwrap_err();
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::BAD_REQUEST, "unknown_field"));
     }
 
     #[test]
