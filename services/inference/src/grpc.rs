@@ -51,10 +51,10 @@ impl Inference for InferenceApi {
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
         let EmbedRequest { model, texts } = request.into_inner();
         let embedder = side_model(self.engines.embedder.as_ref(), "embeddings", &model, &texts)?;
-        let model_version = embedder.version.clone();
-        let vectors = blocking(move || embedder.with(|e| e.embed(&as_strs(&texts)))).await?;
-        let embeddings = vectors.into_iter().map(|values| Embedding { values }).collect();
-        Ok(Response::new(EmbedResponse { embeddings, model_version }))
+        let (model, model_version) = (embedder.name.clone(), embedder.version.clone());
+        let embedded = blocking(move || embedder.with(|e| e.embed(&as_strs(&texts)))).await?;
+        let embeddings = embedded.into_iter().map(|e| Embedding { values: e.vector, tokens: e.tokens }).collect();
+        Ok(Response::new(EmbedResponse { embeddings, model_version, model }))
     }
 
     async fn classify(&self, request: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {

@@ -302,6 +302,12 @@ async fn grpc_generates_embeds_and_classifies_and_refuses_bad_input() {
     assert_eq!(embed.model_version, manifest.model("minilm-l6").unwrap().version);
     let v: Vec<&[f32]> = embed.embeddings.iter().map(|e| e.values.as_slice()).collect();
     assert_eq!((v.len(), v[0].len()), (3, 384));
+    // Word pieces plus [CLS] and [SEP].
+    assert!(
+        embed.embeddings.iter().all(|e| (7..20).contains(&e.tokens)),
+        "{:?}",
+        embed.embeddings.iter().map(|e| e.tokens).collect::<Vec<_>>()
+    );
     assert!(
         cosine(v[0], v[1]) > cosine(v[0], v[2]),
         "related {} vs unrelated {}",

@@ -19,6 +19,10 @@ pub struct IngestConfig {
     /// stream nothing before a request's end.
     #[arg(long, env = "MILLRACE_MODERATION_URL", default_value = "http://127.0.0.1:50053")]
     pub moderation_url: String,
+    /// gRPC address of inference, whose `Embed` answers `POST /v1/embeddings`; empty = that
+    /// endpoint answers 503.
+    #[arg(long, env = "MILLRACE_INFERENCE_URL", default_value = "http://127.0.0.1:50055")]
+    pub inference_url: String,
     /// Unfinished requests one WebSocket may have; more are refused with `too_many_in_flight`.
     #[arg(long, env = "MILLRACE_INGEST_WS_MAX_IN_FLIGHT", default_value_t = 256)]
     pub ws_max_in_flight: usize,

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use millrace_bus::topology::ephemeral;
 use millrace_bus::{BusError, Edge};
 use millrace_proto::row::ResultRow;
+use millrace_proto::v1::inference_client::InferenceClient;
 use millrace_proto::v1::moderation_client::ModerationClient;
 use millrace_proto::v1::{RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk};
 use millrace_proto::{Message, now_unix_ms};
@@ -44,13 +45,16 @@ pub enum Event {
     Finished(Box<ResultRow>),
 }
 
-/// What the following APIs share: submitting, the sink, the stream moderation checks.
+/// What the APIs share: submitting, the sink, the services they ask directly.
 #[derive(Clone)]
 pub struct Frontend {
     pub gateway: Gateway,
     pub results: ResultsClient,
-    /// `Moderation.Check`, which releases streamed text; `None` streams nothing before the end.
+    /// `Moderation.Check`, which releases streamed text (and answers `/v1/moderations`);
+    /// `None` streams nothing before the end.
     pub moderation: Option<ModerationClient<Channel>>,
+    /// `Inference.Embed` for `/v1/embeddings`; `None` answers it 503.
+    pub inference: Option<InferenceClient<Channel>>,
 }
 
 impl Frontend {

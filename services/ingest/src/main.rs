@@ -8,6 +8,7 @@ use millrace_ingest::gateway::Gateway;
 use millrace_ingest::grpc::IngestApi;
 use millrace_ingest::http::{self, HttpApi};
 use millrace_ingest::results::ResultsClient;
+use millrace_proto::v1::inference_client::InferenceClient;
 use millrace_proto::v1::ingest_server::IngestServer;
 use millrace_proto::v1::moderation_client::ModerationClient;
 use millrace_runtime::{ChildSpec, Service, serve_grpc, serve_http};
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
             grpc_addr,
             sink_url,
             moderation_url,
+            inference_url,
             ws_max_in_flight,
             max_body_bytes,
             policy,
@@ -37,7 +39,8 @@ fn main() -> ExitCode {
             Ok(Frontend {
                 gateway: gateway.clone(),
                 results: ResultsClient::new(&sink_url)?,
-                moderation: moderation(&moderation_url)?,
+                moderation: lazy_channel(&moderation_url)?.map(ModerationClient::new),
+                inference: lazy_channel(&inference_url)?.map(InferenceClient::new),
             })
         };
         let grpc = setup.grpc_router().add_service(IngestServer::new(IngestApi { frontend: frontend()? }));
@@ -54,10 +57,10 @@ fn main() -> ExitCode {
     })
 }
 
-/// A lazily connecting `Moderation` client (moderation may start later); none for an empty URL.
-fn moderation(url: &str) -> anyhow::Result<Option<ModerationClient<Channel>>> {
+/// A lazily connecting channel to a service that may start later; none for an empty URL.
+fn lazy_channel(url: &str) -> anyhow::Result<Option<Channel>> {
     if url.is_empty() {
         return Ok(None);
     }
-    Ok(Some(ModerationClient::new(Endpoint::from_shared(url.to_owned())?.connect_lazy())))
+    Ok(Some(Endpoint::from_shared(url.to_owned())?.connect_lazy()))
 }

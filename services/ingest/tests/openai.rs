@@ -194,6 +194,26 @@ for kwargs, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"logpro
         raise SystemExit(f"{kwargs} accepted")
     except openai.BadRequestError as e:
         assert e.status_code == 400 and e.body["param"] == param, e.body
+# Embeddings: related texts closer than unrelated ones; base64 is the same vector.
+import base64, struct
+texts = ["A cat sits on the mat.", "A kitten is lying on a rug.", "Quarterly revenue grew by five percent."]
+e = client.embeddings.create(model="minilm-l6", input=texts)
+v = [d.embedding for d in e.data]
+dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+assert len(v) == 3 and len(v[0]) == 384 and e.usage.prompt_tokens > 15, e.usage
+assert dot(v[0], v[1]) > dot(v[0], v[2]) + 0.1, (dot(v[0], v[1]), dot(v[0], v[2]))
+assert e.model == "minilm-l6", e.model
+b64 = client.embeddings.create(model="minilm-l6", input=texts[0], encoding_format="base64").data[0].embedding
+b64 = struct.unpack(f"<{len(v[0])}f", base64.b64decode(b64))
+assert all(abs(a - b) < 1e-6 for a, b in zip(b64, v[0])), "base64 differs from float"
+try:
+    client.embeddings.create(model="minilm-l6", input=texts[0], dimensions=16)
+    raise SystemExit("dimensions accepted")
+except openai.BadRequestError as err:
+    assert err.body["param"] == "dimensions", err.body
+# Moderations: the mesh's own policy.
+m = client.moderations.create(input=["You are a worthless idiot.", "What a lovely day for a walk."])
+assert m.results[0].flagged and not m.results[1].flagged, m
 print("official client OK: prompt tokens bare", bare, "system", with_system, "history", with_history)
 "#;
     let output = Command::new(&python).args(["-c", script, &mesh.ingest_url("/v1")]).output().unwrap();

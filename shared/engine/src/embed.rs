@@ -19,7 +19,8 @@ impl Embedder {
         Self { session, tokenizer }
     }
 
-    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
+    /// One embedding per text, with the number of tokens the encoder read for it.
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Embedded>, EngineError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -63,10 +64,17 @@ impl Embedder {
                 pooled.iter_mut().for_each(|p| *p /= count.max(1.0));
                 let norm = pooled.iter().map(|p| p * p).sum::<f32>().sqrt().max(1e-12);
                 pooled.iter_mut().for_each(|p| *p /= norm);
-                pooled
+                Embedded { vector: pooled, tokens: count as u32 }
             })
             .collect())
     }
+}
+
+/// A text's embedding (L2-normalized) and its length in the encoder's tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub vector: Vec<f32>,
+    pub tokens: u32,
 }
 
 /// Cosine similarity (the embeddings are normalized, so a dot product).

@@ -9,7 +9,7 @@ pub mod sampling;
 pub mod template;
 
 pub use classify::Classifier;
-pub use embed::Embedder;
+pub use embed::{Embedded, Embedder};
 pub use generate::{DecoderSpec, FinishReason, Generation, GenerationRequest, Generator};
 pub use manifest::Manifest;
 pub use runtime::{ExecutionProvider, RuntimeOptions};

@@ -136,8 +136,9 @@ fn related_sentences_embed_closer_than_unrelated_ones() {
     let v = e
         .embed(&["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."])
         .unwrap();
+    let v: Vec<&[f32]> = v.iter().map(|e| e.vector.as_slice()).collect();
     assert_eq!(v[0].len(), 384);
-    assert!(cosine(&v[0], &v[1]) > cosine(&v[0], &v[2]) + 0.1, "{} vs {}", cosine(&v[0], &v[1]), cosine(&v[0], &v[2]));
+    assert!(cosine(v[0], v[1]) > cosine(v[0], v[2]) + 0.1, "{} vs {}", cosine(v[0], v[1]), cosine(v[0], v[2]));
 }
 
 #[test]

@@ -69,6 +69,7 @@ impl Mesh {
         let ingest_args = vec![
             format!("--sink-url=http://{}", sink.addr("--http-addr")),
             format!("--moderation-url=http://{}", moderation.addr("--grpc-addr")),
+            format!("--inference-url=http://{}", inference.addr("--grpc-addr")),
             format!("--allowed-models={}", options.model),
         ];
         let ingest = service("ingest", ingest_args, &["--http-addr", "--grpc-addr"]).await?;

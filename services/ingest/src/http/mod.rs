@@ -1,6 +1,8 @@
 //! Ingest's HTTP APIs, one module each: [`queries`] (`/v1/queries`), [`openai`] (OpenAI's
-//! chat completions and models) and [`ws`] (the WebSocket `/v1/ws`); [`request`] holds what
-//! they share. This module binds them into one server.
+//! chat completions and models, and the error shape the OpenAI-style APIs share),
+//! [`embeddings`] and [`moderations`] (OpenAI's, over inference and moderation) and [`ws`]
+//! (the WebSocket `/v1/ws`); [`request`] holds what they share. This module binds them into
+//! one server.
 use std::net::SocketAddr;
 
 use actix_web::body::MessageBody;
@@ -11,6 +13,8 @@ use actix_web::{App, HttpServer, web};
 use tracing::info;
 use uuid::Uuid;
 
+pub mod embeddings;
+pub mod moderations;
 pub mod openai;
 pub mod queries;
 pub mod request;
@@ -33,7 +37,11 @@ pub fn server(api: HttpApi, addr: SocketAddr) -> std::io::Result<Server> {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.configure(queries::routes).configure(openai::routes).configure(ws::routes);
+    cfg.configure(queries::routes)
+        .configure(openai::routes)
+        .configure(embeddings::routes)
+        .configure(moderations::routes)
+        .configure(ws::routes);
 }
 
 /// Answers that name no request (refused input, a status read, `/v1/models`) get a fresh id of

@@ -69,7 +69,12 @@ pub struct OpenAiError {
 }
 
 impl OpenAiError {
-    fn invalid(status: StatusCode, param: Option<&'static str>, code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        status: StatusCode,
+        param: Option<&'static str>,
+        code: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Self { status, kind: kind_of(status), message: message.into(), param, code: code.to_owned(), request_id: None }
     }
 
@@ -144,7 +149,40 @@ impl From<SubmitError> for OpenAiError {
     }
 }
 
-fn model_not_found(model: &str) -> OpenAiError {
+/// A call to another service failed: its coded status in OpenAI's shape (the same code, a
+/// matching HTTP status).
+impl From<tonic::Status> for OpenAiError {
+    fn from(status: tonic::Status) -> Self {
+        let code = status
+            .metadata()
+            .get(millrace_proto::CODE_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("upstream_error")
+            .to_owned();
+        let http = match status.code() {
+            tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            tonic::Code::NotFound => StatusCode::NOT_FOUND,
+            tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            tonic::Code::Unavailable | tonic::Code::FailedPrecondition => StatusCode::SERVICE_UNAVAILABLE,
+            tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = status.message().to_owned();
+        Self::invalid(http, None, &code, message)
+    }
+}
+
+/// A side service this deployment does not reach (its URL flag is empty).
+pub(crate) fn not_configured(what: &str, flag: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        StatusCode::SERVICE_UNAVAILABLE,
+        None,
+        "unavailable",
+        format!("{what} is not available: ingest runs without {flag}"),
+    )
+}
+
+pub(crate) fn model_not_found(model: &str) -> OpenAiError {
     OpenAiError::invalid(
         StatusCode::NOT_FOUND,
         Some("model"),
@@ -191,10 +229,13 @@ const CHAT_FIELDS: &[&str] = &[
     "n",
 ];
 
+/// Whether a parameter's value is its neutral one.
+type IsNeutral = fn(&Value) -> bool;
+
 /// OpenAI parameters this API does not implement yet, accepted only at their neutral value
 /// (what OpenAI does when they are absent); any other value is refused with 400
 /// `unsupported_parameter` rather than ignored.
-const NEUTRAL_ONLY: &[(&str, fn(&Value) -> bool)] = &[
+const NEUTRAL_ONLY: &[(&str, IsNeutral)] = &[
     ("presence_penalty", |v| v.as_f64() == Some(0.0)),
     ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
     ("logprobs", |v| v.as_bool() == Some(false)),
@@ -239,13 +280,51 @@ enum Stop {
     Many(Vec<String>),
 }
 
-/// Decodes OpenAI's request body. Unknown fields are ignored (clients send many we do not use).
-pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
+/// A JSON body's top-level object.
+pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
     let text = std::str::from_utf8(body).map_err(|e| SubmitError::InvalidUtf8 { valid_up_to: e.valid_up_to() })?;
     let value: Value = serde_json::from_str(text).map_err(|e| SubmitError::MalformedJson(e.to_string()))?;
-    let Value::Object(mut object) = value else {
-        return Err(SubmitError::WrongType { field: "(body)".into(), detail: "expected an object".into() }.into());
+    match value {
+        Value::Object(object) => Ok(object),
+        _ => Err(SubmitError::WrongType { field: "(body)".into(), detail: "expected an object".into() }.into()),
+    }
+}
+
+/// Refuses what is left of a body once every supported field was taken.
+pub(crate) fn no_more_fields(object: &Map<String, Value>) -> Result<(), OpenAiError> {
+    match object.keys().next() {
+        Some(name) => Err(SubmitError::UnknownField(name.clone()).into()),
+        None => Ok(()),
+    }
+}
+
+/// OpenAI's `input` of embeddings and moderations: a string or an array of strings (token
+/// arrays and images are refused), at most `max` of them, none empty.
+pub(crate) fn text_inputs(object: &mut Map<String, Value>, max: usize) -> Result<Vec<String>, OpenAiError> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Input {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match take::<Input>(object, "input")?.ok_or(SubmitError::MissingField("input"))? {
+        Input::One(text) => vec![text],
+        Input::Many(texts) => texts,
     };
+    let refused =
+        |message: String| OpenAiError::invalid(StatusCode::BAD_REQUEST, Some("input"), "invalid_input", message);
+    if texts.is_empty() || texts.len() > max {
+        return Err(refused(format!("`input` must hold 1..={max} texts, got {}", texts.len())));
+    }
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(refused(format!("input[{i}] is empty")));
+    }
+    Ok(texts)
+}
+
+/// Decodes OpenAI's chat request body (see the module docs for what is refused).
+pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
+    let mut object = json_object(body)?;
     let messages: Vec<Map<String, Value>> =
         take(&mut object, "messages")?.ok_or(SubmitError::MissingField("messages"))?;
     let (text, earlier) = conversation(&messages)?;
@@ -303,7 +382,7 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
 }
 
 /// Removes and decodes `name`; absent and `null` both mean "not given".
-fn take<T: DeserializeOwned>(object: &mut Map<String, Value>, name: &str) -> Result<Option<T>, SubmitError> {
+pub(crate) fn take<T: DeserializeOwned>(object: &mut Map<String, Value>, name: &str) -> Result<Option<T>, SubmitError> {
     match object.remove(name) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => serde_json::from_value(value)
