@@ -23,6 +23,13 @@ pub struct IngestConfig {
     /// endpoint answers 503.
     #[arg(long, env = "MILLRACE_INFERENCE_URL", default_value = "http://127.0.0.1:50055")]
     pub inference_url: String,
+    /// File of API keys, one `<sha256 hex of the key> <tenant>` per line (see `auth`); with
+    /// keys configured every API asks for `Authorization: Bearer <key>`.
+    #[arg(long, env = "MILLRACE_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// API keys given inline, `<sha256 hex> <tenant>` entries separated by commas.
+    #[arg(long, env = "MILLRACE_API_KEYS", default_value = "", hide_env_values = true)]
+    pub api_keys: String,
     /// Unfinished requests one WebSocket may have; more are refused with `too_many_in_flight`.
     #[arg(long, env = "MILLRACE_INGEST_WS_MAX_IN_FLIGHT", default_value_t = 256)]
     pub ws_max_in_flight: usize,

@@ -30,6 +30,10 @@ pub enum ApiError {
     SocketBusy(usize),
     #[error("internal error")]
     Internal(#[source] BusError),
+    #[error("no API key: send `Authorization: Bearer <key>`")]
+    MissingApiKey,
+    #[error("the API key is not valid")]
+    InvalidApiKey,
 }
 
 impl From<BusError> for ApiError {
@@ -53,6 +57,8 @@ impl ApiError {
             Self::DeadlinePassed(_) => ("timeout", ErrorClass::Timeout),
             Self::SocketBusy(_) => ("too_many_in_flight", ErrorClass::Overloaded),
             Self::Internal(_) => ("internal", ErrorClass::Internal),
+            Self::MissingApiKey => ("missing_api_key", ErrorClass::Unauthenticated),
+            Self::InvalidApiKey => ("invalid_api_key", ErrorClass::Unauthenticated),
         }
     }
 

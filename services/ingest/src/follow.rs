@@ -12,6 +12,7 @@
 //! completion was not released yet, then the result itself. So for a completed request the
 //! streamed text always equals the stored completion.
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -25,6 +26,7 @@ use millrace_proto::{Message, now_unix_ms};
 use tonic::transport::Channel;
 use tracing::warn;
 
+use crate::auth::ApiKeys;
 use crate::error::ApiError;
 use crate::gateway::{Accepted, CancelOnDrop, Gateway};
 use crate::guard::StreamGuard;
@@ -55,6 +57,8 @@ pub struct Frontend {
     pub moderation: Option<ModerationClient<Channel>>,
     /// `Inference.Embed` for `/v1/embeddings`; `None` answers it 503.
     pub inference: Option<InferenceClient<Channel>>,
+    /// The API keys every API checks (none configured: keys are off).
+    pub keys: Arc<ApiKeys>,
 }
 
 impl Frontend {

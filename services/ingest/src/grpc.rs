@@ -4,6 +4,7 @@
 //! the result cancels the request. Every answer carries the request id in `x-request-id`
 //! metadata.
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use millrace_proto::now_unix_us;
@@ -13,6 +14,7 @@ use millrace_proto::v1::{GenerateEvent, SubmitRequest, SubmitResponse, TokenChun
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{ApiKeys, KeyTenant};
 use crate::follow::{Event, Follower, Frontend};
 use crate::submit::Submission;
 
@@ -28,7 +30,7 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> +
 impl Ingest for IngestApi {
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
         let received_unix_us = now_unix_us();
-        let accepted = self.frontend.gateway.submit(submission(request.into_inner()), received_unix_us).await?;
+        let accepted = self.frontend.gateway.submit(submission(request), received_unix_us).await?;
         let request_id = accepted.request_id.clone();
         Ok(with_request_id(
             Response::new(SubmitResponse { request_id: accepted.request_id, created: accepted.created }),
@@ -40,8 +42,7 @@ impl Ingest for IngestApi {
 
     async fn generate(&self, request: Request<SubmitRequest>) -> Result<Response<GenerateStream>, Status> {
         let received_unix_us = now_unix_us();
-        let (accepted, follower) =
-            self.frontend.submit_and_follow(submission(request.into_inner()), received_unix_us).await?;
+        let (accepted, follower) = self.frontend.submit_and_follow(submission(request), received_unix_us).await?;
         let request_id = accepted.request_id.clone();
         let first = GenerateEvent {
             event: Some(GenerateEventKind::Accepted(SubmitResponse {
@@ -51,6 +52,18 @@ impl Ingest for IngestApi {
         };
         let events = futures::stream::once(async move { Ok(first) }).chain(follow(follower));
         Ok(with_request_id(Response::new(Box::pin(events) as GenerateStream), &request_id))
+    }
+}
+
+/// The gRPC API's key check (an interceptor): `authorization: Bearer <key>` metadata, the
+/// key's tenant into the request's extensions, or `UNAUTHENTICATED` with the code.
+pub fn authenticate(keys: Arc<ApiKeys>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if let Some(tenant) = keys.authenticate(authorization)? {
+            request.extensions_mut().insert(tenant);
+        }
+        Ok(request)
     }
 }
 
@@ -79,10 +92,13 @@ fn follow(follower: Follower) -> impl Stream<Item = Result<GenerateEvent, Status
 
 /// proto3 cannot tell an empty string or a zero from "not given", so both read as not given —
 /// except `text`, which a submit always has: an empty one is `empty_text`.
-fn submission(r: SubmitRequest) -> Submission {
+/// With API keys on, the key's tenant (put there by [`authenticate`]) replaces the request's.
+fn submission(request: Request<SubmitRequest>) -> Submission {
+    let key_tenant = request.extensions().get::<KeyTenant>().map(|KeyTenant(t)| t.clone());
+    let r = request.into_inner();
     let given = |s: String| (!s.is_empty()).then_some(s);
     Submission {
-        tenant: given(r.tenant),
+        tenant: key_tenant.or(given(r.tenant)),
         idempotency_key: given(r.idempotency_key),
         user: given(r.user),
         session: given(r.session),
@@ -101,9 +117,25 @@ mod tests {
 
     #[test]
     fn zero_values_are_not_given() {
-        let s = submission(SubmitRequest { user: "u".into(), ..Default::default() });
+        let s = submission(Request::new(SubmitRequest { user: "u".into(), ..Default::default() }));
         assert_eq!(s, Submission { user: Some("u".into()), text: Some(String::new()), ..Default::default() });
-        let s = submission(SubmitRequest { deadline_ms: 250, tenant: "t".into(), ..Default::default() });
+        let s = submission(Request::new(SubmitRequest { deadline_ms: 250, tenant: "t".into(), ..Default::default() }));
         assert_eq!((s.deadline_ms, s.tenant.as_deref()), (Some(250), Some("t")));
+    }
+
+    #[test]
+    fn a_key_names_the_tenant_and_a_missing_one_is_unauthenticated() {
+        use sha2::{Digest, Sha256};
+        let entry = format!("{} acme", hex::encode(Sha256::digest(b"secret")));
+        let check = authenticate(Arc::new(ApiKeys::load(None, &entry).unwrap()));
+        let mut request = Request::new(());
+        request.metadata_mut().insert("authorization", "Bearer secret".parse().unwrap());
+        let passed = check(request).unwrap();
+        let mut request = Request::new(SubmitRequest { tenant: "other".into(), ..Default::default() });
+        request.extensions_mut().insert(passed.extensions().get::<KeyTenant>().unwrap().clone());
+        assert_eq!(submission(request).tenant.as_deref(), Some("acme"), "the key's tenant wins");
+        let refused = check(Request::new(())).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert_eq!(refused.metadata().get(millrace_proto::CODE_METADATA).unwrap(), "missing_api_key");
     }
 }

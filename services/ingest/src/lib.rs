@@ -32,6 +32,7 @@
 //!   `ws`); [`grpc`]: the gRPC API; [`results`]: status reads from the sink.
 //! - [`error`]: the one mapping of failures to codes, HTTP statuses and gRPC codes;
 //!   [`config`]: flags.
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod follow;

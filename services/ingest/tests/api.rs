@@ -349,3 +349,48 @@ async fn grpc_submit_validates_and_publishes_like_http() {
     assert!(status.message().starts_with("empty_text"), "{}", status.message());
     assert_eq!(status.metadata().get("x-millrace-code").unwrap(), "empty_text");
 }
+
+/// With API keys configured every API asks for one; the key's tenant is the request's tenant.
+#[tokio::test]
+async fn api_keys_guard_every_api_and_name_the_tenant() {
+    use sha2::{Digest, Sha256};
+    let digest = |key: &str| hex::encode(Sha256::digest(key.as_bytes()));
+    let keys = format!("--api-keys={} acme,{} globex", digest("key-acme"), digest("key-globex"));
+    let h = Harness::start(&[keys]).await;
+    let bearer = |key: &str| format!("Bearer {key}");
+
+    // Missing and wrong keys: 401 on the queries API, the OpenAI API and the WebSocket.
+    assert_error(h.submit(&good()).await, 401, "missing_api_key", "no key").await;
+    let wrong = bearer("key-nobody");
+    assert_error(h.submit_with(&good(), &[("authorization", &wrong)]).await, 401, "invalid_api_key", "wrong key").await;
+    for path in ["/v1/models", "/v1/ws", "/v1/queries/0190e5a0-0000-7000-8000-000000000000"] {
+        let response = h.client.get(h.url(path)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 401, "{path}");
+        let body = json_of(response).await;
+        assert_eq!(
+            (body["error"]["code"].as_str(), body["error"]["type"].as_str()),
+            (Some("missing_api_key"), Some("invalid_request_error")),
+            "{path}"
+        );
+    }
+    let models = h.client.get(h.url("/v1/models")).header("authorization", bearer("key-globex")).send().await.unwrap();
+    assert_eq!(models.status().as_u16(), 200);
+
+    // The right key: accepted, and its tenant wins over X-Tenant.
+    let acme = bearer("key-acme");
+    let response = h.submit_with(&good(), &[("authorization", &acme), ("x-tenant", "globex")]).await;
+    assert_eq!(response.status().as_u16(), 202);
+
+    // gRPC: the key rides in metadata.
+    let mut client = IngestClient::connect(format!("http://{}", h.grpc)).await.expect("gRPC connect");
+    let request =
+        SubmitRequest { user: "bob".into(), text: "Hello".into(), tenant: "acme".into(), ..Default::default() };
+    let refused = client.submit(request.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut with_key = tonic::Request::new(request);
+    with_key.metadata_mut().insert("authorization", bearer("key-globex").parse().unwrap());
+    client.submit(with_key).await.expect("submit with a key");
+
+    let tenants: Vec<String> = h.queries().await.into_iter().map(|(_, q)| q.ctx.unwrap().tenant).collect();
+    assert_eq!(tenants, ["acme", "globex"]);
+}

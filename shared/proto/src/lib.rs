@@ -84,6 +84,8 @@ pub enum ErrorClass {
     PayloadTooLarge,
     /// The body is not JSON: 415.
     UnsupportedMediaType,
+    /// No credentials, or wrong ones: 401.
+    Unauthenticated,
     /// What it names does not exist: 404.
     NotFound,
     /// This server cannot serve that kind of request as configured: 409.
@@ -105,6 +107,7 @@ impl ErrorClass {
             Self::Unprocessable => 422,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
+            Self::Unauthenticated => 401,
             Self::NotFound => 404,
             Self::FailedPrecondition => 409,
             Self::Overloaded => 429,
@@ -120,6 +123,7 @@ impl ErrorClass {
             Self::BadRequest | Self::Unprocessable | Self::PayloadTooLarge | Self::UnsupportedMediaType => {
                 Code::InvalidArgument
             }
+            Self::Unauthenticated => Code::Unauthenticated,
             Self::NotFound => Code::NotFound,
             Self::FailedPrecondition => Code::FailedPrecondition,
             Self::Overloaded => Code::ResourceExhausted,

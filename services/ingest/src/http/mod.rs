@@ -5,11 +5,11 @@
 //! one server.
 use std::net::SocketAddr;
 
-use actix_web::body::MessageBody;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
-use actix_web::http::header::HeaderValue;
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::{Next, from_fn};
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, HttpMessage, HttpServer, ResponseError, web};
 use tracing::info;
 use uuid::Uuid;
 
@@ -26,7 +26,12 @@ use request::REQUEST_ID;
 /// The server, bound; run it with `millrace_runtime::serve_http`.
 pub fn server(api: HttpApi, addr: SocketAddr) -> std::io::Result<Server> {
     Ok(HttpServer::new(move || {
-        App::new().app_data(web::Data::new(api.clone())).wrap(from_fn(request_id_on_every_response)).configure(routes)
+        App::new()
+            .app_data(web::Data::new(api.clone()))
+            // Outermost last: a refused key's answer gets its request id too.
+            .wrap(from_fn(authenticate))
+            .wrap(from_fn(request_id_on_every_response))
+            .configure(routes)
     })
     // The shell owns SIGTERM and drains every child; an in-flight submit waits at most one
     // PubAck timeout (5 s by default).
@@ -42,6 +47,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(embeddings::routes)
         .configure(moderations::routes)
         .configure(ws::routes);
+}
+
+/// Every route asks for an API key when keys are configured (see [`crate::auth`]); the key's
+/// tenant rides in the request's extensions. A refusal is 401 in OpenAI's error shape, whose
+/// `code` and `message` are the ingest API's shape too.
+async fn authenticate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let api = req.app_data::<web::Data<HttpApi>>().expect("the server holds its HttpApi").clone();
+    let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match api.frontend.keys.authenticate(authorization) {
+        Ok(tenant) => {
+            if let Some(tenant) = tenant {
+                req.extensions_mut().insert(tenant);
+            }
+            Ok(next.call(req).await?.map_into_left_body())
+        }
+        Err(e) => Ok(req.into_response(openai::OpenAiError::from(e).error_response()).map_into_right_body()),
+    }
 }
 
 /// Answers that name no request (refused input, a status read, `/v1/models`) get a fresh id of

@@ -41,7 +41,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use super::request::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, TENANT, check_content_type, header, read_body};
+use super::request::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, check_content_type, header, read_body, tenant};
 use crate::error::ApiError;
 use crate::follow::{Event, Follower};
 use crate::submit::{Submission, SubmitError};
@@ -480,7 +480,7 @@ async fn chat_completions(
 ) -> Result<HttpResponse, OpenAiError> {
     let received_unix_us = now_unix_us();
     check_content_type(&req)?;
-    let tenant = header(&req, TENANT).map_err(|_| SubmitError::BadIdentifier { field: "tenant" })?;
+    let tenant = tenant(&req)?;
     let session = header(&req, SESSION_ID).map_err(|_| SubmitError::BadIdentifier { field: "session" })?;
     let idempotency_key =
         header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;

@@ -8,7 +8,7 @@ use millrace_proto::now_unix_us;
 use millrace_proto::v1::RequestContext;
 use serde_json::json;
 
-use super::request::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, TENANT, check_content_type, header, read_body};
+use super::request::{HttpApi, IDEMPOTENCY_KEY, REQUEST_ID, check_content_type, header, read_body, tenant};
 use crate::error::ApiError;
 use crate::gateway::parse_request_id;
 use crate::json::decode_submission;
@@ -25,7 +25,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 async fn submit(req: HttpRequest, body: web::Payload, api: web::Data<HttpApi>) -> Result<HttpResponse, ApiError> {
     let received_unix_us = now_unix_us();
     check_content_type(&req)?;
-    let tenant = header(&req, TENANT).map_err(|_| SubmitError::BadIdentifier { field: "tenant" })?;
+    let tenant = tenant(&req)?;
     let idempotency_key =
         header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
     let body = read_body(body, api.max_body_bytes).await?;

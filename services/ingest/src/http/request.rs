@@ -4,6 +4,7 @@ use actix_web::http::header::{self, HeaderName, ToStrError};
 use actix_web::{HttpMessage, HttpRequest, mime, web};
 use bytes::Bytes;
 
+use crate::auth::KeyTenant;
 use crate::follow::Frontend;
 use crate::submit::SubmitError;
 
@@ -33,6 +34,14 @@ pub fn check_content_type(req: &HttpRequest) -> Result<(), SubmitError> {
                 .map_or_else(|| "(none)".to_owned(), |v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         )),
     }
+}
+
+/// The request's tenant: its API key's when keys are configured, else its `X-Tenant` header.
+pub fn tenant(req: &HttpRequest) -> Result<Option<String>, SubmitError> {
+    if let Some(KeyTenant(tenant)) = req.extensions().get::<KeyTenant>() {
+        return Ok(Some(tenant.clone()));
+    }
+    header(req, TENANT).map_err(|_| SubmitError::BadIdentifier { field: "tenant" })
 }
 
 /// An optional header's value; an error when it is present but not visible ASCII.

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::request::{HttpApi, TENANT, header};
+use super::request::{HttpApi, tenant};
 use crate::error::ApiError;
 use crate::follow::{Event, Follower, Frontend};
 use crate::json::submission_from_json;
@@ -47,7 +47,7 @@ async fn upgrade(
     body: web::Payload,
     api: web::Data<HttpApi>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let tenant = header(&req, TENANT).map_err(|_| ApiError::from(SubmitError::BadIdentifier { field: "tenant" }))?;
+    let tenant = tenant(&req).map_err(ApiError::from)?;
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages = messages.max_frame_size(api.max_body_bytes).aggregate_continuations();
     let socket = Socket {
