@@ -47,6 +47,9 @@ pub struct Submission {
     /// No server-side history: the prompt is `messages` + `text` alone and no conversation is
     /// read or written (`session` must then be absent).
     pub stateless: bool,
+    /// `text` is the whole prompt, continued as it is: no chat template, no history
+    /// (OpenAI's legacy completions).
+    pub raw_prompt: bool,
 }
 
 /// Why a submit was refused. Each variant is one class of bad input with its own stable code.
@@ -159,6 +162,7 @@ impl Submission {
                 accepted_unix_ms,
                 priority: self.priority,
                 stateless: self.stateless,
+                raw_prompt: self.raw_prompt,
             }),
             timings: Some(timings),
             text,

@@ -194,6 +194,13 @@ for kwargs, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"logpro
         raise SystemExit(f"{kwargs} accepted")
     except openai.BadRequestError as e:
         assert e.status_code == 400 and e.body["param"] == param, e.body
+# Legacy completions: the prompt is continued as it is (no chat template around it).
+c = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0)
+assert c.object == "text_completion" and c.choices[0].text and c.choices[0].finish_reason in ("stop", "length"), c
+assert c.usage.prompt_tokens == 5, c.usage
+parts = [ch.choices[0].text for ch in client.completions.create(model="smollm2-135m", prompt="The capital of France is",
+                                                                  max_tokens=8, temperature=0, stream=True) if ch.choices]
+assert "".join(parts) == c.choices[0].text, (parts, c.choices[0].text)
 # Embeddings: related texts closer than unrelated ones; base64 is the same vector.
 import base64, struct
 texts = ["A cat sits on the mat.", "A kitten is lying on a rug.", "Quarterly revenue grew by five percent."]

@@ -135,6 +135,15 @@ impl<C: TokenCount> PromptModel<C> {
         Ok((prompt, tokens))
     }
 
+    /// A prompt sent as it is (a legacy completion's): counted, refused past the context window.
+    pub fn raw(&self, prompt: &str) -> Result<Built, PromptError> {
+        let tokens = self.counter.count(prompt)?;
+        if tokens > self.context_length {
+            return Err(PromptError::TooLong { tokens, context_length: self.context_length });
+        }
+        Ok(Built { prompt: prompt.to_owned(), prompt_tokens: tokens, turns_used: 0, turns_dropped: 0 })
+    }
+
     /// The prompt for the conversation, with as many of its newest units as the budget holds
     /// (see the module docs).
     pub fn build(&self, policy: &PromptPolicy, c: &Conversation) -> Result<Built, PromptError> {

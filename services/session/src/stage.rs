@@ -41,9 +41,11 @@ pub struct SessionCore<B> {
 }
 
 impl<B> SessionCore<B> {
-    pub fn build_prompt(&self, model: &str, conversation: &Conversation) -> Result<Built, PromptError> {
+    /// The prompt of a query: its raw text when it asks for no template, else the model's
+    /// template over its conversation.
+    pub fn build_prompt(&self, model: &str, conversation: &Conversation, raw: bool) -> Result<Built, PromptError> {
         let m = self.models.get(model).ok_or_else(|| PromptError::Models(format!("unknown model {model:?}")))?;
-        m.build(&self.policy, conversation)
+        if raw { m.raw(&conversation.user_text) } else { m.build(&self.policy, conversation) }
     }
 }
 
@@ -86,7 +88,7 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
         // query has no conversation to look into.
         let mut passed_before = false;
         if delivery.deliveries > 1 {
-            if !ctx.stateless {
+            if ctx.keeps_history() {
                 let loaded = self.core.store.load(&id).await.map_err(store_error)?;
                 passed_before = loaded.conversation.is_some_and(|c| c.knows(request_id));
             }
@@ -103,7 +105,7 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
 
         // A stateless query's prompt is its own messages; otherwise its pending turn is
         // recorded first and the conversation's history comes before its messages.
-        let history = if ctx.stateless {
+        let history = if !ctx.keeps_history() {
             Vec::new()
         } else {
             let now = now_unix_ms();
@@ -127,9 +129,9 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
             query.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())),
             &query.text,
         );
-        let (core, model) = (self.core.clone(), ctx.model.clone());
+        let (core, model, raw) = (self.core.clone(), ctx.model.clone(), ctx.raw_prompt);
         // Rendering and tokenizing a long conversation is CPU work: off the async workers.
-        let built = tokio::task::spawn_blocking(move || core.build_prompt(&model, &conversation))
+        let built = tokio::task::spawn_blocking(move || core.build_prompt(&model, &conversation, raw))
             .await
             .map_err(|e| StageError::transient(format!("prompt task: {e}"), Duration::from_millis(100)))?;
         let built = match built {
@@ -215,7 +217,8 @@ impl<B: KvBackend> Handler for ResultsStage<B> {
             return Ok(());
         };
         // A stateless request has no conversation to complete.
-        let Some(ctx) = result.ctx.as_ref().filter(|c| !c.request_id.is_empty() && !c.user.is_empty() && !c.stateless)
+        let Some(ctx) =
+            result.ctx.as_ref().filter(|c| !c.request_id.is_empty() && !c.user.is_empty() && c.keeps_history())
         else {
             return Ok(());
         };

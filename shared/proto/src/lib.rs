@@ -16,6 +16,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 pub use prost::Message;
 use v1::{RequestContext, StageTiming, TerminalStatus, Timings};
 
+impl RequestContext {
+    /// Whether the request continues a stored conversation (and so is stored in it): not when
+    /// it is stateless or a raw prompt.
+    pub fn keeps_history(&self) -> bool {
+        !self.stateless && !self.raw_prompt
+    }
+}
+
 /// A message that belongs to one request and carries its [`RequestContext`] as field 1 (`ctx`),
 /// so any stage, the DLQ and the sink can read the context without knowing the message's type
 /// (see `Envelope`). `Batch` is the one edge message that does not: it carries many requests'

@@ -53,6 +53,7 @@ const CHAT_DEADLINE_MS: u32 = 60_000;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
+        .route("/v1/completions", web::post().to(completions))
         .route("/v1/models", web::get().to(models))
         .route("/v1/models/{id}", web::get().to(model));
 }
@@ -280,6 +281,75 @@ enum Stop {
     Many(Vec<String>),
 }
 
+/// A decoded legacy completion request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TextRequest {
+    pub model: Option<String>,
+    pub prompt: String,
+    pub user: Option<String>,
+    pub params: GenerationParams,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Decodes `POST /v1/completions`: `prompt` a string (or an array of one), the sampling
+/// parameters chat takes; `echo`, `suffix`, `best_of`, `logprobs` only at their defaults.
+pub fn decode_text_completion(body: &[u8]) -> Result<TextRequest, OpenAiError> {
+    let mut object = json_object(body)?;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Prompt {
+        One(String),
+        Many(Vec<String>),
+    }
+    let prompt = match take::<Prompt>(&mut object, "prompt")?.ok_or(SubmitError::MissingField("prompt"))? {
+        Prompt::One(p) => p,
+        Prompt::Many(mut p) if p.len() == 1 => p.remove(0),
+        Prompt::Many(_) => {
+            return Err(OpenAiError::invalid(
+                StatusCode::BAD_REQUEST,
+                Some("prompt"),
+                "unsupported_parameter",
+                "one prompt per request is supported",
+            ));
+        }
+    };
+    for (name, neutral) in [("echo", json!(false)), ("best_of", json!(1)), ("logprobs", json!(0))] {
+        match object.remove(name) {
+            None | Some(Value::Null) => {}
+            Some(v) if v == neutral => {}
+            Some(_) => {
+                return Err(OpenAiError::invalid(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    "unsupported_parameter",
+                    format!("`{name}` is not supported by this server (only its default value is accepted)"),
+                ));
+            }
+        }
+    }
+    if object.get("suffix").is_some_and(|v| !v.is_null()) {
+        return Err(OpenAiError::invalid(
+            StatusCode::BAD_REQUEST,
+            Some("suffix"),
+            "unsupported_parameter",
+            "`suffix` is not supported",
+        ));
+    }
+    object.remove("suffix");
+    let sampling = sampling(&mut object)?;
+    let request = TextRequest {
+        model: take(&mut object, "model")?,
+        prompt,
+        user: take(&mut object, "user")?,
+        params: sampling.params,
+        stream: sampling.stream,
+        include_usage: sampling.include_usage,
+    };
+    refuse_the_rest(&object)?;
+    Ok(request)
+}
+
 /// A JSON body's top-level object.
 pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
     let text = std::str::from_utf8(body).map_err(|e| SubmitError::InvalidUtf8 { valid_up_to: e.valid_up_to() })?;
@@ -328,7 +398,29 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     let messages: Vec<Map<String, Value>> =
         take(&mut object, "messages")?.ok_or(SubmitError::MissingField("messages"))?;
     let (text, earlier) = conversation(&messages)?;
-    if let Some(n) = take::<u32>(&mut object, "n")?
+    let sampling = sampling(&mut object)?;
+    let request = ChatRequest {
+        model: take(&mut object, "model")?,
+        text,
+        earlier,
+        user: take(&mut object, "user")?,
+        params: sampling.params,
+        stream: sampling.stream,
+        include_usage: sampling.include_usage,
+    };
+    refuse_the_rest(&object)?;
+    Ok(request)
+}
+
+/// What chat and text completions both take: generation parameters and streaming.
+struct Sampling {
+    params: GenerationParams,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
+    if let Some(n) = take::<u32>(object, "n")?
         && n != 1
     {
         return Err(OpenAiError::invalid(
@@ -338,33 +430,33 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
             "only n = 1 is supported",
         ));
     }
-    let max_tokens = match take::<u32>(&mut object, "max_completion_tokens")? {
+    let max_tokens = match take::<u32>(object, "max_completion_tokens")? {
         Some(n) => Some(n),
-        None => take(&mut object, "max_tokens")?,
+        None => take(object, "max_tokens")?,
     };
     let params = GenerationParams {
         max_new_tokens: max_tokens.unwrap_or_default(),
-        temperature: take(&mut object, "temperature")?,
-        top_p: take(&mut object, "top_p")?,
+        temperature: take(object, "temperature")?,
+        top_p: take(object, "top_p")?,
         top_k: 0,
-        seed: take(&mut object, "seed")?,
-        stop: match take::<Stop>(&mut object, "stop")? {
+        seed: take(object, "seed")?,
+        stop: match take::<Stop>(object, "stop")? {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
         },
     };
-    let request = ChatRequest {
-        model: take(&mut object, "model")?,
-        text,
-        earlier,
-        user: take(&mut object, "user")?,
+    Ok(Sampling {
         params,
-        stream: take(&mut object, "stream")?.unwrap_or(false),
-        include_usage: take::<StreamOptions>(&mut object, "stream_options")?.is_some_and(|o| o.include_usage),
-    };
-    // What is left is either a parameter at its neutral value or one this API does not do.
-    for (name, value) in &object {
+        stream: take(object, "stream")?.unwrap_or(false),
+        include_usage: take::<StreamOptions>(object, "stream_options")?.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// What is left of a body once every supported field was taken: a parameter at its neutral
+/// value, or one this API does not do (refused, never ignored).
+fn refuse_the_rest(object: &Map<String, Value>) -> Result<(), OpenAiError> {
+    for (name, value) in object {
         match NEUTRAL_ONLY.iter().find(|(known, _)| known == name) {
             Some((_, neutral)) if value.is_null() || neutral(value) => {}
             Some((known, _)) => {
@@ -378,7 +470,7 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
             None => return Err(SubmitError::UnknownField(name.clone()).into()),
         }
     }
-    Ok(request)
+    Ok(())
 }
 
 /// Removes and decodes `name`; absent and `null` both mean "not given".
@@ -480,13 +572,9 @@ async fn chat_completions(
 ) -> Result<HttpResponse, OpenAiError> {
     let received_unix_us = now_unix_us();
     check_content_type(&req)?;
-    let tenant = tenant(&req)?;
+    let (tenant, idempotency_key) = tenant_and_key(&req)?;
     let session = header(&req, SESSION_ID).map_err(|_| SubmitError::BadIdentifier { field: "session" })?;
-    let idempotency_key =
-        header(&req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
-    let body = read_body(body, api.max_body_bytes).await?;
-    let chat = decode_chat(&body)?;
-    let deadline_ms = CHAT_DEADLINE_MS.min(api.frontend.gateway.policy().max_deadline_ms);
+    let chat = decode_chat(&read_body(body, api.max_body_bytes).await?)?;
     let submission = Submission {
         tenant,
         idempotency_key,
@@ -498,24 +586,80 @@ async fn chat_completions(
         messages: chat.earlier,
         model: chat.model,
         params: chat.params,
-        deadline_ms: Some(i64::from(deadline_ms)),
-        priority: 0,
+        deadline_ms: Some(i64::from(deadline_ms(&api))),
+        ..Default::default()
     };
+    let shape = Shape { flavor: Flavor::Chat, stream: chat.stream, include_usage: chat.include_usage };
+    complete(&api, submission, shape, received_unix_us).await
+}
+
+/// `POST /v1/completions`: a plain prompt, continued as it is (no chat template, no history).
+async fn completions(
+    req: HttpRequest,
+    body: web::Payload,
+    api: web::Data<HttpApi>,
+) -> Result<HttpResponse, OpenAiError> {
+    let received_unix_us = now_unix_us();
+    check_content_type(&req)?;
+    let (tenant, idempotency_key) = tenant_and_key(&req)?;
+    let text = decode_text_completion(&read_body(body, api.max_body_bytes).await?)?;
+    let submission = Submission {
+        tenant,
+        idempotency_key,
+        user: Some(text.user.unwrap_or_else(|| DEFAULT_USER.to_owned())),
+        stateless: true,
+        raw_prompt: true,
+        text: Some(text.prompt),
+        model: text.model,
+        params: text.params,
+        deadline_ms: Some(i64::from(deadline_ms(&api))),
+        ..Default::default()
+    };
+    let shape = Shape { flavor: Flavor::Text, stream: text.stream, include_usage: text.include_usage };
+    complete(&api, submission, shape, received_unix_us).await
+}
+
+fn tenant_and_key(req: &HttpRequest) -> Result<(Option<String>, Option<String>), SubmitError> {
+    let idempotency_key =
+        header(req, IDEMPOTENCY_KEY).map_err(|_| SubmitError::BadIdempotencyKey("must be visible ASCII".into()))?;
+    Ok((tenant(req)?, idempotency_key))
+}
+
+fn deadline_ms(api: &HttpApi) -> u32 {
+    CHAT_DEADLINE_MS.min(api.frontend.gateway.policy().max_deadline_ms)
+}
+
+/// Which OpenAI API answers, and how.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    flavor: Flavor,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Submits, follows the request to its end and answers in the flavor's shape: one body, or a
+/// stream of chunks.
+async fn complete(
+    api: &HttpApi,
+    submission: Submission,
+    shape: Shape,
+    received_unix_us: i64,
+) -> Result<HttpResponse, OpenAiError> {
     let (accepted, mut follower) = api.frontend.submit_and_follow(submission, received_unix_us).await?;
     let request_id = accepted.request_id.clone();
     let meta = Meta {
-        id: format!("chatcmpl-{request_id}"),
+        id: format!("{}{request_id}", shape.flavor.id_prefix()),
         created: received_unix_us / 1_000_000,
         model: accepted.model,
-        include_usage: chat.include_usage,
+        include_usage: shape.include_usage,
+        flavor: shape.flavor,
     };
-    if chat.stream {
-        let events = stream_chat(follower, meta);
+    if shape.stream {
         return Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header((REQUEST_ID, request_id.as_str()))
             .insert_header(("cache-control", "no-cache"))
-            .streaming(events));
+            .streaming(stream_completion(follower, meta)));
     }
     let row = loop {
         match follower.next().await {
@@ -526,19 +670,53 @@ async fn chat_completions(
         }
     };
     let finish_reason = outcome(&row).map_err(|e| e.with_request_id(&request_id))?;
-    Ok(HttpResponse::Ok().insert_header((REQUEST_ID, request_id.as_str())).json(json!({
-        "id": meta.id,
-        "object": "chat.completion",
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [{
+    let choice = match meta.flavor {
+        Flavor::Chat => json!({
             "index": 0,
             "message": { "role": "assistant", "content": row.completion },
             "logprobs": null,
             "finish_reason": finish_reason,
-        }],
+        }),
+        Flavor::Text => json!({ "index": 0, "text": row.completion, "logprobs": null, "finish_reason": finish_reason }),
+    };
+    Ok(HttpResponse::Ok().insert_header((REQUEST_ID, request_id.as_str())).json(json!({
+        "id": meta.id,
+        "object": meta.flavor.object(),
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
         "usage": usage(&row),
     })))
+}
+
+/// Chat completions or legacy text completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Chat,
+    Text,
+}
+
+impl Flavor {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Chat => "chatcmpl-",
+            Self::Text => "cmpl-",
+        }
+    }
+
+    fn object(self) -> &'static str {
+        match self {
+            Self::Chat => "chat.completion",
+            Self::Text => "text_completion",
+        }
+    }
+
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Self::Chat => "chat.completion.chunk",
+            Self::Text => "text_completion",
+        }
+    }
 }
 
 /// What every chunk of one completion repeats.
@@ -547,6 +725,7 @@ struct Meta {
     created: i64,
     model: String,
     include_usage: bool,
+    flavor: Flavor,
 }
 
 /// OpenAI's `usage` of a terminal row.
@@ -561,24 +740,47 @@ fn usage(row: &ResultRow) -> Value {
 impl Meta {
     /// The last chunk of a stream asked for with `include_usage`: no choices, the usage.
     fn usage_chunk(&self, row: &ResultRow) -> Bytes {
-        event(&json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage(row),
-        }))
+        self.chunk_with(json!([]), Some(usage(row)))
     }
 
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Bytes {
-        event(&json!({
+    /// A chat stream opens with the assistant's role; a text stream with its first text.
+    fn opening(&self) -> Option<Bytes> {
+        (self.flavor == Flavor::Chat).then(|| self.choice_chunk(json!({ "role": "assistant", "content": "" }), None))
+    }
+
+    fn text_chunk(&self, text: String) -> Bytes {
+        match self.flavor {
+            Flavor::Chat => self.choice_chunk(json!({ "content": text }), None),
+            Flavor::Text => self.choice_chunk(json!(text), None),
+        }
+    }
+
+    fn finish_chunk(&self, finish_reason: &str) -> Bytes {
+        match self.flavor {
+            Flavor::Chat => self.choice_chunk(json!({}), Some(finish_reason)),
+            Flavor::Text => self.choice_chunk(json!(""), Some(finish_reason)),
+        }
+    }
+
+    /// One choice: a chat `delta`, or a text completion's `text`.
+    fn choice_chunk(&self, content: Value, finish_reason: Option<&str>) -> Bytes {
+        let key = if self.flavor == Flavor::Chat { "delta" } else { "text" };
+        let choice = json!({ "index": 0, key: content, "logprobs": null, "finish_reason": finish_reason });
+        self.chunk_with(json!([choice]), None)
+    }
+
+    fn chunk_with(&self, choices: Value, usage: Option<Value>) -> Bytes {
+        let mut chunk = json!({
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": self.flavor.chunk_object(),
             "created": self.created,
             "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
-        }))
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        event(&chunk)
     }
 }
 
@@ -588,31 +790,24 @@ fn event(value: &Value) -> Bytes {
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
-/// One stream's events: the role chunk, the text as it is released, then the outcome and
-/// `[DONE]`. The follower lives inside the stream, so a client that goes away (actix drops the
-/// stream) cancels its request.
-fn stream_chat(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
+/// One stream's events: a chat's role chunk, the text as it is released, then the outcome
+/// (and the usage, when asked for) and `[DONE]`. The follower lives inside the stream, so a
+/// client that goes away (actix drops the stream) cancels its request.
+fn stream_completion(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
     enum State {
-        Start(Follower),
-        Following(Follower),
+        Following(Box<Follower>),
         Usage(Box<ResultRow>),
         Done,
         End,
     }
-    futures::stream::unfold((State::Start(follower), meta), |(state, meta)| async move {
+    let opening = futures::stream::iter(meta.opening().map(Ok::<_, actix_web::Error>));
+    let rest = futures::stream::unfold((State::Following(Box::new(follower)), meta), |(state, meta)| async move {
         let (bytes, next) = match state {
-            State::Start(follower) => {
-                (meta.chunk(json!({ "role": "assistant", "content": "" }), None), State::Following(follower))
-            }
             State::Following(mut follower) => match follower.next().await {
-                Some(Ok(Event::Text(text))) => {
-                    (meta.chunk(json!({ "content": text }), None), State::Following(follower))
-                }
+                Some(Ok(Event::Text(text))) => (meta.text_chunk(text), State::Following(follower)),
                 Some(Ok(Event::Finished(row))) => match outcome(&row) {
-                    Ok(finish_reason) if meta.include_usage => {
-                        (meta.chunk(json!({}), Some(finish_reason)), State::Usage(row))
-                    }
-                    Ok(finish_reason) => (meta.chunk(json!({}), Some(finish_reason)), State::Done),
+                    Ok(finish_reason) if meta.include_usage => (meta.finish_chunk(finish_reason), State::Usage(row)),
+                    Ok(finish_reason) => (meta.finish_chunk(finish_reason), State::Done),
                     Err(e) => (event(&e.body()), State::Done),
                 },
                 Some(Err(e)) => (event(&OpenAiError::from(e).body()), State::Done),
@@ -623,8 +818,10 @@ fn stream_chat(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Re
             State::End => return None,
         };
         Some((Ok(bytes), (next, meta)))
-    })
+    });
+    futures::StreamExt::chain(opening, rest)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
