@@ -107,6 +107,8 @@ fn submission(request: Request<SubmitRequest>) -> Submission {
         params: r.params.unwrap_or_default(),
         deadline_ms: (r.deadline_ms != 0).then(|| i64::from(r.deadline_ms)),
         priority: r.priority,
+        messages: r.messages,
+        stateless: r.stateless,
         ..Default::default()
     }
 }

@@ -3,7 +3,7 @@
 //! The body is read in steps — UTF-8, then JSON syntax, then each known field by its type — so
 //! each failure gets its own error class and names the field at fault. (serde's derived
 //! `Deserialize` would fold missing, unknown and mistyped fields into one opaque error.)
-use millrace_proto::v1::GenerationParams;
+use millrace_proto::v1::{ChatTurn, GenerationParams};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Number, Value};
 
@@ -29,10 +29,31 @@ pub fn submission_from_json(value: Value, path: Option<&'static str>) -> Result<
         params: fields.take("params")?.map(decode_params).transpose()?.unwrap_or_default(),
         deadline_ms: fields.take("deadline_ms")?.map(deadline_ms).transpose()?,
         priority: fields.take("priority")?.unwrap_or_default(),
+        messages: fields
+            .take::<Vec<Turn>>("messages")?
+            .unwrap_or_default()
+            .into_iter()
+            .map(Turn::into_chat_turn)
+            .collect(),
+        stateless: fields.take("stateless")?.unwrap_or_default(),
         ..Default::default()
     };
     fields.finish()?;
     Ok(submission)
+}
+
+/// One of `messages`: `{"role", "content"}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Turn {
+    role: String,
+    content: String,
+}
+
+impl Turn {
+    fn into_chat_turn(self) -> ChatTurn {
+        ChatTurn { role: self.role, content: self.content }
+    }
 }
 
 fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {

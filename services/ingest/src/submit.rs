@@ -86,6 +86,10 @@ pub enum SubmitError {
     BadIdempotencyKey(String),
     #[error("`{field}` must be 1..={MAX_IDENTIFIER_CHARS} characters")]
     BadIdentifier { field: &'static str },
+    #[error("bad messages: {0}")]
+    BadMessages(String),
+    #[error("a stateless request names no session")]
+    SessionWithStateless,
 }
 
 impl SubmitError {
@@ -109,6 +113,8 @@ impl SubmitError {
             Self::UnsupportedMediaType(_) => ("unsupported_media_type", C::UnsupportedMediaType),
             Self::BadIdempotencyKey(_) => ("bad_idempotency_key", C::BadRequest),
             Self::BadIdentifier { .. } => ("bad_identifier", C::Unprocessable),
+            Self::BadMessages(_) => ("bad_messages", C::Unprocessable),
+            Self::SessionWithStateless => ("session_and_stateless", C::Unprocessable),
         }
     }
 
@@ -131,12 +137,14 @@ impl Submission {
         let text = self.text.ok_or(SubmitError::MissingField("text"))?;
         check_text(&text, policy.max_text_chars)?;
         let session = match (self.stateless, self.session) {
-            (true, _) => String::new(),
+            (true, Some(_)) => return Err(SubmitError::SessionWithStateless),
+            (true, None) => String::new(),
             (false, session) => session.unwrap_or_else(|| DEFAULT_SESSION.to_owned()),
         };
         if !self.stateless {
             check_identifier("session", &session)?;
         }
+        check_messages(&self.messages, policy.max_text_chars)?;
         let tenant = self.tenant.unwrap_or_else(|| policy.default_tenant.clone());
         check_identifier("tenant", &tenant)?;
         if let Some(key) = &self.idempotency_key {
@@ -235,6 +243,22 @@ fn check_params(p: &GenerationParams, max_new_tokens: u32) -> Result<(), SubmitE
         return Ok(());
     };
     Err(SubmitError::BadParams(problem))
+}
+
+/// The roles a conversation's messages may have.
+pub const CHAT_ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// Earlier messages: known roles, and no more text in all of them than a text may have times
+/// the number of messages (each is a turn of its own; the token budget trims them later).
+fn check_messages(messages: &[ChatTurn], max_chars: usize) -> Result<(), SubmitError> {
+    if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str())) {
+        return Err(SubmitError::BadMessages(format!("messages[{i}]: role {:?} is not one of {CHAT_ROLES:?}", m.role)));
+    }
+    if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| m.content.chars().count() > max_chars) {
+        let chars = m.content.chars().count();
+        return Err(SubmitError::BadMessages(format!("messages[{i}] has {chars} characters; at most {max_chars}")));
+    }
+    Ok(())
 }
 
 fn check_deadline(deadline_ms: Option<i64>, policy: &SubmitPolicy) -> Result<i64, SubmitError> {

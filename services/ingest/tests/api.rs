@@ -394,3 +394,44 @@ async fn api_keys_guard_every_api_and_name_the_tenant() {
     let tenants: Vec<String> = h.queries().await.into_iter().map(|(_, q)| q.ctx.unwrap().tenant).collect();
     assert_eq!(tenants, ["acme", "globex"]);
 }
+
+/// The queries API, the WebSocket and gRPC have OpenAI's stateless choice too: a submit may
+/// carry earlier `messages` and ask for no server-side history.
+#[tokio::test]
+async fn a_stateless_submit_carries_its_messages_and_names_no_session() {
+    let h = Harness::start(&[]).await;
+    let body = json!({
+        "user": "alice",
+        "text": "And in winter?",
+        "stateless": true,
+        "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": "Is Oslo cold?" }, { "role": "assistant", "content": "Yes." }],
+    });
+    assert_eq!(h.submit(&body).await.status().as_u16(), 202);
+    let mut with_session = body.clone();
+    with_session["session"] = json!("s1");
+    assert_error(h.submit(&with_session).await, 422, "session_and_stateless", "stateless with a session").await;
+    let mut bad_role = body.clone();
+    bad_role["messages"][0]["role"] = json!("tool");
+    assert_error(h.submit(&bad_role).await, 422, "bad_messages", "unknown role").await;
+
+    let mut client = IngestClient::connect(format!("http://{}", h.grpc)).await.expect("gRPC connect");
+    let turn = |role: &str, content: &str| millrace_proto::v1::ChatTurn { role: role.into(), content: content.into() };
+    let request = SubmitRequest {
+        user: "bob".into(),
+        text: "Why?".into(),
+        stateless: true,
+        messages: vec![turn("user", "Is the sky blue?"), turn("assistant", "Yes.")],
+        ..Default::default()
+    };
+    client.submit(request).await.expect("stateless gRPC submit");
+
+    let queries = h.queries().await;
+    assert_eq!(queries.len(), 2);
+    for (_, q) in &queries {
+        let ctx = q.ctx.as_ref().unwrap();
+        assert!(ctx.stateless && ctx.session.is_empty(), "{ctx:?}");
+    }
+    let roles: Vec<&str> = queries[0].1.messages.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["system", "user", "assistant"]);
+    assert_eq!(queries[1].1.messages.len(), 2);
+}

@@ -196,7 +196,7 @@ pub(crate) fn model_not_found(model: &str) -> OpenAiError {
 fn param_of(e: &SubmitError) -> (Option<&'static str>, String) {
     let message = e.to_string().replace("max_new_tokens", "max_tokens").replace("`text`", "the last user message");
     let param = match e {
-        SubmitError::EmptyText | SubmitError::TextTooLong { .. } => Some("messages"),
+        SubmitError::EmptyText | SubmitError::TextTooLong { .. } | SubmitError::BadMessages(_) => Some("messages"),
         SubmitError::UnknownModel { .. } => Some("model"),
         SubmitError::BadIdentifier { field: "user" } => Some("user"),
         SubmitError::BadIdentifier { field: "session" } => Some("X-Session-Id"),
