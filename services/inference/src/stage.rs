@@ -186,6 +186,7 @@ fn completion(prompt: Prompt, g: Generation, model_version: &str) -> Completion 
         finish_reason: g.finish.as_str().to_owned(),
         user_text: prompt.user_text,
         verdicts: prompt.verdicts,
+        turns_dropped: prompt.turns_dropped,
     }
 }
 
@@ -209,6 +210,7 @@ fn terminal(
         model_version: model_version.to_owned(),
         prompt_tokens,
         completion_tokens,
+        turns_dropped: prompt.turns_dropped,
         ..terminal_result(STAGE, prompt.ctx, prompt.timings, status, reason, detail)
     }
 }

@@ -114,6 +114,7 @@ pub fn output_outbound(mut c: Completion, decision: &Decision, refusal: &str, re
         model_version: c.model_version,
         prompt_tokens: c.prompt_tokens,
         completion_tokens: c.completion_tokens,
+        turns_dropped: c.turns_dropped,
         ..terminal_result(STAGE_OUTPUT, c.ctx, c.timings, status, reason, detail)
     })
 }
@@ -157,6 +158,7 @@ mod tests {
             model_version: "v1".into(),
             finish_reason: "eos".into(),
             verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
+            turns_dropped: 2,
         }
     }
 
@@ -200,7 +202,7 @@ mod tests {
         let r = TerminalResult::decode(out.payload.as_ref()).unwrap();
         assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Completed, "eos"));
         assert_eq!((r.prompt.as_str(), r.completion.as_str(), r.model_version.as_str()), ("hi", text, "v1"));
-        assert_eq!((r.prompt_tokens, r.completion_tokens), (9, 4));
+        assert_eq!((r.prompt_tokens, r.completion_tokens, r.turns_dropped), (9, 4, 2));
         let v: Vec<_> = r.verdicts.iter().map(|v| (v.stage.as_str(), v.action.as_str())).collect();
         assert_eq!(v, [("input", "allow"), ("output", "allow")]);
         assert_eq!(stages(r.timings), ["preprocess", "moderation-output"]);

@@ -168,6 +168,7 @@ pub fn prompt_message(query: AdmittedQuery, built: Built, received_unix_us: i64)
         prompt: built.prompt,
         prompt_tokens: built.prompt_tokens as u32,
         turns_used: built.turns_used as u32,
+        turns_dropped: built.turns_dropped as u32,
         user_text: query.text,
         verdicts: query.verdicts,
     };

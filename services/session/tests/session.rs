@@ -394,6 +394,7 @@ async fn history_is_trimmed_oldest_first_to_the_token_budget() {
     assert!(p.prompt_tokens as usize <= budget, "{} tokens over the budget {budget}", p.prompt_tokens);
     let used = p.turns_used as usize;
     assert!((1..6).contains(&used), "turns_used {used}: the budget holds some but not all six exchanges");
+    assert_eq!(p.turns_dropped as usize, 6 - used, "the prompt says how much was trimmed");
     // Exactly the newest `used` exchanges, whole and in order.
     let expected: Vec<(String, String)> = [("system".to_owned(), SYSTEM.to_owned())]
         .into_iter()

@@ -65,7 +65,8 @@ pub struct Store {
 }
 
 const RESULT_COLUMNS: &str = "request_id, tenant, user_id, session_id, model, model_version, status, reason, detail, \
-     stage, prompt, completion, verdicts, timings, prompt_tokens, completion_tokens, accepted_unix_ms, stored_unix_ms";
+     stage, prompt, completion, verdicts, timings, prompt_tokens, completion_tokens, accepted_unix_ms, stored_unix_ms, \
+     turns_dropped";
 
 impl Store {
     /// Opens (creating a SQLite file and its folder when needed) and migrates.
@@ -158,7 +159,7 @@ fn normalize_url(url: &str) -> Result<String, StoreError> {
 async fn insert_result(tx: &mut sqlx::Transaction<'_, sqlx::Any>, row: &ResultRow) -> Result<bool, StoreError> {
     let sql = format!(
         "INSERT INTO results ({RESULT_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
          ON CONFLICT (request_id) DO NOTHING"
     );
     let done = sqlx::query(&sql)
@@ -180,6 +181,7 @@ async fn insert_result(tx: &mut sqlx::Transaction<'_, sqlx::Any>, row: &ResultRo
         .bind(i64::from(row.completion_tokens))
         .bind(row.accepted_unix_ms)
         .bind(row.stored_unix_ms)
+        .bind(i64::from(row.turns_dropped))
         .execute(&mut **tx)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -230,6 +232,7 @@ fn result_from_row(r: &AnyRow) -> Result<ResultRow, StoreError> {
         timings: serde_json::from_str(&json("timings")?).map_err(corrupt)?,
         prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u32,
         completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u32,
+        turns_dropped: r.try_get::<i64, _>("turns_dropped")? as u32,
         accepted_unix_ms: r.try_get("accepted_unix_ms")?,
         stored_unix_ms: r.try_get("stored_unix_ms")?,
     })

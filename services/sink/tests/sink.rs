@@ -97,6 +97,7 @@ fn result(request_id: &str, user: &str, status: TerminalStatus) -> TerminalResul
         status: status as i32,
         completion: format!("answer for {request_id}"),
         stage: "test".into(),
+        turns_dropped: 3,
         ..Default::default()
     }
 }
@@ -138,6 +139,7 @@ async fn results_round_trip(database_url: &str) {
     assert_eq!(row["status"], "COMPLETED");
     assert_eq!(row["completion"], "answer for rt-0");
     assert_eq!(row["timings"][0]["stage"], "inference");
+    assert_eq!(row["turns_dropped"], 3);
     let (status, err) = sink.get("nope").await;
     assert_eq!((status, err["error"]["code"].as_str()), (404, Some("not_found")));
 

@@ -27,6 +27,8 @@ pub struct ResultRow {
     pub timings: Vec<StageTiming>,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Units of the earlier conversation trimmed to fit the token budget.
+    pub turns_dropped: u32,
     pub accepted_unix_ms: i64,
     /// When the sink stored the row; 0 for a result read straight off the bus.
     pub stored_unix_ms: i64,
@@ -76,6 +78,7 @@ impl ResultRow {
             verdicts: result.verdicts,
             timings: result.timings.unwrap_or_default().stages,
             prompt_tokens: result.prompt_tokens,
+            turns_dropped: result.turns_dropped,
             completion_tokens: result.completion_tokens,
             accepted_unix_ms: ctx.accepted_unix_ms,
             stored_unix_ms,
@@ -101,6 +104,7 @@ impl ResultRow {
             verdicts: Vec::new(),
             timings: Vec::new(),
             prompt_tokens: 0,
+            turns_dropped: 0,
             completion_tokens: 0,
             accepted_unix_ms: ctx.accepted_unix_ms,
             stored_unix_ms,
@@ -122,6 +126,7 @@ impl ResultRow {
             completion: self.completion,
             verdicts: self.verdicts,
             prompt_tokens: self.prompt_tokens,
+            turns_dropped: self.turns_dropped,
             completion_tokens: self.completion_tokens,
             timings: Some(Timings { stages: self.timings }),
             accepted_unix_ms: self.accepted_unix_ms,

@@ -729,11 +729,13 @@ struct Meta {
 }
 
 /// OpenAI's `usage` of a terminal row.
+/// A Millrace extension says how many of the earlier messages the token budget left out.
 fn usage(row: &ResultRow) -> Value {
     json!({
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.prompt_tokens + row.completion_tokens,
+        "millrace_trimmed_messages": row.turns_dropped,
     })
 }
 
