@@ -194,6 +194,19 @@ for kwargs, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"logpro
         raise SystemExit(f"{kwargs} accepted")
     except openai.BadRequestError as e:
         assert e.status_code == 400 and e.body["param"] == param, e.body
+# n candidates in one batch, each moderated; re-ranked by similarity to the conversation.
+r = client.chat.completions.create(model="smollm2-135m", messages=messages, n=3, temperature=1.0, seed=7,
+                                   max_tokens=12, extra_body={"millrace_rerank": True})
+assert [c.index for c in r.choices] == [0, 1, 2], r
+scores = [c.to_dict()["millrace_score"] for c in r.choices]
+assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores), scores
+assert len(set(c.message.content for c in r.choices)) > 1, "the candidates are sampled apart"
+assert r.usage.completion_tokens > 12, r.usage
+try:
+    client.chat.completions.create(model="smollm2-135m", messages=messages, n=2, stream=True)
+    raise SystemExit("streamed n > 1 accepted")
+except openai.BadRequestError as err:
+    assert err.body["param"] == "n", err.body
 # Legacy completions: the prompt is continued as it is (no chat template around it).
 c = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0)
 assert c.object == "text_completion" and c.choices[0].text and c.choices[0].finish_reason in ("stop", "length"), c

@@ -48,6 +48,9 @@ use crate::submit::{Submission, SubmitError};
 
 const SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 const DEFAULT_USER: &str = "anonymous";
+/// Most candidates one request may ask for (`n`).
+const MAX_N: u32 = 8;
+
 /// Deadline of a chat request, milliseconds (capped by the policy's maximum).
 const CHAT_DEADLINE_MS: u32 = 60_000;
 
@@ -265,6 +268,9 @@ pub struct ChatRequest {
     pub stream: bool,
     /// `stream_options.include_usage`: a last chunk with the usage and no choices.
     pub include_usage: bool,
+    /// Candidates to generate (`n`).
+    pub n: u32,
+    pub rerank: Option<Rerank>,
 }
 
 #[derive(Deserialize)]
@@ -290,6 +296,8 @@ pub struct TextRequest {
     pub params: GenerationParams,
     pub stream: bool,
     pub include_usage: bool,
+    pub n: u32,
+    pub rerank: Option<Rerank>,
 }
 
 /// Decodes `POST /v1/completions`: `prompt` a string (or an array of one), the sampling
@@ -345,6 +353,8 @@ pub fn decode_text_completion(body: &[u8]) -> Result<TextRequest, OpenAiError> {
         params: sampling.params,
         stream: sampling.stream,
         include_usage: sampling.include_usage,
+        n: sampling.n,
+        rerank: sampling.rerank,
     };
     refuse_the_rest(&object)?;
     Ok(request)
@@ -407,6 +417,8 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
         params: sampling.params,
         stream: sampling.stream,
         include_usage: sampling.include_usage,
+        n: sampling.n,
+        rerank: sampling.rerank,
     };
     refuse_the_rest(&object)?;
     Ok(request)
@@ -417,19 +429,38 @@ struct Sampling {
     params: GenerationParams,
     stream: bool,
     include_usage: bool,
+    n: u32,
+    rerank: Option<Rerank>,
+}
+
+/// The Millrace extension `millrace_rerank`: order `n` candidates by the cosine similarity of
+/// their embeddings to the conversation's (`true`) or to a given `{"reference": "…"}` text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rerank {
+    ByConversation,
+    ByReference(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RerankField {
+    On(bool),
+    Reference { reference: String },
 }
 
 fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
-    if let Some(n) = take::<u32>(object, "n")?
-        && n != 1
-    {
-        return Err(OpenAiError::invalid(
-            StatusCode::BAD_REQUEST,
-            Some("n"),
-            "unsupported_n",
-            "only n = 1 is supported",
-        ));
+    let refused = |param: &'static str, message: &str| {
+        OpenAiError::invalid(StatusCode::BAD_REQUEST, Some(param), "unsupported_parameter", message)
+    };
+    let n = take::<u32>(object, "n")?.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(refused("n", &format!("n must be 1..={MAX_N}")));
     }
+    let rerank = match take::<RerankField>(object, "millrace_rerank")? {
+        None | Some(RerankField::On(false)) => None,
+        Some(RerankField::On(true)) => Some(Rerank::ByConversation),
+        Some(RerankField::Reference { reference }) => Some(Rerank::ByReference(reference)),
+    };
     let max_tokens = match take::<u32>(object, "max_completion_tokens")? {
         Some(n) => Some(n),
         None => take(object, "max_tokens")?,
@@ -446,10 +477,19 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
             Some(Stop::Many(v)) => v,
         },
     };
+    let stream = take(object, "stream")?.unwrap_or(false);
+    if stream && n > 1 {
+        return Err(refused("n", "n > 1 is answered whole, not streamed"));
+    }
+    if rerank.is_some() && n < 2 {
+        return Err(refused("millrace_rerank", "re-ranking needs n ≥ 2 candidates"));
+    }
     Ok(Sampling {
         params,
-        stream: take(object, "stream")?.unwrap_or(false),
+        stream,
         include_usage: take::<StreamOptions>(object, "stream_options")?.is_some_and(|o| o.include_usage),
+        n,
+        rerank,
     })
 }
 
@@ -589,7 +629,12 @@ async fn chat_completions(
         deadline_ms: Some(i64::from(deadline_ms(&api))),
         ..Default::default()
     };
-    let shape = Shape { flavor: Flavor::Chat, stream: chat.stream, include_usage: chat.include_usage };
+    let reference = rerank_reference(chat.rerank, || {
+        let earlier = submission.messages.iter().map(|m| m.content.as_str());
+        earlier.chain(submission.text.as_deref()).collect::<Vec<_>>().join("\n")
+    });
+    let shape =
+        Shape { flavor: Flavor::Chat, stream: chat.stream, include_usage: chat.include_usage, n: chat.n, reference };
     complete(&api, submission, shape, received_unix_us).await
 }
 
@@ -615,7 +660,9 @@ async fn completions(
         deadline_ms: Some(i64::from(deadline_ms(&api))),
         ..Default::default()
     };
-    let shape = Shape { flavor: Flavor::Text, stream: text.stream, include_usage: text.include_usage };
+    let reference = rerank_reference(text.rerank, || submission.text.clone().unwrap_or_default());
+    let shape =
+        Shape { flavor: Flavor::Text, stream: text.stream, include_usage: text.include_usage, n: text.n, reference };
     complete(&api, submission, shape, received_unix_us).await
 }
 
@@ -630,11 +677,23 @@ fn deadline_ms(api: &HttpApi) -> u32 {
 }
 
 /// Which OpenAI API answers, and how.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Shape {
     flavor: Flavor,
     stream: bool,
     include_usage: bool,
+    /// Candidates to generate.
+    n: u32,
+    /// The text candidates are re-ranked against, when asked.
+    reference: Option<String>,
+}
+
+/// The text to re-rank against: the given reference, or the request's conversation.
+fn rerank_reference(rerank: Option<Rerank>, conversation: impl FnOnce() -> String) -> Option<String> {
+    rerank.map(|r| match r {
+        Rerank::ByConversation => conversation(),
+        Rerank::ByReference(reference) => reference,
+    })
 }
 
 /// Submits, follows the request to its end and answers in the flavor's shape: one body, or a
@@ -645,48 +704,102 @@ async fn complete(
     shape: Shape,
     received_unix_us: i64,
 ) -> Result<HttpResponse, OpenAiError> {
-    let (accepted, mut follower) = api.frontend.submit_and_follow(submission, received_unix_us).await?;
+    // `n` candidates are `n` sibling requests submitted together (so the batcher batches them),
+    // each moderated on its own; a seed or an idempotency key is varied per candidate.
+    let mut followers = Vec::with_capacity(shape.n as usize);
+    for i in 0..shape.n {
+        let mut candidate = submission.clone();
+        if i > 0 {
+            candidate.params.seed = candidate.params.seed.map(|seed| seed.wrapping_add(u64::from(i)));
+            candidate.idempotency_key = candidate.idempotency_key.map(|key| format!("{key}#{i}"));
+        }
+        followers.push(api.frontend.submit_and_follow(candidate, received_unix_us).await?);
+    }
+    let (accepted, _) = &followers[0];
     let request_id = accepted.request_id.clone();
     let meta = Meta {
         id: format!("{}{request_id}", shape.flavor.id_prefix()),
         created: received_unix_us / 1_000_000,
-        model: accepted.model,
+        model: accepted.model.clone(),
         include_usage: shape.include_usage,
         flavor: shape.flavor,
     };
     if shape.stream {
+        let (_, follower) = followers.pop().expect("one candidate when streaming");
         return Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header((REQUEST_ID, request_id.as_str()))
             .insert_header(("cache-control", "no-cache"))
             .streaming(stream_completion(follower, meta)));
     }
-    let row = loop {
-        match follower.next().await {
-            Some(Ok(Event::Finished(row))) => break row,
-            Some(Ok(Event::Text(_))) => {}
-            Some(Err(e)) => return Err(OpenAiError::from(e).with_request_id(&request_id)),
-            None => unreachable!("a follower ends with its result or an error"),
+    let ids: Vec<String> = followers.iter().map(|(a, _)| a.request_id.clone()).collect();
+    let rows = futures::future::join_all(followers.into_iter().map(|(_, follower)| finished_row(follower))).await;
+    let rows: Vec<ResultRow> =
+        rows.into_iter().collect::<Result<_, _>>().map_err(|e| OpenAiError::from(e).with_request_id(&request_id))?;
+    let mut choices = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let finish_reason = outcome(row).map_err(|e| e.with_request_id(&request_id))?;
+        choices.push(match meta.flavor {
+            Flavor::Chat => json!({
+                "message": { "role": "assistant", "content": row.completion },
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+            Flavor::Text => json!({ "text": row.completion, "logprobs": null, "finish_reason": finish_reason }),
+        });
+    }
+    if let Some(reference) = &shape.reference {
+        let scores = rerank_scores(api, reference, &rows).await?;
+        for (choice, score) in choices.iter_mut().zip(&scores) {
+            choice["millrace_score"] = json!(score);
         }
-    };
-    let finish_reason = outcome(&row).map_err(|e| e.with_request_id(&request_id))?;
-    let choice = match meta.flavor {
-        Flavor::Chat => json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": row.completion },
-            "logprobs": null,
-            "finish_reason": finish_reason,
-        }),
-        Flavor::Text => json!({ "index": 0, "text": row.completion, "logprobs": null, "finish_reason": finish_reason }),
-    };
-    Ok(HttpResponse::Ok().insert_header((REQUEST_ID, request_id.as_str())).json(json!({
+        choices.sort_by(|a, b| b["millrace_score"].as_f64().partial_cmp(&a["millrace_score"].as_f64()).unwrap());
+    }
+    for (index, choice) in choices.iter_mut().enumerate() {
+        choice["index"] = json!(index);
+    }
+    let completion_tokens: u32 = rows.iter().map(|r| r.completion_tokens).sum();
+    let prompt_tokens = rows[0].prompt_tokens;
+    let mut body = json!({
         "id": meta.id,
         "object": meta.flavor.object(),
         "created": meta.created,
         "model": meta.model,
-        "choices": [choice],
-        "usage": usage(&row),
-    })))
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "millrace_trimmed_messages": rows[0].turns_dropped,
+        },
+    });
+    if ids.len() > 1 {
+        body["millrace_request_ids"] = json!(ids);
+    }
+    Ok(HttpResponse::Ok().insert_header((REQUEST_ID, request_id.as_str())).json(body))
+}
+
+/// A followed request's terminal row, the text in between skipped.
+async fn finished_row(mut follower: Follower) -> Result<ResultRow, ApiError> {
+    loop {
+        match follower.next().await {
+            Some(Ok(Event::Finished(row))) => return Ok(*row),
+            Some(Ok(Event::Text(_))) => {}
+            Some(Err(e)) => return Err(e),
+            None => unreachable!("a follower ends with its result or an error"),
+        }
+    }
+}
+
+/// Each candidate's cosine similarity to `reference`, from inference's encoder (one batch).
+async fn rerank_scores(api: &HttpApi, reference: &str, rows: &[ResultRow]) -> Result<Vec<f32>, OpenAiError> {
+    let mut inference =
+        api.frontend.inference.clone().ok_or_else(|| not_configured("millrace_rerank", "--inference-url"))?;
+    let texts = std::iter::once(reference.to_owned()).chain(rows.iter().map(|r| r.completion.clone())).collect();
+    let request = millrace_proto::v1::EmbedRequest { texts, ..Default::default() };
+    let embedded = inference.embed(request).await?.into_inner();
+    let (reference, candidates) = embedded.embeddings.split_first().expect("one embedding per text");
+    Ok(candidates.iter().map(|c| c.values.iter().zip(&reference.values).map(|(a, b)| a * b).sum()).collect())
 }
 
 /// Chat completions or legacy text completions.
@@ -900,8 +1013,10 @@ mod tests {
         assert_eq!((e.param, e.code.as_str()), (Some("messages"), "missing_field"));
         let e = err(r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#);
         assert_eq!((e.param, e.code.as_str()), (Some("temperature"), "wrong_type"));
-        let e = err(r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#);
+        let e = err(r#"{"messages":[{"role":"user","content":"x"}],"n":9}"#);
         assert_eq!(e.param, Some("n"));
+        let e = err(r#"{"messages":[{"role":"user","content":"x"}],"millrace_rerank":true}"#);
+        assert_eq!(e.param, Some("millrace_rerank"), "re-ranking one candidate");
         assert_eq!(err("{").code, "malformed_json");
         let body = OpenAiError::from(SubmitError::BadParams("max_new_tokens must be at most 5, got 9".into())).body();
         assert_eq!(body["error"]["param"], "max_tokens");
