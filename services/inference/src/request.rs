@@ -82,6 +82,8 @@ pub fn generation_request(
             top_k: p.top_k as usize,
             top_p: p.top_p.unwrap_or(1.0),
             seed: p.seed.unwrap_or(fallback_seed),
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
         },
         // An empty stop string matches at once and would truncate every answer to nothing.
         stop: p.stop.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -102,7 +104,10 @@ mod tests {
     fn unset_parameters_take_the_service_defaults() {
         let r = generation_request("hi".into(), None, DEFAULTS, 7, None, Arc::default());
         assert_eq!(r.max_new_tokens, 64);
-        assert_eq!(r.sampling, SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 7 });
+        assert_eq!(
+            r.sampling,
+            SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 7, ..Default::default() }
+        );
         assert!(r.stop.is_empty() && r.deadline.is_none() && !r.cancel.load(Ordering::Relaxed));
         let zeroes = GenerationParams::default();
         let r = generation_request("hi".into(), Some(&zeroes), DEFAULTS, 7, None, Arc::default());
@@ -118,12 +123,24 @@ mod tests {
             top_k: 40,
             seed: Some(3),
             stop: vec!["\n\n".into(), String::new()],
+            presence_penalty: 0.5,
+            frequency_penalty: -0.25,
         };
         let cancel = Arc::new(AtomicBool::new(true));
         let deadline = Some(Instant::now());
         let r = generation_request("hi".into(), Some(&params), DEFAULTS, 7, deadline, cancel.clone());
         assert_eq!(r.max_new_tokens, 5);
-        assert_eq!(r.sampling, SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 3 });
+        assert_eq!(
+            r.sampling,
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.9,
+                seed: 3,
+                presence_penalty: 0.5,
+                frequency_penalty: -0.25
+            }
+        );
         assert_eq!(r.stop, ["\n\n"]);
         assert_eq!(r.deadline, deadline);
         assert!(Arc::ptr_eq(&r.cancel, &cancel));

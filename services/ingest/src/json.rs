@@ -65,6 +65,8 @@ fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {
         top_k: fields.take("top_k")?.unwrap_or_default(),
         seed: fields.take("seed")?,
         stop: fields.take("stop")?.unwrap_or_default(),
+        presence_penalty: fields.take("presence_penalty")?.unwrap_or_default(),
+        frequency_penalty: fields.take("frequency_penalty")?.unwrap_or_default(),
     };
     fields.finish()?;
     Ok(params)
@@ -163,6 +165,7 @@ mod tests {
                     top_k: 3,
                     seed: Some(7),
                     stop: vec!["x".into()],
+                    ..Default::default()
                 },
                 ..Default::default()
             }

@@ -235,6 +235,10 @@ fn check_params(p: &GenerationParams, max_new_tokens: u32) -> Result<(), SubmitE
         format!("temperature must be within [0, 2] (0 = greedy), got {t}")
     } else if let Some(t) = p.top_p.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
         format!("top_p must be within (0, 1], got {t}")
+    } else if !(-2.0..=2.0).contains(&p.presence_penalty) {
+        format!("presence_penalty must be within [-2, 2], got {}", p.presence_penalty)
+    } else if !(-2.0..=2.0).contains(&p.frequency_penalty) {
+        format!("frequency_penalty must be within [-2, 2], got {}", p.frequency_penalty)
     } else if p.stop.len() > MAX_STOP_SEQUENCES {
         format!("at most {MAX_STOP_SEQUENCES} stop sequences, got {}", p.stop.len())
     } else if p.stop.iter().any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS) {
@@ -317,6 +321,7 @@ mod tests {
             top_k: 40,
             seed: Some(42),
             stop: vec!["\n\n".into()],
+            ..Default::default()
         };
         let s = Submission {
             tenant: Some("acme".into()),

@@ -131,6 +131,7 @@ async fn an_accepted_query_is_on_the_stream_with_its_context() {
         top_k: 20,
         seed: Some(7),
         stop: vec!["\n".into()],
+        ..Default::default()
     };
     assert_eq!(ctx.params.as_ref(), Some(&params));
     let stages = &query.timings.as_ref().unwrap().stages;

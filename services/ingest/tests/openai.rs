@@ -187,7 +187,13 @@ chunks = list(client.chat.completions.create(model="smollm2-135m", messages=mess
 assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == bare, chunks[-1]
 assert all(c.usage is None for c in chunks[:-1])
 # Refused, not ignored: typed errors from the client.
-for kwargs, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
+# Penalties are applied by the sampler (a repeat-heavy greedy answer changes under them).
+repeat = [{"role": "user", "content": "Write the word hello ten times, separated by spaces."}]
+plain = client.chat.completions.create(model="smollm2-135m", messages=repeat, temperature=0, max_tokens=24)
+penalized = client.chat.completions.create(model="smollm2-135m", messages=repeat, temperature=0, max_tokens=24,
+                                           frequency_penalty=2.0, presence_penalty=2.0)
+assert penalized.choices[0].message.content != plain.choices[0].message.content, (plain, penalized)
+for kwargs, param in [({"presence_penalty": 3.0}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
                       ({"temperature": 5}, "temperature")]:
     try:
         client.chat.completions.create(model="smollm2-135m", messages=messages, **kwargs)

@@ -1,5 +1,9 @@
 //! Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling from a
-//! seeded generator, so a request with a seed is reproducible.
+//! seeded generator, so a request with a seed is reproducible. Presence and frequency
+//! penalties (as OpenAI defines them) lower the logits of tokens this request already
+//! generated before either.
+use std::collections::HashMap;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -13,11 +17,15 @@ pub struct SamplingParams {
     /// 1 = no nucleus cut.
     pub top_p: f32,
     pub seed: u64,
+    /// Subtracted once from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated so far.
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, presence_penalty: 0.0, frequency_penalty: 0.0 }
     }
 }
 
@@ -25,15 +33,33 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// How often each token was generated, kept only when a penalty needs it.
+    generated: HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self { params, rng, generated: HashMap::new() }
     }
 
     pub fn next_token(&mut self, logits: &[f32]) -> u32 {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence == 0.0 && frequency == 0.0 {
+            return self.pick(logits);
+        }
+        let mut penalized = logits.to_vec();
+        for (&token, &count) in &self.generated {
+            if let Some(l) = penalized.get_mut(token as usize) {
+                *l -= presence + frequency * count as f32;
+            }
+        }
+        let token = self.pick(&penalized);
+        *self.generated.entry(token).or_default() += 1;
+        token
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -102,6 +128,18 @@ mod tests {
         let p = SamplingParams { temperature: 1.5, seed: 42, ..Default::default() };
         assert_eq!(draws(p.clone(), 50), draws(p.clone(), 50));
         assert_ne!(draws(p.clone(), 50), draws(SamplingParams { seed: 43, ..p }, 50));
+    }
+
+    #[test]
+    fn penalties_steer_away_from_tokens_already_generated() {
+        // Greedy repeats token 1; a presence penalty above its lead (0.1 over token 2) moves on
+        // to 2, and once both are penalized alike, 1 leads again.
+        assert_eq!(draws(SamplingParams { presence_penalty: 0.5, ..Default::default() }, 3), [1, 2, 1]);
+        // A frequency penalty grows with each repeat: 1 leads by 0.1, then 1 and 2 alternate
+        // as each is penalized in turn.
+        assert_eq!(draws(SamplingParams { frequency_penalty: 0.15, ..Default::default() }, 4), [1, 2, 1, 2]);
+        // A negative penalty favours repeats.
+        assert_eq!(draws(SamplingParams { presence_penalty: -1.0, ..Default::default() }, 3), [1, 1, 1]);
     }
 
     #[test]

@@ -87,7 +87,7 @@ fn sampling_with_a_seed_is_reproducible_and_seeds_differ() {
     let mut g = generator();
     let sample = |g: &mut Generator, seed| {
         let mut r = GenerationRequest::new(chat("Tell me a story about a dragon."), 16);
-        r.sampling = SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, seed };
+        r.sampling = SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, seed, ..Default::default() };
         g.generate(&[r], |_, _| ()).unwrap().remove(0).token_ids
     };
     assert_eq!(sample(&mut g, 7), sample(&mut g, 7));

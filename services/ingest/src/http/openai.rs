@@ -205,10 +205,12 @@ fn param_of(e: &SubmitError) -> (Option<&'static str>, String) {
         SubmitError::BadIdentifier { field: "session" } => Some("X-Session-Id"),
         SubmitError::BadIdentifier { field: "tenant" } => Some("X-Tenant"),
         SubmitError::BadIdempotencyKey(_) => Some("Idempotency-Key"),
-        SubmitError::BadParams(p) => ["max_new_tokens", "temperature", "top_p", "stop"]
-            .into_iter()
-            .find(|name| p.contains(name))
-            .map(|name| if name == "max_new_tokens" { "max_tokens" } else { name }),
+        SubmitError::BadParams(p) => {
+            ["max_new_tokens", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty"]
+                .into_iter()
+                .find(|name| p.contains(name))
+                .map(|name| if name == "max_new_tokens" { "max_tokens" } else { name })
+        }
         SubmitError::WrongType { field, .. } | SubmitError::UnknownField(field) => {
             CHAT_FIELDS.iter().copied().find(|f| f == field)
         }
@@ -231,6 +233,8 @@ const CHAT_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "n",
+    "presence_penalty",
+    "frequency_penalty",
 ];
 
 /// Whether a parameter's value is its neutral one.
@@ -240,8 +244,6 @@ type IsNeutral = fn(&Value) -> bool;
 /// (what OpenAI does when they are absent); any other value is refused with 400
 /// `unsupported_parameter` rather than ignored.
 const NEUTRAL_ONLY: &[(&str, IsNeutral)] = &[
-    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
-    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
     ("logprobs", |v| v.as_bool() == Some(false)),
     ("top_logprobs", |v| v.as_u64() == Some(0)),
     ("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty())),
@@ -476,6 +478,8 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
         },
+        presence_penalty: take(object, "presence_penalty")?.unwrap_or_default(),
+        frequency_penalty: take(object, "frequency_penalty")?.unwrap_or_default(),
     };
     let stream = take(object, "stream")?.unwrap_or(false);
     if stream && n > 1 {
@@ -961,6 +965,7 @@ mod tests {
                 top_k: 0,
                 seed: Some(3),
                 stop: vec!["\n".into()],
+                ..Default::default()
             }
         );
         assert!(chat.include_usage);
@@ -985,7 +990,7 @@ mod tests {
             assert!(with(neutral).is_ok(), "{neutral}");
         }
         for (refused, param) in [
-            (r#""presence_penalty":0.5"#, "presence_penalty"),
+            (r#""logit_bias":{"1":2}"#, "logit_bias"),
             (r#""logprobs":true"#, "logprobs"),
             (r#""response_format":{"type":"json_object"}"#, "response_format"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
