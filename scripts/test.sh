@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
-# The official OpenAI Python client, which the OpenAI-compatible API's test drives.
-.tools/venv/bin/python -c 'import openai' 2>/dev/null \
-    || .tools/venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0"
+# The official OpenAI Python client and LangChain's ChatOpenAI, which the OpenAI-compatible
+# API's test drives.
+.tools/venv/bin/python -c 'import openai, langchain_openai' 2>/dev/null \
+    || .tools/venv/bin/pip install -q --disable-pip-version-check "openai==3.57.0" "langchain-openai==1.8.1"
 
 # The model preparation's tests (pytest pinned in models/requirements-test.txt), before cargo's.
 .tools/venv/bin/python -c 'import pytest' 2>/dev/null \

@@ -134,8 +134,15 @@ async fn openai_chat_completions_over_the_whole_mesh() {
 
     // The official Python client (scripts/test.sh installs it into .tools/venv).
     let python = workspace_root().join(".tools/venv/bin/python");
-    let has_openai = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
-    assert!(has_openai, "no `openai` package in {}: run scripts/test.sh (it installs it)", python.display());
+    let has_clients = Command::new(&python)
+        .args(["-c", "import openai, langchain_openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        has_clients,
+        "no `openai` / `langchain-openai` package in {}: run scripts/test.sh (it installs them)",
+        python.display()
+    );
     let script = r#"
 import sys, openai
 client = openai.OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0, timeout=120)
@@ -240,6 +247,18 @@ except openai.BadRequestError as err:
 # Moderations: the mesh's own policy.
 m = client.moderations.create(input=["You are a worthless idiot.", "What a lovely day for a walk."])
 assert m.results[0].flagged and not m.results[1].flagged, m
+# A second widely used client: LangChain's ChatOpenAI, plain and streamed, with a system prompt
+# and history (stateless: the messages it sends are the conversation).
+from langchain_openai import ChatOpenAI
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+llm = ChatOpenAI(base_url=sys.argv[1], api_key="unused", model="smollm2-135m", temperature=0, max_tokens=24,
+                 max_retries=0)
+conversation = [SystemMessage("You are a geography teacher."), HumanMessage("Hi!"), AIMessage("Hello! Ask me."),
+                HumanMessage("What is the capital of France?")]
+answer = llm.invoke(conversation)
+assert "Paris" in answer.content, answer
+assert answer.usage_metadata["input_tokens"] > bare, answer.usage_metadata
+assert "".join(chunk.content for chunk in llm.stream(conversation)) == answer.content
 print("official client OK: prompt tokens bare", bare, "system", with_system, "history", with_history)
 "#;
     let output = Command::new(&python).args(["-c", script, &mesh.ingest_url("/v1")]).output().unwrap();
