@@ -182,5 +182,5 @@ fn finished_before_start(request: &GenerationRequest) -> Option<FinishReason> {
 }
 
 fn not_started(finish: FinishReason) -> Generation {
-    Generation { text: String::new(), token_ids: Vec::new(), prompt_tokens: 0, finish }
+    Generation { text: String::new(), token_ids: Vec::new(), prompt_tokens: 0, finish, refusal: None }
 }

@@ -89,6 +89,7 @@ pub fn generation_request(
         stop: p.stop.into_iter().filter(|s| !s.is_empty()).collect(),
         deadline,
         cancel,
+        json_schema: (!p.json_schema.is_empty()).then_some(p.json_schema),
     }
 }
 
@@ -125,6 +126,7 @@ mod tests {
             stop: vec!["\n\n".into(), String::new()],
             presence_penalty: 0.5,
             frequency_penalty: -0.25,
+            json_schema: r#"{"type":"object"}"#.into(),
         };
         let cancel = Arc::new(AtomicBool::new(true));
         let deadline = Some(Instant::now());
@@ -142,6 +144,7 @@ mod tests {
             }
         );
         assert_eq!(r.stop, ["\n\n"]);
+        assert_eq!(r.json_schema.as_deref(), Some(r#"{"type":"object"}"#));
         assert_eq!(r.deadline, deadline);
         assert!(Arc::ptr_eq(&r.cancel, &cancel));
         // An explicit temperature 0 is greedy, as the proto's `optional` allows.

@@ -166,6 +166,10 @@ pub fn outbound(mut prompt: Prompt, outcome: Outcome, model_version: &str, recei
                 let detail = format!("deadline passed after {} generated tokens", g.token_ids.len());
                 terminal(prompt, TerminalStatus::Expired, "deadline_exceeded", detail, Some(g), model_version)
             }
+            FinishReason::Refused => {
+                let detail = g.refusal.clone().unwrap_or_default();
+                terminal(prompt, TerminalStatus::Rejected, "invalid_response_format", detail, None, model_version)
+            }
         },
         Err(rejection) => {
             terminal(prompt, TerminalStatus::Rejected, rejection.code(), rejection.to_string(), None, model_version)
@@ -241,7 +245,7 @@ mod tests {
     }
 
     fn generation(finish: FinishReason) -> Generation {
-        Generation { text: "Hello".into(), token_ids: vec![5, 6], prompt_tokens: 7, finish }
+        Generation { text: "Hello".into(), token_ids: vec![5, 6], prompt_tokens: 7, finish, refusal: None }
     }
 
     fn result_of(out: &Outbound) -> TerminalResult {

@@ -67,6 +67,11 @@ fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {
         stop: fields.take("stop")?.unwrap_or_default(),
         presence_penalty: fields.take("presence_penalty")?.unwrap_or_default(),
         frequency_penalty: fields.take("frequency_penalty")?.unwrap_or_default(),
+        // A JSON schema object the output must match (constrained decoding).
+        json_schema: fields
+            .take::<Map<String, Value>>("json_schema")?
+            .map(|s| Value::Object(s).to_string())
+            .unwrap_or_default(),
     };
     fields.finish()?;
     Ok(params)

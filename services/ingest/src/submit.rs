@@ -19,6 +19,8 @@ const MAX_IDENTIFIER_CHARS: usize = 128;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
 const MAX_STOP_SEQUENCES: usize = 8;
 const MAX_STOP_CHARS: usize = 64;
+/// Longest JSON schema a request may constrain its output with.
+const MAX_SCHEMA_BYTES: usize = 16 * 1024;
 /// Session of a request that names none.
 const DEFAULT_SESSION: &str = "default";
 
@@ -239,6 +241,8 @@ fn check_params(p: &GenerationParams, max_new_tokens: u32) -> Result<(), SubmitE
         format!("presence_penalty must be within [-2, 2], got {}", p.presence_penalty)
     } else if !(-2.0..=2.0).contains(&p.frequency_penalty) {
         format!("frequency_penalty must be within [-2, 2], got {}", p.frequency_penalty)
+    } else if p.json_schema.len() > MAX_SCHEMA_BYTES {
+        format!("json_schema must be at most {MAX_SCHEMA_BYTES} bytes, got {}", p.json_schema.len())
     } else if p.stop.len() > MAX_STOP_SEQUENCES {
         format!("at most {MAX_STOP_SEQUENCES} stop sequences, got {}", p.stop.len())
     } else if p.stop.iter().any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS) {

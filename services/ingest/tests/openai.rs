@@ -220,6 +220,29 @@ try:
     raise SystemExit("streamed n > 1 accepted")
 except openai.BadRequestError as err:
     assert err.body["param"] == "n", err.body
+# Structured output by constrained decoding: JSON mode and a JSON schema always parse.
+import json
+schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+          "properties": {"city": {"type": "string", "maxLength": 24}, "country": {"type": "string", "maxLength": 24}}}
+ask = [{"role": "user", "content": "Describe Paris as JSON."}]
+r = client.chat.completions.create(model="smollm2-135m", messages=ask, max_tokens=64, temperature=0,
+                                   response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+city = json.loads(r.choices[0].message.content)
+assert set(city) == {"city", "country"} and all(isinstance(v, str) for v in city.values()), city
+r = client.chat.completions.create(model="smollm2-135m", messages=ask, max_tokens=64, temperature=0,
+                                   response_format={"type": "json_object"})
+content = r.choices[0].message.content
+# As OpenAI documents: JSON mode output is whole unless the token budget cut it ("length").
+if r.choices[0].finish_reason == "stop":
+    assert isinstance(json.loads(content), dict), content
+else:
+    assert r.choices[0].finish_reason == "length" and content.lstrip().startswith("{"), r
+try:
+    client.chat.completions.create(model="smollm2-135m", messages=ask, max_tokens=8, response_format={
+        "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": 12}}})
+    raise SystemExit("a schema that does not compile was accepted")
+except openai.BadRequestError as err:
+    assert err.body["code"] == "invalid_response_format", err.body
 # Legacy completions: the prompt is continued as it is (no chat template around it).
 c = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0)
 assert c.object == "text_completion" and c.choices[0].text and c.choices[0].finish_reason in ("stop", "length"), c

@@ -19,6 +19,7 @@ use ort::value::{DynValue, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::EngineError;
+use crate::constrain::{Constraint, Grammars};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// The shape facts of a decoder graph (from the manifest).
@@ -43,6 +44,8 @@ pub struct GenerationRequest {
     pub deadline: Option<Instant>,
     /// Set from outside to stop this request; the rest of the batch goes on.
     pub cancel: Arc<AtomicBool>,
+    /// A JSON schema the output must match (constrained decoding, see [`crate::constrain`]).
+    pub json_schema: Option<String>,
 }
 
 impl GenerationRequest {
@@ -54,6 +57,7 @@ impl GenerationRequest {
             stop: Vec::new(),
             deadline: None,
             cancel: Arc::default(),
+            json_schema: None,
         }
     }
 }
@@ -65,6 +69,8 @@ pub enum FinishReason {
     Stop,
     Deadline,
     Cancelled,
+    /// Not generated: the request's response format is invalid (see `Generation::refusal`).
+    Refused,
 }
 
 impl FinishReason {
@@ -75,6 +81,7 @@ impl FinishReason {
             Self::Stop => "stop",
             Self::Deadline => "deadline",
             Self::Cancelled => "cancelled",
+            Self::Refused => "refused",
         }
     }
 }
@@ -85,6 +92,8 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     pub prompt_tokens: usize,
     pub finish: FinishReason,
+    /// Why a `Refused` request was not generated.
+    pub refusal: Option<String>,
 }
 
 /// A decoder session with its tokenizer. `Session::run` takes `&mut self`: one per worker.
@@ -95,6 +104,8 @@ pub struct Generator {
     /// Where ONNX Runtime keeps the KV cache between steps when it is bound (IoBinding) rather
     /// than copied out and back each step: device memory on a GPU, so only the logits cross.
     kv_memory: Option<MemoryInfo<'static>>,
+    /// Compiles response formats for this vocabulary; built on first use.
+    grammars: Option<Grammars>,
 }
 
 /// The state of one row while it generates.
@@ -107,11 +118,14 @@ struct Row {
     emitted: usize,
     finish: Option<FinishReason>,
     prompt_tokens: usize,
+    /// The output's grammar, for a request with a response format.
+    constraint: Option<Constraint>,
+    refusal: Option<String>,
 }
 
 impl Generator {
     pub fn new(session: Session, tokenizer: Tokenizer, spec: DecoderSpec) -> Self {
-        Self { session, tokenizer, spec, kv_memory: None }
+        Self { session, tokenizer, spec, kv_memory: None, grammars: None }
     }
 
     /// Keeps the KV cache in `memory` (via IoBinding) between steps. Finished rows then stay in
@@ -119,6 +133,16 @@ impl Generator {
     pub fn with_bound_kv(mut self, memory: MemoryInfo<'static>) -> Self {
         self.kv_memory = Some(memory);
         self
+    }
+
+    /// The response-format compiler for this vocabulary (built once, on first use: reading the
+    /// vocabulary into llguidance's token trie takes a moment).
+    fn grammars(&mut self) -> Result<&Grammars, EngineError> {
+        if self.grammars.is_none() {
+            let eos = *self.spec.eos_token_ids.first().unwrap_or(&self.spec.pad_token_id);
+            self.grammars = Some(Grammars::new(&self.tokenizer, self.spec.vocab_size, eos)?);
+        }
+        Ok(self.grammars.as_ref().expect("just built"))
     }
 
     pub fn spec(&self) -> &DecoderSpec {
@@ -154,20 +178,33 @@ impl Generator {
                 )));
             }
         }
-        let mut rows: Vec<Row> = requests
-            .iter()
-            .zip(&prompts)
-            .enumerate()
-            .map(|(index, (r, ids))| Row {
+        let mut rows: Vec<Row> = Vec::with_capacity(requests.len());
+        for (index, (r, ids)) in requests.iter().zip(&prompts).enumerate() {
+            // A response format that does not compile refuses its request alone.
+            let (constraint, refusal) = match &r.json_schema {
+                None => (None, None),
+                Some(schema) => match self.grammars()?.constraint(schema) {
+                    Ok(c) => (Some(c), None),
+                    Err(e) => (None, Some(e.to_string())),
+                },
+            };
+            let finish = match (&refusal, r.max_new_tokens) {
+                (Some(_), _) => Some(FinishReason::Refused),
+                (None, 0) => Some(FinishReason::Length),
+                (None, _) => None,
+            };
+            rows.push(Row {
                 index,
                 sampler: Sampler::new(r.sampling.clone()),
                 tokens: Vec::new(),
                 text: String::new(),
                 emitted: 0,
-                finish: (r.max_new_tokens == 0).then_some(FinishReason::Length),
+                finish,
                 prompt_tokens: ids.len(),
-            })
-            .collect();
+                constraint,
+                refusal,
+            });
+        }
         let mut active: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finish.is_none()).collect();
         if active.is_empty() {
             return Ok(rows.into_iter().map(finished).collect());
@@ -200,7 +237,20 @@ impl Generator {
                     continue;
                 }
                 let start = (b * seq + seq - 1) * vocab;
-                let token = rows[i].sampler.next_token(&logits[start..start + vocab]);
+                let row_logits = &logits[start..start + vocab];
+                let row = &mut rows[i];
+                let token = match row.constraint.as_mut() {
+                    None => row.sampler.next_token(row_logits),
+                    Some(constraint) => {
+                        let mut masked = row_logits.to_vec();
+                        constraint.mask(&mut masked)?;
+                        let token = row.sampler.next_token(&masked);
+                        if !self.spec.eos_token_ids.contains(&token) {
+                            constraint.consume(token)?;
+                        }
+                        token
+                    }
+                };
                 self.advance(&mut rows[i], &requests[i], token, &mut on_token)?;
                 next.push(token);
             }
@@ -366,6 +416,7 @@ fn finished(row: Row) -> Generation {
         token_ids: row.tokens,
         prompt_tokens: row.prompt_tokens,
         finish: row.finish.unwrap_or(FinishReason::Length),
+        refusal: row.refusal,
     }
 }
 

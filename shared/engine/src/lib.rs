@@ -1,6 +1,7 @@
 //! Millrace's ONNX Runtime engine, usable without NATS: the model manifest, batched generation
 //! with a KV cache, sampling, chat templates, embeddings and classification.
 pub mod classify;
+pub mod constrain;
 pub mod embed;
 pub mod generate;
 pub mod manifest;
@@ -9,6 +10,7 @@ pub mod sampling;
 pub mod template;
 
 pub use classify::Classifier;
+pub use constrain::{Constraint, Grammars};
 pub use embed::{Embedded, Embedder};
 pub use generate::{DecoderSpec, FinishReason, Generation, GenerationRequest, Generator};
 pub use manifest::Manifest;

@@ -161,3 +161,33 @@ fn the_bound_kv_cache_path_generates_the_same_tokens() {
     let without = plain.generate(&requests, |_, _| ()).unwrap();
     assert_eq!(with_binding, without);
 }
+
+#[test]
+fn a_json_schema_constrains_the_output_to_a_matching_object() {
+    let mut g = generator();
+    let schema = r#"{"type":"object","properties":{"city":{"type":"string","maxLength":24},
+        "country":{"type":"string","maxLength":24},"population_millions":{"type":"integer"}},
+        "required":["city","country","population_millions"],"additionalProperties":false}"#;
+    let mut r = GenerationRequest::new(chat("Describe Paris as JSON."), 64);
+    r.json_schema = Some(schema.into());
+    let free = GenerationRequest::new(chat("Describe Paris as JSON."), 16);
+    let out = g.generate(&[r, free.clone()], |_, _| ()).unwrap();
+    assert_eq!(out[0].finish, FinishReason::Eos, "{:?}", out[0].text);
+    eprintln!("constrained output: {}", out[0].text);
+    let value: serde_json::Value =
+        serde_json::from_str(&out[0].text).unwrap_or_else(|e| panic!("{e}: {:?}", out[0].text));
+    let object = value.as_object().unwrap();
+    assert_eq!(object.len(), 3, "{value}");
+    assert!(object["city"].is_string() && object["country"].is_string() && object["population_millions"].is_i64());
+    // The unconstrained row in the same batch is as it is alone.
+    let alone = g.generate(&[free], |_, _| ()).unwrap();
+    assert_eq!(out[1].token_ids, alone[0].token_ids);
+
+    // A schema that does not compile refuses its request alone.
+    let mut bad = GenerationRequest::new(chat("Hi"), 8);
+    bad.json_schema = Some(r#"{"type": 12}"#.into());
+    let out = g.generate(&[bad, GenerationRequest::new(chat("Hi"), 4)], |_, _| ()).unwrap();
+    assert_eq!(out[0].finish, FinishReason::Refused);
+    assert!(out[0].refusal.as_deref().is_some_and(|r| r.contains("response format")), "{:?}", out[0].refusal);
+    assert!(!out[1].token_ids.is_empty());
+}

@@ -235,6 +235,7 @@ const CHAT_FIELDS: &[&str] = &[
     "n",
     "presence_penalty",
     "frequency_penalty",
+    "response_format",
 ];
 
 /// Whether a parameter's value is its neutral one.
@@ -247,7 +248,6 @@ const NEUTRAL_ONLY: &[(&str, IsNeutral)] = &[
     ("logprobs", |v| v.as_bool() == Some(false)),
     ("top_logprobs", |v| v.as_u64() == Some(0)),
     ("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty())),
-    ("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text")),
     ("tools", |v| v.as_array().is_some_and(|a| a.is_empty())),
     ("tool_choice", |v| v.as_str() == Some("none")),
     ("functions", |v| v.as_array().is_some_and(|a| a.is_empty())),
@@ -480,6 +480,7 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         },
         presence_penalty: take(object, "presence_penalty")?.unwrap_or_default(),
         frequency_penalty: take(object, "frequency_penalty")?.unwrap_or_default(),
+        json_schema: response_format(object)?.unwrap_or_default(),
     };
     let stream = take(object, "stream")?.unwrap_or(false);
     if stream && n > 1 {
@@ -494,6 +495,37 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         include_usage: take::<StreamOptions>(object, "stream_options")?.is_some_and(|o| o.include_usage),
         n,
         rerank,
+    })
+}
+
+/// OpenAI's `response_format` as the JSON schema the output must match: `text` (none),
+/// `json_object` (any object) or `json_schema` (`{"json_schema": {"name", "schema", "strict"}}`).
+fn response_format(object: &mut Map<String, Value>) -> Result<Option<String>, OpenAiError> {
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum ResponseFormat {
+        Text,
+        JsonObject,
+        JsonSchema { json_schema: JsonSchema },
+    }
+    #[derive(Deserialize)]
+    struct JsonSchema {
+        #[serde(default)]
+        schema: Option<Value>,
+    }
+    let bad = |message: String| {
+        OpenAiError::invalid(StatusCode::BAD_REQUEST, Some("response_format"), "invalid_response_format", message)
+    };
+    let Some(value) = object.remove("response_format").filter(|v| !v.is_null()) else { return Ok(None) };
+    let format: ResponseFormat = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    Ok(match format {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(r#"{"type":"object"}"#.to_owned()),
+        ResponseFormat::JsonSchema { json_schema } => match json_schema.schema {
+            Some(schema @ Value::Object(_)) => Some(schema.to_string()),
+            Some(_) => return Err(bad("`json_schema.schema` must be a JSON schema object".into())),
+            None => Some(r#"{"type":"object"}"#.to_owned()),
+        },
     })
 }
 
@@ -585,7 +617,7 @@ fn outcome(row: &ResultRow) -> Result<&'static str, OpenAiError> {
         TerminalStatus::BlockedInput | TerminalStatus::BlockedOutput => Ok("content_filter"),
         TerminalStatus::RateLimited => error(StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         TerminalStatus::Expired => error(StatusCode::GATEWAY_TIMEOUT, "expired"),
-        TerminalStatus::Rejected => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+        TerminalStatus::Rejected => error(StatusCode::BAD_REQUEST, "rejected"),
         TerminalStatus::Cancelled => error(StatusCode::CONFLICT, "cancelled"),
         TerminalStatus::Failed | TerminalStatus::Unspecified => error(StatusCode::INTERNAL_SERVER_ERROR, "failed"),
     }
@@ -992,7 +1024,6 @@ mod tests {
         for (refused, param) in [
             (r#""logit_bias":{"1":2}"#, "logit_bias"),
             (r#""logprobs":true"#, "logprobs"),
-            (r#""response_format":{"type":"json_object"}"#, "response_format"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
         ] {
             let e = with(refused).unwrap_err();
@@ -1004,6 +1035,24 @@ mod tests {
         }
         let e = with(r#""temprature":1"#).unwrap_err();
         assert_eq!((e.status, e.code.as_str()), (StatusCode::BAD_REQUEST, "unknown_field"));
+    }
+
+    #[test]
+    fn response_formats_become_json_schemas() {
+        let with = |format: &str| {
+            decode_chat(
+                format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{format}}}"#).as_bytes(),
+            )
+        };
+        assert_eq!(with(r#"{"type":"text"}"#).unwrap().params.json_schema, "");
+        assert_eq!(with(r#"{"type":"json_object"}"#).unwrap().params.json_schema, r#"{"type":"object"}"#);
+        let schema =
+            with(r#"{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object","required":["a"]}}}"#);
+        assert_eq!(schema.unwrap().params.json_schema, r#"{"required":["a"],"type":"object"}"#);
+        for bad in [r#"{"type":"yaml"}"#, r#"{"type":"json_schema","json_schema":{"schema":3}}"#] {
+            let e = with(bad).unwrap_err();
+            assert_eq!((e.param, e.code.as_str()), (Some("response_format"), "invalid_response_format"), "{bad}");
+        }
     }
 
     #[test]
@@ -1047,7 +1096,7 @@ mod tests {
         );
         assert_eq!(outcome(&row("EXPIRED", "")).unwrap_err().status, StatusCode::GATEWAY_TIMEOUT);
         let e = outcome(&row("REJECTED", "prompt_too_long")).unwrap_err();
-        assert_eq!((e.status, e.code.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "prompt_too_long"));
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::BAD_REQUEST, "prompt_too_long"));
         assert_eq!(outcome(&row("FAILED", "x")).unwrap_err().kind, "server_error");
     }
 }
