@@ -202,13 +202,14 @@ async fn loadtest_against_the_real_mesh() {
         assert_eq!(count(&run.results["settings"]["connections"]), 2);
     }
 
-    // Refusals are real too: ingest allows only tiny-llama, and each API carries the code.
-    for api in ["http", "ws", "grpc"] {
+    // Refusals are real too: ingest allows only tiny-llama, and each API carries its code
+    // (the OpenAI API answers an unknown model as OpenAI does, `model_not_found`).
+    for (api, code) in [("http", "model_not_found"), ("ws", "unknown_model"), ("grpc", "unknown_model")] {
         let name = format!("refused-{api}");
         let refuse =
             ["run", "--api", api, "--model", "nope", "--rate", "3", "--duration-s", "1", "--arrivals", "constant"];
         let run = loadtest(&mesh, dir.path(), &name, &refuse, &COMMON).await;
-        assert_all_refused(&run, "unknown_model");
+        assert_all_refused(&run, code);
     }
 
     // 3. find-max, on a small budget: at least the first step is sustained.
