@@ -243,6 +243,27 @@ try:
     raise SystemExit("a schema that does not compile was accepted")
 except openai.BadRequestError as err:
     assert err.body["code"] == "invalid_response_format", err.body
+# A required tool call: arguments matching the function's parameters, plain and streamed.
+tools = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+          "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                         "properties": {"city": {"type": "string", "maxLength": 32}}}}}]
+weather = [{"role": "user", "content": "What is the weather in Oslo?"}]
+r = client.chat.completions.create(model="smollm2-135m", messages=weather, tools=tools, tool_choice="required",
+                                   temperature=0, max_tokens=48)
+assert r.choices[0].finish_reason == "tool_calls", r
+call = r.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}, call
+chunks = list(client.chat.completions.create(model="smollm2-135m", messages=weather, tools=tools, temperature=0,
+                                             max_tokens=48, stream=True,
+                                             tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+assert len(streamed) == 1 and streamed[0].function.arguments == call.function.arguments, streamed
+assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+try:
+    client.chat.completions.create(model="smollm2-135m", messages=weather, tools=tools)
+    raise SystemExit("tool_choice auto accepted")
+except openai.BadRequestError as err:
+    assert err.body["param"] == "tool_choice", err.body
 # Legacy completions: the prompt is continued as it is (no chat template around it).
 c = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0)
 assert c.object == "text_completion" and c.choices[0].text and c.choices[0].finish_reason in ("stop", "length"), c

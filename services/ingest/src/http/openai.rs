@@ -17,10 +17,12 @@
 //! - `model`, `temperature`, `top_p`, `max_tokens` (or `max_completion_tokens`), `stop` (a
 //!   string or an array), `seed` map to the generation parameters; `stream_options.include_usage`
 //!   adds a last chunk with the usage; `X-Tenant` and `Idempotency-Key` work as on
-//!   `/v1/queries`. OpenAI parameters not implemented here (penalties, logprobs, logit_bias,
-//!   response_format, tools, `n` above 1) are accepted only at their default value and
-//!   otherwise refused with 400 `unsupported_parameter`; unknown ones with 400
-//!   `unknown_field`, as OpenAI refuses unrecognized arguments — never silently ignored.
+//!   `/v1/queries`; penalties are applied by the sampler; `n` candidates are sibling requests;
+//!   `response_format` and required tool calls are enforced by constrained decoding. OpenAI
+//!   parameters not implemented (logprobs, logit_bias, `tool_choice: "auto"`) are accepted
+//!   only at their default value and otherwise refused with 400 `unsupported_parameter`;
+//!   unknown ones with 400 `unknown_field`, as OpenAI refuses unrecognized arguments — never
+//!   silently ignored.
 //!
 //! The request gets a 60 s deadline (or the policy's maximum, if lower). Both answers follow the
 //! request with a [`Follower`]: the plain one is built from the terminal result (moderation may
@@ -236,6 +238,8 @@ const CHAT_FIELDS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "response_format",
+    "tools",
+    "tool_choice",
 ];
 
 /// Whether a parameter's value is its neutral one.
@@ -248,8 +252,6 @@ const NEUTRAL_ONLY: &[(&str, IsNeutral)] = &[
     ("logprobs", |v| v.as_bool() == Some(false)),
     ("top_logprobs", |v| v.as_u64() == Some(0)),
     ("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty())),
-    ("tools", |v| v.as_array().is_some_and(|a| a.is_empty())),
-    ("tool_choice", |v| v.as_str() == Some("none")),
     ("functions", |v| v.as_array().is_some_and(|a| a.is_empty())),
     ("function_call", |v| v.as_str() == Some("none")),
     ("parallel_tool_calls", |_| true),
@@ -273,6 +275,8 @@ pub struct ChatRequest {
     /// Candidates to generate (`n`).
     pub n: u32,
     pub rerank: Option<Rerank>,
+    /// The answer is a call of one of the request's tools (its JSON is the completion).
+    pub tool_call: bool,
 }
 
 #[derive(Deserialize)]
@@ -409,8 +413,22 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     let mut object = json_object(body)?;
     let messages: Vec<Map<String, Value>> =
         take(&mut object, "messages")?.ok_or(SubmitError::MissingField("messages"))?;
-    let (text, earlier) = conversation(&messages)?;
-    let sampling = sampling(&mut object)?;
+    let (text, mut earlier) = conversation(&messages)?;
+    let mut sampling = sampling(&mut object)?;
+    let tools = tool_calling(&mut object)?;
+    if let Some(calling) = &tools {
+        if !sampling.params.json_schema.is_empty() {
+            let message = "`response_format` and a required tool call cannot be combined";
+            return Err(OpenAiError::invalid(
+                StatusCode::BAD_REQUEST,
+                Some("response_format"),
+                "unsupported_parameter",
+                message,
+            ));
+        }
+        sampling.params.json_schema = calling.schema.to_string();
+        earlier.push(ChatTurn { role: "system".into(), content: calling.instructions.clone() });
+    }
     let request = ChatRequest {
         model: take(&mut object, "model")?,
         text,
@@ -421,6 +439,7 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
         include_usage: sampling.include_usage,
         n: sampling.n,
         rerank: sampling.rerank,
+        tool_call: tools.is_some(),
     };
     refuse_the_rest(&object)?;
     Ok(request)
@@ -496,6 +515,123 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         n,
         rerank,
     })
+}
+
+/// A required tool call: the schema of `{"name", "arguments"}` over the allowed tools (their
+/// `parameters` schemas), and the system message that tells the model about them.
+struct ToolCalling {
+    schema: Value,
+    instructions: String,
+}
+
+/// OpenAI's `tools` with `tool_choice` `"required"` or a named function: the answer is then
+/// one call, its arguments matching the function's `parameters` by constrained decoding.
+/// `tool_choice` `"none"` (or no tools) is a plain answer; `"auto"` (the default with tools)
+/// is refused: the model cannot yet choose between text and a call.
+fn tool_calling(object: &mut Map<String, Value>) -> Result<Option<ToolCalling>, OpenAiError> {
+    #[derive(Deserialize)]
+    struct Tool {
+        r#type: String,
+        function: Function,
+    }
+    #[derive(Deserialize)]
+    struct Function {
+        name: String,
+        #[serde(default)]
+        description: Option<String>,
+        #[serde(default)]
+        parameters: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Choice {
+        Mode(String),
+        Named { function: Named },
+    }
+    #[derive(Deserialize)]
+    struct Named {
+        name: String,
+    }
+    let bad = |param: &'static str, code: &str, message: String| {
+        OpenAiError::invalid(StatusCode::BAD_REQUEST, Some(param), code, message)
+    };
+    let tools: Vec<Tool> = take(object, "tools")?.unwrap_or_default();
+    let choice: Option<Choice> = take(object, "tool_choice")?;
+    let has_choice = choice.is_some();
+    let wanted = match choice {
+        Some(Choice::Mode(mode)) if mode == "none" => return Ok(None),
+        _ if tools.is_empty() => {
+            return match has_choice {
+                true => Err(bad("tool_choice", "invalid_value", "`tool_choice` needs `tools`".into())),
+                false => Ok(None),
+            };
+        }
+        Some(Choice::Mode(mode)) if mode == "required" => None,
+        Some(Choice::Named { function }) => Some(function.name),
+        Some(Choice::Mode(mode)) if mode == "auto" => {
+            return Err(bad(
+                "tool_choice",
+                "unsupported_parameter",
+                "tool_choice \"auto\" is not supported: use \"required\" or name a function".into(),
+            ));
+        }
+        None => {
+            return Err(bad(
+                "tool_choice",
+                "unsupported_parameter",
+                "with `tools`, set tool_choice to \"required\" or name a function (\"auto\" is not supported)".into(),
+            ));
+        }
+        Some(Choice::Mode(mode)) => {
+            return Err(bad("tool_choice", "invalid_value", format!("unknown tool_choice {mode:?}")));
+        }
+    };
+    if let Some(t) = tools.iter().find(|t| t.r#type != "function") {
+        return Err(bad(
+            "tools",
+            "invalid_value",
+            format!("tool type {:?} is not supported (only \"function\")", t.r#type),
+        ));
+    }
+    let allowed: Vec<&Tool> = tools.iter().filter(|t| wanted.as_ref().is_none_or(|w| *w == t.function.name)).collect();
+    if allowed.is_empty() {
+        return Err(bad("tool_choice", "invalid_value", format!("no tool named {:?}", wanted.unwrap_or_default())));
+    }
+    let calls: Vec<Value> = allowed
+        .iter()
+        .map(|t| {
+            let arguments = t.function.parameters.clone().unwrap_or_else(|| json!({ "type": "object" }));
+            json!({
+                "type": "object",
+                "properties": { "name": { "const": t.function.name }, "arguments": arguments },
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let schema = if calls.len() == 1 { calls[0].clone() } else { json!({ "anyOf": calls }) };
+    let described: Vec<Value> = allowed
+        .iter()
+        .map(|t| json!({ "name": t.function.name, "description": t.function.description, "parameters": t.function.parameters }))
+        .collect();
+    let instructions = format!(
+        "Answer by calling one of these functions, as a JSON object {{\"name\": ..., \"arguments\": {{...}}}}:\n{}",
+        Value::Array(described)
+    );
+    Ok(Some(ToolCalling { schema, instructions }))
+}
+
+/// A tool call's completion (`{"name", "arguments"}`) as OpenAI's `tool_calls`; `None` when it
+/// is not one (a `length` finish cut it short).
+fn tool_calls(completion: &str, request_id: &str) -> Option<Value> {
+    let call: Value = serde_json::from_str(completion).ok()?;
+    let name = call.get("name")?.as_str()?;
+    let arguments = call.get("arguments")?;
+    Some(json!([{
+        "id": format!("call_{}", request_id.replace('-', "")),
+        "type": "function",
+        "function": { "name": name, "arguments": arguments.to_string() },
+    }]))
 }
 
 /// OpenAI's `response_format` as the JSON schema the output must match: `text` (none),
@@ -669,8 +805,14 @@ async fn chat_completions(
         let earlier = submission.messages.iter().map(|m| m.content.as_str());
         earlier.chain(submission.text.as_deref()).collect::<Vec<_>>().join("\n")
     });
-    let shape =
-        Shape { flavor: Flavor::Chat, stream: chat.stream, include_usage: chat.include_usage, n: chat.n, reference };
+    let shape = Shape {
+        flavor: Flavor::Chat,
+        stream: chat.stream,
+        include_usage: chat.include_usage,
+        n: chat.n,
+        reference,
+        tool_call: chat.tool_call,
+    };
     complete(&api, submission, shape, received_unix_us).await
 }
 
@@ -697,8 +839,14 @@ async fn completions(
         ..Default::default()
     };
     let reference = rerank_reference(text.rerank, || submission.text.clone().unwrap_or_default());
-    let shape =
-        Shape { flavor: Flavor::Text, stream: text.stream, include_usage: text.include_usage, n: text.n, reference };
+    let shape = Shape {
+        flavor: Flavor::Text,
+        stream: text.stream,
+        include_usage: text.include_usage,
+        n: text.n,
+        reference,
+        tool_call: false,
+    };
     complete(&api, submission, shape, received_unix_us).await
 }
 
@@ -722,6 +870,8 @@ struct Shape {
     n: u32,
     /// The text candidates are re-ranked against, when asked.
     reference: Option<String>,
+    /// The answer is a tool call.
+    tool_call: bool,
 }
 
 /// The text to re-rank against: the given reference, or the request's conversation.
@@ -759,6 +909,7 @@ async fn complete(
         model: accepted.model.clone(),
         include_usage: shape.include_usage,
         flavor: shape.flavor,
+        tool_call: shape.tool_call,
     };
     if shape.stream {
         let (_, follower) = followers.pop().expect("one candidate when streaming");
@@ -773,8 +924,17 @@ async fn complete(
     let rows: Vec<ResultRow> =
         rows.into_iter().collect::<Result<_, _>>().map_err(|e| OpenAiError::from(e).with_request_id(&request_id))?;
     let mut choices = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for (row, id) in rows.iter().zip(&ids) {
         let finish_reason = outcome(row).map_err(|e| e.with_request_id(&request_id))?;
+        let calls = meta.tool_call.then(|| tool_calls(&row.completion, id)).flatten();
+        if let Some(calls) = calls.filter(|_| finish_reason == "stop") {
+            choices.push(json!({
+                "message": { "role": "assistant", "content": null, "tool_calls": calls },
+                "logprobs": null,
+                "finish_reason": "tool_calls",
+            }));
+            continue;
+        }
         choices.push(match meta.flavor {
             Flavor::Chat => json!({
                 "message": { "role": "assistant", "content": row.completion },
@@ -875,6 +1035,8 @@ struct Meta {
     model: String,
     include_usage: bool,
     flavor: Flavor,
+    /// A tool call streams as one `tool_calls` delta once the call is whole.
+    tool_call: bool,
 }
 
 /// OpenAI's `usage` of a terminal row.
@@ -947,6 +1109,7 @@ const DONE: &[u8] = b"data: [DONE]\n\n";
 fn stream_completion(follower: Follower, meta: Meta) -> impl futures::Stream<Item = Result<Bytes, actix_web::Error>> {
     enum State {
         Following(Box<Follower>),
+        Finish(&'static str, Box<ResultRow>),
         Usage(Box<ResultRow>),
         Done,
         End,
@@ -954,23 +1117,57 @@ fn stream_completion(follower: Follower, meta: Meta) -> impl futures::Stream<Ite
     let opening = futures::stream::iter(meta.opening().map(Ok::<_, actix_web::Error>));
     let rest = futures::stream::unfold((State::Following(Box::new(follower)), meta), |(state, meta)| async move {
         let (bytes, next) = match state {
-            State::Following(mut follower) => match follower.next().await {
+            State::Following(mut follower) => match next_event(&mut follower, meta.tool_call).await {
                 Some(Ok(Event::Text(text))) => (meta.text_chunk(text), State::Following(follower)),
                 Some(Ok(Event::Finished(row))) => match outcome(&row) {
-                    Ok(finish_reason) if meta.include_usage => (meta.finish_chunk(finish_reason), State::Usage(row)),
-                    Ok(finish_reason) => (meta.finish_chunk(finish_reason), State::Done),
+                    Ok("stop") if meta.tool_call => match tool_calls(&row.completion, follower.request_id()) {
+                        Some(calls) => (
+                            meta.choice_chunk(json!({ "tool_calls": indexed(calls) }), None),
+                            State::Finish("tool_calls", row),
+                        ),
+                        None => (meta.text_chunk(row.completion.clone()), State::Finish("stop", row)),
+                    },
+                    Ok(finish_reason) if meta.tool_call => {
+                        (meta.text_chunk(row.completion.clone()), State::Finish(finish_reason, row))
+                    }
+                    Ok(finish_reason) => (meta.finish_chunk(finish_reason), after_finish(&meta, row)),
                     Err(e) => (event(&e.body()), State::Done),
                 },
                 Some(Err(e)) => (event(&OpenAiError::from(e).body()), State::Done),
                 None => (Bytes::from_static(DONE), State::End),
             },
+            State::Finish(finish_reason, row) => (meta.finish_chunk(finish_reason), after_finish(&meta, row)),
             State::Usage(row) => (meta.usage_chunk(&row), State::Done),
             State::Done => (Bytes::from_static(DONE), State::End),
             State::End => return None,
         };
         Some((Ok(bytes), (next, meta)))
     });
+    fn after_finish(meta: &Meta, row: Box<ResultRow>) -> State {
+        if meta.include_usage { State::Usage(row) } else { State::Done }
+    }
     futures::StreamExt::chain(opening, rest)
+}
+
+/// The follower's next event; a tool call's text is not streamed piece by piece (it is sent as
+/// one call when whole), so its pieces are skipped.
+async fn next_event(follower: &mut Follower, tool_call: bool) -> Option<Result<Event, ApiError>> {
+    loop {
+        match follower.next().await {
+            Some(Ok(Event::Text(_))) if tool_call => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Tool calls as a stream delta names them: each with its `index`.
+fn indexed(mut calls: Value) -> Value {
+    if let Some(calls) = calls.as_array_mut() {
+        for (index, call) in calls.iter_mut().enumerate() {
+            call["index"] = json!(index);
+        }
+    }
+    calls
 }
 
 #[cfg(test)]
@@ -1021,11 +1218,7 @@ mod tests {
         ] {
             assert!(with(neutral).is_ok(), "{neutral}");
         }
-        for (refused, param) in [
-            (r#""logit_bias":{"1":2}"#, "logit_bias"),
-            (r#""logprobs":true"#, "logprobs"),
-            (r#""tools":[{"type":"function"}]"#, "tools"),
-        ] {
+        for (refused, param) in [(r#""logit_bias":{"1":2}"#, "logit_bias"), (r#""logprobs":true"#, "logprobs")] {
             let e = with(refused).unwrap_err();
             assert_eq!(
                 (e.status, e.param, e.code.as_str()),
@@ -1035,6 +1228,40 @@ mod tests {
         }
         let e = with(r#""temprature":1"#).unwrap_err();
         assert_eq!((e.status, e.code.as_str()), (StatusCode::BAD_REQUEST, "unknown_field"));
+    }
+
+    #[test]
+    fn a_required_tool_call_is_a_schema_over_the_tools_and_auto_is_refused() {
+        let with = |extra: &str| {
+            decode_chat(
+                format!(
+                    r#"{{"messages":[{{"role":"user","content":"weather?"}}],"tools":[
+                    {{"type":"function","function":{{"name":"weather","parameters":{{"type":"object","properties":{{"city":{{"type":"string"}}}}}}}}}},
+                    {{"type":"function","function":{{"name":"time"}}}}]{extra}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let chat = with(r#","tool_choice":"required""#).unwrap();
+        assert!(chat.tool_call);
+        let schema: Value = serde_json::from_str(&chat.params.json_schema).unwrap();
+        assert_eq!(schema["anyOf"].as_array().unwrap().len(), 2);
+        assert_eq!(chat.earlier.last().unwrap().role, "system", "the model is told about the tools");
+        let named = with(r#","tool_choice":{"type":"function","function":{"name":"weather"}}"#).unwrap();
+        let schema: Value = serde_json::from_str(&named.params.json_schema).unwrap();
+        assert_eq!(schema["properties"]["name"]["const"], "weather");
+        assert!(!with(r#","tool_choice":"none""#).unwrap().tool_call);
+        for (extra, code) in [
+            ("", "unsupported_parameter"),
+            (r#","tool_choice":"auto""#, "unsupported_parameter"),
+            (r#","tool_choice":{"type":"function","function":{"name":"nope"}}"#, "invalid_value"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!((e.param, e.code.as_str()), (Some("tool_choice"), code), "{extra}");
+        }
+        let calls = tool_calls(r#"{"name":"weather","arguments":{"city":"Oslo"}}"#, "0190-ab").unwrap();
+        assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Oslo"}"#);
+        assert!(tool_calls("{\"name\":", "r").is_none());
     }
 
     #[test]
