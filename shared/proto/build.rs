@@ -24,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Stored as JSON by the sink and returned by its HTTP API.
         .type_attribute("millrace.v1.Verdict", "#[derive(serde::Serialize, serde::Deserialize)]")
         .type_attribute("millrace.v1.StageTiming", "#[derive(serde::Serialize, serde::Deserialize)]")
+        // Carried in the result row that ingest answers from.
+        .type_attribute("millrace.v1.TokenLogprob", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .type_attribute("millrace.v1.TopLogprob", "#[derive(serde::Serialize, serde::Deserialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

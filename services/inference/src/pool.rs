@@ -182,5 +182,12 @@ fn finished_before_start(request: &GenerationRequest) -> Option<FinishReason> {
 }
 
 fn not_started(finish: FinishReason) -> Generation {
-    Generation { text: String::new(), token_ids: Vec::new(), prompt_tokens: 0, finish, refusal: None }
+    Generation {
+        text: String::new(),
+        token_ids: Vec::new(),
+        prompt_tokens: 0,
+        finish,
+        refusal: None,
+        logprobs: Vec::new(),
+    }
 }

@@ -90,6 +90,7 @@ pub fn generation_request(
         deadline,
         cancel,
         json_schema: (!p.json_schema.is_empty()).then_some(p.json_schema),
+        logprobs: p.logprobs.then_some(p.top_logprobs as usize),
     }
 }
 
@@ -127,6 +128,8 @@ mod tests {
             presence_penalty: 0.5,
             frequency_penalty: -0.25,
             json_schema: r#"{"type":"object"}"#.into(),
+            logprobs: true,
+            top_logprobs: 3,
         };
         let cancel = Arc::new(AtomicBool::new(true));
         let deadline = Some(Instant::now());
@@ -145,6 +148,7 @@ mod tests {
         );
         assert_eq!(r.stop, ["\n\n"]);
         assert_eq!(r.json_schema.as_deref(), Some(r#"{"type":"object"}"#));
+        assert_eq!(r.logprobs, Some(3));
         assert_eq!(r.deadline, deadline);
         assert!(Arc::ptr_eq(&r.cancel, &cancel));
         // An explicit temperature 0 is greedy, as the proto's `optional` allows.

@@ -12,7 +12,8 @@ use millrace_bus::topology::ephemeral;
 use millrace_bus::{ConsumerSpec, Delivery, Edge, Handler, Outbound, Publisher, StageError, terminal_result};
 use millrace_engine::{FinishReason, Generation};
 use millrace_proto::v1::{
-    Batch, Completion, Prompt, RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk,
+    Batch, Completion, Prompt, RequestContext, Result as TerminalResult, TerminalStatus, TokenChunk, TokenLogprob,
+    TopLogprob,
 };
 use millrace_proto::{Message as _, now_unix_ms};
 use tokio::sync::mpsc;
@@ -191,7 +192,20 @@ fn completion(prompt: Prompt, g: Generation, model_version: &str) -> Completion 
         user_text: prompt.user_text,
         verdicts: prompt.verdicts,
         turns_dropped: prompt.turns_dropped,
+        logprobs: logprobs(g.logprobs),
     }
+}
+
+/// The engine's per-token log probabilities, as the contract carries them.
+fn logprobs(engine: Vec<millrace_engine::TokenLogprob>) -> Vec<TokenLogprob> {
+    engine
+        .into_iter()
+        .map(|t| TokenLogprob {
+            token: t.token,
+            logprob: t.logprob,
+            top: t.top.into_iter().map(|(token, logprob)| TopLogprob { token, logprob }).collect(),
+        })
+        .collect()
 }
 
 /// A terminal result carrying what was generated before the request ended, if anything.
@@ -203,9 +217,9 @@ fn terminal(
     partial: Option<Generation>,
     model_version: &str,
 ) -> TerminalResult {
-    let (completion, prompt_tokens, completion_tokens) = match partial {
-        Some(g) => (g.text, g.prompt_tokens as u32, g.token_ids.len() as u32),
-        None => (String::new(), prompt.prompt_tokens, 0),
+    let (completion, prompt_tokens, completion_tokens, logprobs) = match partial {
+        Some(g) => (g.text, g.prompt_tokens as u32, g.token_ids.len() as u32, self::logprobs(g.logprobs)),
+        None => (String::new(), prompt.prompt_tokens, 0, Vec::new()),
     };
     TerminalResult {
         prompt: prompt.prompt,
@@ -215,6 +229,7 @@ fn terminal(
         prompt_tokens,
         completion_tokens,
         turns_dropped: prompt.turns_dropped,
+        logprobs,
         ..terminal_result(STAGE, prompt.ctx, prompt.timings, status, reason, detail)
     }
 }
@@ -245,7 +260,14 @@ mod tests {
     }
 
     fn generation(finish: FinishReason) -> Generation {
-        Generation { text: "Hello".into(), token_ids: vec![5, 6], prompt_tokens: 7, finish, refusal: None }
+        Generation {
+            text: "Hello".into(),
+            token_ids: vec![5, 6],
+            prompt_tokens: 7,
+            finish,
+            refusal: None,
+            logprobs: vec![],
+        }
     }
 
     fn result_of(out: &Outbound) -> TerminalResult {

@@ -68,6 +68,9 @@ fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {
         presence_penalty: fields.take("presence_penalty")?.unwrap_or_default(),
         frequency_penalty: fields.take("frequency_penalty")?.unwrap_or_default(),
         // A JSON schema object the output must match (constrained decoding).
+        // Per-token log probabilities are answered by the OpenAI API only.
+        logprobs: false,
+        top_logprobs: 0,
         json_schema: fields
             .take::<Map<String, Value>>("json_schema")?
             .map(|s| Value::Object(s).to_string())

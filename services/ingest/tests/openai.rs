@@ -200,7 +200,7 @@ plain = client.chat.completions.create(model="smollm2-135m", messages=repeat, te
 penalized = client.chat.completions.create(model="smollm2-135m", messages=repeat, temperature=0, max_tokens=24,
                                            frequency_penalty=2.0, presence_penalty=2.0)
 assert penalized.choices[0].message.content != plain.choices[0].message.content, (plain, penalized)
-for kwargs, param in [({"presence_penalty": 3.0}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
+for kwargs, param in [({"presence_penalty": 3.0}, "presence_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),
                       ({"temperature": 5}, "temperature")]:
     try:
         client.chat.completions.create(model="smollm2-135m", messages=messages, **kwargs)
@@ -264,6 +264,12 @@ try:
     raise SystemExit("tool_choice auto accepted")
 except openai.BadRequestError as err:
     assert err.body["param"] == "tool_choice", err.body
+# Log probabilities from the model's own distribution (greedy: the chosen token is the top one).
+r = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=8,
+                                   logprobs=True, top_logprobs=2)
+content = r.choices[0].logprobs.content
+assert len(content) == r.usage.completion_tokens and "".join(t.token for t in content) == r.choices[0].message.content
+assert all(t.logprob <= 0 and t.top_logprobs[0].token == t.token and len(t.top_logprobs) == 2 for t in content), content
 # Legacy completions: the prompt is continued as it is (no chat template around it).
 c = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0)
 assert c.object == "text_completion" and c.choices[0].text and c.choices[0].finish_reason in ("stop", "length"), c

@@ -115,6 +115,8 @@ pub fn output_outbound(mut c: Completion, decision: &Decision, refusal: &str, re
         prompt_tokens: c.prompt_tokens,
         completion_tokens: c.completion_tokens,
         turns_dropped: c.turns_dropped,
+        // What the completion's tokens were: a refusal in its place has none.
+        logprobs: if status == TerminalStatus::Completed { c.logprobs } else { Vec::new() },
         ..terminal_result(STAGE_OUTPUT, c.ctx, c.timings, status, reason, detail)
     })
 }
@@ -159,6 +161,7 @@ mod tests {
             finish_reason: "eos".into(),
             verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
             turns_dropped: 2,
+            logprobs: vec![],
         }
     }
 

@@ -108,6 +108,7 @@ async fn send_completion(publisher: &Publisher, request_id: &str, text: &str) {
         finish_reason: "eos".into(),
         verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
         turns_dropped: 0,
+        logprobs: vec![],
     };
     let out = Outbound {
         subject: Edge::COMPLETIONS.subject_for(request_id),

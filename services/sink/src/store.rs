@@ -233,6 +233,8 @@ fn result_from_row(r: &AnyRow) -> Result<ResultRow, StoreError> {
         prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u32,
         completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u32,
         turns_dropped: r.try_get::<i64, _>("turns_dropped")? as u32,
+        // Answered live to the client that asked; not kept.
+        logprobs: Vec::new(),
         accepted_unix_ms: r.try_get("accepted_unix_ms")?,
         stored_unix_ms: r.try_get("stored_unix_ms")?,
     })

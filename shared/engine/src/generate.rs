@@ -46,6 +46,8 @@ pub struct GenerationRequest {
     pub cancel: Arc<AtomicBool>,
     /// A JSON schema the output must match (constrained decoding, see [`crate::constrain`]).
     pub json_schema: Option<String>,
+    /// Report each generated token's log probability with this many top alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerationRequest {
@@ -58,6 +60,7 @@ impl GenerationRequest {
             deadline: None,
             cancel: Arc::default(),
             json_schema: None,
+            logprobs: None,
         }
     }
 }
@@ -94,6 +97,17 @@ pub struct Generation {
     pub finish: FinishReason,
     /// Why a `Refused` request was not generated.
     pub refusal: Option<String>,
+    /// Per generated token, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A generated token's log probability under the model (log-softmax of its raw logits, before
+/// penalties and constraints), and the most likely alternatives at that step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
 }
 
 /// A decoder session with its tokenizer. `Session::run` takes `&mut self`: one per worker.
@@ -121,6 +135,7 @@ struct Row {
     /// The output's grammar, for a request with a response format.
     constraint: Option<Constraint>,
     refusal: Option<String>,
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Generator {
@@ -133,6 +148,30 @@ impl Generator {
     pub fn with_bound_kv(mut self, memory: MemoryInfo<'static>) -> Self {
         self.kv_memory = Some(memory);
         self
+    }
+
+    /// `token`'s log probability among `logits`, and the `top` most likely tokens'.
+    fn logprob(&self, logits: &[f32], token: u32, top: usize) -> Result<TokenLogprob, EngineError> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+        let piece = |id: u32| self.tokenizer.decode(&[id], false).map_err(|e| EngineError::Tokenizer(e.to_string()));
+        let mut best: Vec<u32> = (0..logits.len() as u32).collect();
+        let top = top.min(best.len());
+        if top > 0 {
+            best.select_nth_unstable_by(top - 1, |a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+            best.truncate(top);
+            best.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        } else {
+            best.clear();
+        }
+        Ok(TokenLogprob {
+            token: piece(token)?,
+            logprob: logits[token as usize] - log_sum,
+            top: best
+                .into_iter()
+                .map(|id| Ok((piece(id)?, logits[id as usize] - log_sum)))
+                .collect::<Result<_, EngineError>>()?,
+        })
     }
 
     /// The response-format compiler for this vocabulary (built once, on first use: reading the
@@ -203,6 +242,7 @@ impl Generator {
                 prompt_tokens: ids.len(),
                 constraint,
                 refusal,
+                logprobs: Vec::new(),
             });
         }
         let mut active: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finish.is_none()).collect();
@@ -251,6 +291,12 @@ impl Generator {
                         token
                     }
                 };
+                if let Some(top) = requests[i].logprobs
+                    && !self.spec.eos_token_ids.contains(&token)
+                {
+                    let logprob = self.logprob(row_logits, token, top)?;
+                    rows[i].logprobs.push(logprob);
+                }
                 self.advance(&mut rows[i], &requests[i], token, &mut on_token)?;
                 next.push(token);
             }
@@ -417,6 +463,7 @@ fn finished(row: Row) -> Generation {
         prompt_tokens: row.prompt_tokens,
         finish: row.finish.unwrap_or(FinishReason::Length),
         refusal: row.refusal,
+        logprobs: row.logprobs,
     }
 }
 

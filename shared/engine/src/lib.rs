@@ -12,7 +12,7 @@ pub mod template;
 pub use classify::Classifier;
 pub use constrain::{Constraint, Grammars};
 pub use embed::{Embedded, Embedder};
-pub use generate::{DecoderSpec, FinishReason, Generation, GenerationRequest, Generator};
+pub use generate::{DecoderSpec, FinishReason, Generation, GenerationRequest, Generator, TokenLogprob};
 pub use manifest::Manifest;
 pub use runtime::{ExecutionProvider, RuntimeOptions};
 pub use sampling::SamplingParams;

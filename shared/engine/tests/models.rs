@@ -191,3 +191,19 @@ fn a_json_schema_constrains_the_output_to_a_matching_object() {
     assert!(out[0].refusal.as_deref().is_some_and(|r| r.contains("response format")), "{:?}", out[0].refusal);
     assert!(!out[1].token_ids.is_empty());
 }
+
+#[test]
+fn logprobs_are_the_models_distribution_and_greedy_takes_the_top_one() {
+    let mut g = generator();
+    let mut r = GenerationRequest::new(chat("What is the capital of France?"), 8);
+    r.logprobs = Some(3);
+    let out = g.generate(&[r], |_, _| ()).unwrap().remove(0);
+    assert_eq!(out.logprobs.len(), out.token_ids.len(), "one entry per generated token");
+    for t in &out.logprobs {
+        assert!(t.logprob <= 0.0 && t.top.len() == 3, "{t:?}");
+        assert!(t.top.windows(2).all(|w| w[0].1 >= w[1].1), "alternatives most likely first: {t:?}");
+        assert_eq!((t.top[0].0.as_str(), t.top[0].1), (t.token.as_str(), t.logprob), "greedy picks the most likely");
+        assert!(t.top.iter().map(|(_, l)| l.exp()).sum::<f32>() <= 1.0 + 1e-4);
+    }
+    assert_eq!(out.logprobs.iter().map(|t| t.token.as_str()).collect::<String>(), out.text);
+}

@@ -29,6 +29,9 @@ pub struct ResultRow {
     pub completion_tokens: u32,
     /// Units of the earlier conversation trimmed to fit the token budget.
     pub turns_dropped: u32,
+    /// Per completion token, when the request asked; answered live, not stored by the sink.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<crate::v1::TokenLogprob>,
     pub accepted_unix_ms: i64,
     /// When the sink stored the row; 0 for a result read straight off the bus.
     pub stored_unix_ms: i64,
@@ -79,6 +82,7 @@ impl ResultRow {
             timings: result.timings.unwrap_or_default().stages,
             prompt_tokens: result.prompt_tokens,
             turns_dropped: result.turns_dropped,
+            logprobs: result.logprobs,
             completion_tokens: result.completion_tokens,
             accepted_unix_ms: ctx.accepted_unix_ms,
             stored_unix_ms,
@@ -105,6 +109,7 @@ impl ResultRow {
             timings: Vec::new(),
             prompt_tokens: 0,
             turns_dropped: 0,
+            logprobs: Vec::new(),
             completion_tokens: 0,
             accepted_unix_ms: ctx.accepted_unix_ms,
             stored_unix_ms,

@@ -19,7 +19,7 @@
 //!   adds a last chunk with the usage; `X-Tenant` and `Idempotency-Key` work as on
 //!   `/v1/queries`; penalties are applied by the sampler; `n` candidates are sibling requests;
 //!   `response_format` and required tool calls are enforced by constrained decoding. OpenAI
-//!   parameters not implemented (logprobs, logit_bias, `tool_choice: "auto"`) are accepted
+//!   parameters not implemented (logit_bias, `tool_choice: "auto"`) are accepted
 //!   only at their default value and otherwise refused with 400 `unsupported_parameter`;
 //!   unknown ones with 400 `unknown_field`, as OpenAI refuses unrecognized arguments — never
 //!   silently ignored.
@@ -240,7 +240,12 @@ const CHAT_FIELDS: &[&str] = &[
     "response_format",
     "tools",
     "tool_choice",
+    "logprobs",
+    "top_logprobs",
 ];
+
+/// Most alternatives `top_logprobs` may ask for (OpenAI's bound).
+const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// Whether a parameter's value is its neutral one.
 type IsNeutral = fn(&Value) -> bool;
@@ -249,8 +254,6 @@ type IsNeutral = fn(&Value) -> bool;
 /// (what OpenAI does when they are absent); any other value is refused with 400
 /// `unsupported_parameter` rather than ignored.
 const NEUTRAL_ONLY: &[(&str, IsNeutral)] = &[
-    ("logprobs", |v| v.as_bool() == Some(false)),
-    ("top_logprobs", |v| v.as_u64() == Some(0)),
     ("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty())),
     ("functions", |v| v.as_array().is_some_and(|a| a.is_empty())),
     ("function_call", |v| v.as_str() == Some("none")),
@@ -500,8 +503,19 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         presence_penalty: take(object, "presence_penalty")?.unwrap_or_default(),
         frequency_penalty: take(object, "frequency_penalty")?.unwrap_or_default(),
         json_schema: response_format(object)?.unwrap_or_default(),
+        logprobs: take(object, "logprobs")?.unwrap_or(false),
+        top_logprobs: take(object, "top_logprobs")?.unwrap_or(0),
     };
     let stream = take(object, "stream")?.unwrap_or(false);
+    if params.top_logprobs > MAX_TOP_LOGPROBS || (params.top_logprobs > 0 && !params.logprobs) {
+        return Err(refused(
+            "top_logprobs",
+            &format!("top_logprobs must be 0..={MAX_TOP_LOGPROBS}, with logprobs true"),
+        ));
+    }
+    if stream && params.logprobs {
+        return Err(refused("logprobs", "logprobs are answered whole, not streamed"));
+    }
     if stream && n > 1 {
         return Err(refused("n", "n > 1 is answered whole, not streamed"));
     }
@@ -938,7 +952,7 @@ async fn complete(
         choices.push(match meta.flavor {
             Flavor::Chat => json!({
                 "message": { "role": "assistant", "content": row.completion },
-                "logprobs": null,
+                "logprobs": chat_logprobs(row),
                 "finish_reason": finish_reason,
             }),
             Flavor::Text => json!({ "text": row.completion, "logprobs": null, "finish_reason": finish_reason }),
@@ -973,6 +987,25 @@ async fn complete(
         body["millrace_request_ids"] = json!(ids);
     }
     Ok(HttpResponse::Ok().insert_header((REQUEST_ID, request_id.as_str())).json(body))
+}
+
+/// OpenAI's `logprobs` of a chat choice: per token its text, log probability, UTF-8 bytes and
+/// the top alternatives; `null` when the request did not ask (or nothing was generated).
+fn chat_logprobs(row: &ResultRow) -> Value {
+    if row.logprobs.is_empty() {
+        return Value::Null;
+    }
+    let entry = |token: &str, logprob: f32| json!({ "token": token, "logprob": logprob, "bytes": token.as_bytes() });
+    let content: Vec<Value> = row
+        .logprobs
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.token, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|a| entry(&a.token, a.logprob)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content, "refusal": null })
 }
 
 /// A followed request's terminal row, the text in between skipped.
@@ -1218,7 +1251,11 @@ mod tests {
         ] {
             assert!(with(neutral).is_ok(), "{neutral}");
         }
-        for (refused, param) in [(r#""logit_bias":{"1":2}"#, "logit_bias"), (r#""logprobs":true"#, "logprobs")] {
+        for (refused, param) in [
+            (r#""logit_bias":{"1":2}"#, "logit_bias"),
+            (r#""logprobs":true,"stream":true"#, "logprobs"),
+            (r#""top_logprobs":3"#, "top_logprobs"),
+        ] {
             let e = with(refused).unwrap_err();
             assert_eq!(
                 (e.status, e.param, e.code.as_str()),
