@@ -84,6 +84,7 @@ pub fn generation_request(
             seed: p.seed.unwrap_or(fallback_seed),
             presence_penalty: p.presence_penalty,
             frequency_penalty: p.frequency_penalty,
+            logit_bias: p.logit_bias.into_iter().collect(),
         },
         // An empty stop string matches at once and would truncate every answer to nothing.
         stop: p.stop.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -130,6 +131,7 @@ mod tests {
             json_schema: r#"{"type":"object"}"#.into(),
             logprobs: true,
             top_logprobs: 3,
+            logit_bias: [(42, -100.0)].into(),
         };
         let cancel = Arc::new(AtomicBool::new(true));
         let deadline = Some(Instant::now());
@@ -143,7 +145,8 @@ mod tests {
                 top_p: 0.9,
                 seed: 3,
                 presence_penalty: 0.5,
-                frequency_penalty: -0.25
+                frequency_penalty: -0.25,
+                logit_bias: vec![(42, -100.0)],
             }
         );
         assert_eq!(r.stop, ["\n\n"]);

@@ -71,6 +71,7 @@ fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {
         // Per-token log probabilities are answered by the OpenAI API only.
         logprobs: false,
         top_logprobs: 0,
+        logit_bias: Default::default(),
         json_schema: fields
             .take::<Map<String, Value>>("json_schema")?
             .map(|s| Value::Object(s).to_string())

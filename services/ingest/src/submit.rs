@@ -19,6 +19,8 @@ const MAX_IDENTIFIER_CHARS: usize = 128;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
 const MAX_STOP_SEQUENCES: usize = 8;
 const MAX_STOP_CHARS: usize = 64;
+/// Most tokens `logit_bias` may name (OpenAI's bound).
+const MAX_LOGIT_BIAS: usize = 300;
 /// Longest JSON schema a request may constrain its output with.
 const MAX_SCHEMA_BYTES: usize = 16 * 1024;
 /// Session of a request that names none.
@@ -241,6 +243,10 @@ fn check_params(p: &GenerationParams, max_new_tokens: u32) -> Result<(), SubmitE
         format!("presence_penalty must be within [-2, 2], got {}", p.presence_penalty)
     } else if !(-2.0..=2.0).contains(&p.frequency_penalty) {
         format!("frequency_penalty must be within [-2, 2], got {}", p.frequency_penalty)
+    } else if let Some((token, bias)) = p.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(*b)) {
+        format!("logit_bias of token {token} must be within [-100, 100], got {bias}")
+    } else if p.logit_bias.len() > MAX_LOGIT_BIAS {
+        format!("at most {MAX_LOGIT_BIAS} logit_bias entries, got {}", p.logit_bias.len())
     } else if p.json_schema.len() > MAX_SCHEMA_BYTES {
         format!("json_schema must be at most {MAX_SCHEMA_BYTES} bytes, got {}", p.json_schema.len())
     } else if p.stop.len() > MAX_STOP_SEQUENCES {

@@ -200,7 +200,11 @@ plain = client.chat.completions.create(model="smollm2-135m", messages=repeat, te
 penalized = client.chat.completions.create(model="smollm2-135m", messages=repeat, temperature=0, max_tokens=24,
                                            frequency_penalty=2.0, presence_penalty=2.0)
 assert penalized.choices[0].message.content != plain.choices[0].message.content, (plain, penalized)
-for kwargs, param in [({"presence_penalty": 3.0}, "presence_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+# logit_bias: a strongly favoured token is generated (greedy).
+favoured = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=3,
+                                          logit_bias={"42": 100}, logprobs=True)
+assert all(t.token == favoured.choices[0].logprobs.content[0].token for t in favoured.choices[0].logprobs.content), favoured
+for kwargs, param in [({"presence_penalty": 3.0}, "presence_penalty"), ({"logit_bias": {"1": 500}}, "logit_bias"),
                       ({"temperature": 5}, "temperature")]:
     try:
         client.chat.completions.create(model="smollm2-135m", messages=messages, **kwargs)

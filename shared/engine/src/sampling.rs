@@ -21,11 +21,21 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Subtracted from a token's logit once per time it was generated so far.
     pub frequency_penalty: f32,
+    /// Added to these tokens' logits (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, presence_penalty: 0.0, frequency_penalty: 0.0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+        }
     }
 }
 
@@ -45,10 +55,15 @@ impl Sampler {
 
     pub fn next_token(&mut self, logits: &[f32]) -> u32 {
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
-        if presence == 0.0 && frequency == 0.0 {
+        if presence == 0.0 && frequency == 0.0 && self.params.logit_bias.is_empty() {
             return self.pick(logits);
         }
         let mut penalized = logits.to_vec();
+        for &(token, bias) in &self.params.logit_bias {
+            if let Some(l) = penalized.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
         for (&token, &count) in &self.generated {
             if let Some(l) = penalized.get_mut(token as usize) {
                 *l -= presence + frequency * count as f32;
@@ -138,6 +153,9 @@ mod tests {
         // A frequency penalty grows with each repeat: 1 leads by 0.1, then 1 and 2 alternate
         // as each is penalized in turn.
         assert_eq!(draws(SamplingParams { frequency_penalty: 0.15, ..Default::default() }, 4), [1, 2, 1, 2]);
+        // A bias moves a token up or down the order.
+        assert_eq!(draws(SamplingParams { logit_bias: vec![(3, 5.0)], ..Default::default() }, 2), [3, 3]);
+        assert_eq!(draws(SamplingParams { logit_bias: vec![(1, -100.0)], ..Default::default() }, 1), [2]);
         // A negative penalty favours repeats.
         assert_eq!(draws(SamplingParams { presence_penalty: -1.0, ..Default::default() }, 3), [1, 1, 1]);
     }

@@ -19,7 +19,7 @@
 //!   adds a last chunk with the usage; `X-Tenant` and `Idempotency-Key` work as on
 //!   `/v1/queries`; penalties are applied by the sampler; `n` candidates are sibling requests;
 //!   `response_format` and required tool calls are enforced by constrained decoding. OpenAI
-//!   parameters not implemented (logit_bias, `tool_choice: "auto"`) are accepted
+//!   parameters not implemented (`tool_choice: "auto"`, legacy `functions`) are accepted
 //!   only at their default value and otherwise refused with 400 `unsupported_parameter`;
 //!   unknown ones with 400 `unknown_field`, as OpenAI refuses unrecognized arguments — never
 //!   silently ignored.
@@ -207,12 +207,23 @@ fn param_of(e: &SubmitError) -> (Option<&'static str>, String) {
         SubmitError::BadIdentifier { field: "session" } => Some("X-Session-Id"),
         SubmitError::BadIdentifier { field: "tenant" } => Some("X-Tenant"),
         SubmitError::BadIdempotencyKey(_) => Some("Idempotency-Key"),
-        SubmitError::BadParams(p) => {
-            ["max_new_tokens", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty"]
-                .into_iter()
-                .find(|name| p.contains(name))
-                .map(|name| if name == "max_new_tokens" { "max_tokens" } else { name })
-        }
+        SubmitError::BadParams(p) => [
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "json_schema",
+        ]
+        .into_iter()
+        .find(|name| p.contains(name))
+        .map(|name| match name {
+            "max_new_tokens" => "max_tokens",
+            "json_schema" => "response_format",
+            name => name,
+        }),
         SubmitError::WrongType { field, .. } | SubmitError::UnknownField(field) => {
             CHAT_FIELDS.iter().copied().find(|f| f == field)
         }
@@ -242,6 +253,7 @@ const CHAT_FIELDS: &[&str] = &[
     "tool_choice",
     "logprobs",
     "top_logprobs",
+    "logit_bias",
 ];
 
 /// Most alternatives `top_logprobs` may ask for (OpenAI's bound).
@@ -254,7 +266,6 @@ type IsNeutral = fn(&Value) -> bool;
 /// (what OpenAI does when they are absent); any other value is refused with 400
 /// `unsupported_parameter` rather than ignored.
 const NEUTRAL_ONLY: &[(&str, IsNeutral)] = &[
-    ("logit_bias", |v| v.as_object().is_some_and(|o| o.is_empty())),
     ("functions", |v| v.as_array().is_some_and(|a| a.is_empty())),
     ("function_call", |v| v.as_str() == Some("none")),
     ("parallel_tool_calls", |_| true),
@@ -505,6 +516,7 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         json_schema: response_format(object)?.unwrap_or_default(),
         logprobs: take(object, "logprobs")?.unwrap_or(false),
         top_logprobs: take(object, "top_logprobs")?.unwrap_or(0),
+        logit_bias: logit_bias(object)?,
     };
     let stream = take(object, "stream")?.unwrap_or(false);
     if params.top_logprobs > MAX_TOP_LOGPROBS || (params.top_logprobs > 0 && !params.logprobs) {
@@ -646,6 +658,23 @@ fn tool_calls(completion: &str, request_id: &str) -> Option<Value> {
         "type": "function",
         "function": { "name": name, "arguments": arguments.to_string() },
     }]))
+}
+
+/// OpenAI's `logit_bias`: token ids (as JSON object keys) to biases.
+fn logit_bias(object: &mut Map<String, Value>) -> Result<std::collections::HashMap<u32, f32>, OpenAiError> {
+    let biases: std::collections::HashMap<String, f32> = take(object, "logit_bias")?.unwrap_or_default();
+    biases
+        .into_iter()
+        .map(|(token, bias)| match token.parse() {
+            Ok(token) => Ok((token, bias)),
+            Err(_) => Err(OpenAiError::invalid(
+                StatusCode::BAD_REQUEST,
+                Some("logit_bias"),
+                "invalid_value",
+                format!("logit_bias keys are token ids, got {token:?}"),
+            )),
+        })
+        .collect()
 }
 
 /// OpenAI's `response_format` as the JSON schema the output must match: `text` (none),
@@ -1252,7 +1281,7 @@ mod tests {
             assert!(with(neutral).is_ok(), "{neutral}");
         }
         for (refused, param) in [
-            (r#""logit_bias":{"1":2}"#, "logit_bias"),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
             (r#""logprobs":true,"stream":true"#, "logprobs"),
             (r#""top_logprobs":3"#, "top_logprobs"),
         ] {
@@ -1312,7 +1341,8 @@ mod tests {
         assert_eq!(with(r#"{"type":"json_object"}"#).unwrap().params.json_schema, r#"{"type":"object"}"#);
         let schema =
             with(r#"{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object","required":["a"]}}}"#);
-        assert_eq!(schema.unwrap().params.json_schema, r#"{"required":["a"],"type":"object"}"#);
+        let schema: Value = serde_json::from_str(&schema.unwrap().params.json_schema).unwrap();
+        assert_eq!(schema, json!({ "type": "object", "required": ["a"] }));
         for bad in [r#"{"type":"yaml"}"#, r#"{"type":"json_schema","json_schema":{"schema":3}}"#] {
             let e = with(bad).unwrap_err();
             assert_eq!((e.param, e.code.as_str()), (Some("response_format"), "invalid_response_format"), "{bad}");
