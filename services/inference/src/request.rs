@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use millrace_engine::{GenerationRequest, SamplingParams};
+use millrace_engine::{GenerationRequest, OutputGrammar, SamplingParams};
 use millrace_proto::v1::GenerationParams;
 
 /// Why a request cannot be generated; it is answered alone and the rest of its batch goes on.
@@ -90,7 +90,11 @@ pub fn generation_request(
         stop: p.stop.into_iter().filter(|s| !s.is_empty()).collect(),
         deadline,
         cancel,
-        json_schema: (!p.json_schema.is_empty()).then_some(p.json_schema),
+        grammar: match (p.json_schema.is_empty(), p.lark_grammar.is_empty()) {
+            (false, _) => Some(OutputGrammar::JsonSchema(p.json_schema)),
+            (true, false) => Some(OutputGrammar::Lark(p.lark_grammar)),
+            (true, true) => None,
+        },
         logprobs: p.logprobs.then_some(p.top_logprobs as usize),
     }
 }
@@ -132,6 +136,7 @@ mod tests {
             logprobs: true,
             top_logprobs: 3,
             logit_bias: [(42, -100.0)].into(),
+            lark_grammar: String::new(),
         };
         let cancel = Arc::new(AtomicBool::new(true));
         let deadline = Some(Instant::now());
@@ -150,7 +155,7 @@ mod tests {
             }
         );
         assert_eq!(r.stop, ["\n\n"]);
-        assert_eq!(r.json_schema.as_deref(), Some(r#"{"type":"object"}"#));
+        assert_eq!(r.grammar, Some(OutputGrammar::JsonSchema(r#"{"type":"object"}"#.into())));
         assert_eq!(r.logprobs, Some(3));
         assert_eq!(r.deadline, deadline);
         assert!(Arc::ptr_eq(&r.cancel, &cancel));

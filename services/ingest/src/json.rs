@@ -72,6 +72,7 @@ fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {
         logprobs: false,
         top_logprobs: 0,
         logit_bias: Default::default(),
+        lark_grammar: String::new(),
         json_schema: fields
             .take::<Map<String, Value>>("json_schema")?
             .map(|s| Value::Object(s).to_string())

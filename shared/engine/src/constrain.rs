@@ -19,6 +19,15 @@ fn invalid(e: impl std::fmt::Display) -> EngineError {
     EngineError::InvalidRequest(format!("response format: {e}"))
 }
 
+/// What an output must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputGrammar {
+    /// A JSON schema (`{"type": "object"}` for OpenAI's JSON mode).
+    JsonSchema(String),
+    /// A grammar in llguidance's Lark syntax (which can embed JSON schemas with `%json`).
+    Lark(String),
+}
+
 /// Compiles schemas for one model's vocabulary.
 pub struct Grammars {
     factory: ParserFactory,
@@ -39,11 +48,15 @@ impl Grammars {
         Ok(Self { factory })
     }
 
-    /// A fresh constraint for one output: `schema` is a JSON schema (`{"type": "object"}` for
-    /// OpenAI's JSON mode). A schema that does not compile is an invalid request.
-    pub fn constraint(&self, schema: &str) -> Result<Constraint, EngineError> {
-        let schema: Value = serde_json::from_str(schema).map_err(invalid)?;
-        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema)).map_err(invalid)?;
+    /// A fresh constraint for one output. A grammar that does not compile is an invalid request.
+    pub fn constraint(&self, grammar: &OutputGrammar) -> Result<Constraint, EngineError> {
+        let grammar = match grammar {
+            OutputGrammar::JsonSchema(schema) => {
+                TopLevelGrammar::from_json_schema(serde_json::from_str::<Value>(schema).map_err(invalid)?)
+            }
+            OutputGrammar::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+        };
+        let parser = self.factory.create_parser(grammar).map_err(invalid)?;
         let matcher = Matcher::new(Ok(parser));
         match matcher.get_error() {
             Some(e) => Err(invalid(e)),

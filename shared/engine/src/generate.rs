@@ -19,7 +19,7 @@ use ort::value::{DynValue, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::EngineError;
-use crate::constrain::{Constraint, Grammars};
+use crate::constrain::{Constraint, Grammars, OutputGrammar};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// The shape facts of a decoder graph (from the manifest).
@@ -44,8 +44,8 @@ pub struct GenerationRequest {
     pub deadline: Option<Instant>,
     /// Set from outside to stop this request; the rest of the batch goes on.
     pub cancel: Arc<AtomicBool>,
-    /// A JSON schema the output must match (constrained decoding, see [`crate::constrain`]).
-    pub json_schema: Option<String>,
+    /// What the output must match (constrained decoding, see [`crate::constrain`]).
+    pub grammar: Option<OutputGrammar>,
     /// Report each generated token's log probability with this many top alternatives.
     pub logprobs: Option<usize>,
 }
@@ -59,7 +59,7 @@ impl GenerationRequest {
             stop: Vec::new(),
             deadline: None,
             cancel: Arc::default(),
-            json_schema: None,
+            grammar: None,
             logprobs: None,
         }
     }
@@ -220,9 +220,9 @@ impl Generator {
         let mut rows: Vec<Row> = Vec::with_capacity(requests.len());
         for (index, (r, ids)) in requests.iter().zip(&prompts).enumerate() {
             // A response format that does not compile refuses its request alone.
-            let (constraint, refusal) = match &r.json_schema {
+            let (constraint, refusal) = match &r.grammar {
                 None => (None, None),
-                Some(schema) => match self.grammars()?.constraint(schema) {
+                Some(grammar) => match self.grammars()?.constraint(grammar) {
                     Ok(c) => (Some(c), None),
                     Err(e) => (None, Some(e.to_string())),
                 },

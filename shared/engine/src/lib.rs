@@ -10,7 +10,7 @@ pub mod sampling;
 pub mod template;
 
 pub use classify::Classifier;
-pub use constrain::{Constraint, Grammars};
+pub use constrain::{Constraint, Grammars, OutputGrammar};
 pub use embed::{Embedded, Embedder};
 pub use generate::{DecoderSpec, FinishReason, Generation, GenerationRequest, Generator, TokenLogprob};
 pub use manifest::Manifest;

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 
 use millrace_engine::embed::cosine;
 use millrace_engine::{
-    ChatMessage, ExecutionProvider, FinishReason, GenerationRequest, Generator, Manifest, RuntimeOptions,
-    SamplingParams,
+    ChatMessage, ExecutionProvider, FinishReason, GenerationRequest, Generator, Manifest, OutputGrammar,
+    RuntimeOptions, SamplingParams,
 };
 
 const MODEL: &str = "smollm2-135m";
@@ -169,7 +169,7 @@ fn a_json_schema_constrains_the_output_to_a_matching_object() {
         "country":{"type":"string","maxLength":24},"population_millions":{"type":"integer"}},
         "required":["city","country","population_millions"],"additionalProperties":false}"#;
     let mut r = GenerationRequest::new(chat("Describe Paris as JSON."), 64);
-    r.json_schema = Some(schema.into());
+    r.grammar = Some(OutputGrammar::JsonSchema(schema.into()));
     let free = GenerationRequest::new(chat("Describe Paris as JSON."), 16);
     let out = g.generate(&[r, free.clone()], |_, _| ()).unwrap();
     assert_eq!(out[0].finish, FinishReason::Eos, "{:?}", out[0].text);
@@ -185,7 +185,7 @@ fn a_json_schema_constrains_the_output_to_a_matching_object() {
 
     // A schema that does not compile refuses its request alone.
     let mut bad = GenerationRequest::new(chat("Hi"), 8);
-    bad.json_schema = Some(r#"{"type": 12}"#.into());
+    bad.grammar = Some(OutputGrammar::JsonSchema(r#"{"type": 12}"#.into()));
     let out = g.generate(&[bad, GenerationRequest::new(chat("Hi"), 4)], |_, _| ()).unwrap();
     assert_eq!(out[0].finish, FinishReason::Refused);
     assert!(out[0].refusal.as_deref().is_some_and(|r| r.contains("response format")), "{:?}", out[0].refusal);
@@ -206,4 +206,23 @@ fn logprobs_are_the_models_distribution_and_greedy_takes_the_top_one() {
         assert!(t.top.iter().map(|(_, l)| l.exp()).sum::<f32>() <= 1.0 + 1e-4);
     }
     assert_eq!(out.logprobs.iter().map(|t| t.token.as_str()).collect::<String>(), out.text);
+}
+
+#[test]
+fn a_lark_grammar_lets_the_output_be_a_call_or_plain_text() {
+    let mut g = generator();
+    let call = r#"{"type":"object","properties":{"name":{"const":"get_weather"},"arguments":{"type":"object",
+        "properties":{"city":{"type":"string","maxLength":24}},"required":["city"],"additionalProperties":false}},
+        "required":["name","arguments"],"additionalProperties":false}"#;
+    let grammar = format!("start: call | answer\ncall: %json {call}\nanswer: /[^{{](?s:.*)/");
+    for question in ["What is the weather in Oslo? Call get_weather.", "Say hello."] {
+        let mut r = GenerationRequest::new(chat(question), 48);
+        r.grammar = Some(OutputGrammar::Lark(grammar.clone()));
+        let out = g.generate(&[r], |_, _| ()).unwrap().remove(0);
+        eprintln!("{question:?} -> {:?} ({:?})", out.text, out.finish);
+        match serde_json::from_str::<serde_json::Value>(&out.text) {
+            Ok(v) => assert_eq!(v["name"], "get_weather", "a call matches its schema: {v}"),
+            Err(_) => assert!(!out.text.starts_with('{'), "plain text never opens like a call: {:?}", out.text),
+        }
+    }
 }

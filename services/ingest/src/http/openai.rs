@@ -19,7 +19,7 @@
 //!   adds a last chunk with the usage; `X-Tenant` and `Idempotency-Key` work as on
 //!   `/v1/queries`; penalties are applied by the sampler; `n` candidates are sibling requests;
 //!   `response_format` and required tool calls are enforced by constrained decoding. OpenAI
-//!   parameters not implemented (`tool_choice: "auto"`, legacy `functions`) are accepted
+//!   parameters not implemented (the legacy `functions` / `function_call`) are accepted
 //!   only at their default value and otherwise refused with 400 `unsupported_parameter`;
 //!   unknown ones with 400 `unknown_field`, as OpenAI refuses unrecognized arguments — never
 //!   silently ignored.
@@ -440,7 +440,14 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
                 message,
             ));
         }
-        sampling.params.json_schema = calling.schema.to_string();
+        match calling.mode {
+            CallMode::Required => sampling.params.json_schema = calling.schema.to_string(),
+            // A call, or a plain answer that cannot be mistaken for one (it does not open with `{`).
+            CallMode::Auto => {
+                sampling.params.lark_grammar =
+                    format!("start: call | answer\ncall: %json {}\nanswer: /[^{{](?s:.*)/", calling.schema)
+            }
+        }
         earlier.push(ChatTurn { role: "system".into(), content: calling.instructions.clone() });
     }
     let request = ChatRequest {
@@ -514,6 +521,7 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         presence_penalty: take(object, "presence_penalty")?.unwrap_or_default(),
         frequency_penalty: take(object, "frequency_penalty")?.unwrap_or_default(),
         json_schema: response_format(object)?.unwrap_or_default(),
+        lark_grammar: String::new(),
         logprobs: take(object, "logprobs")?.unwrap_or(false),
         top_logprobs: take(object, "top_logprobs")?.unwrap_or(0),
         logit_bias: logit_bias(object)?,
@@ -543,17 +551,27 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
     })
 }
 
-/// A required tool call: the schema of `{"name", "arguments"}` over the allowed tools (their
-/// `parameters` schemas), and the system message that tells the model about them.
+/// Tool calling: the schema of `{"name", "arguments"}` over the allowed tools (their
+/// `parameters` schemas), whether the answer must be a call, and the system message that tells
+/// the model about them.
 struct ToolCalling {
     schema: Value,
+    mode: CallMode,
     instructions: String,
 }
 
-/// OpenAI's `tools` with `tool_choice` `"required"` or a named function: the answer is then
-/// one call, its arguments matching the function's `parameters` by constrained decoding.
-/// `tool_choice` `"none"` (or no tools) is a plain answer; `"auto"` (the default with tools)
-/// is refused: the model cannot yet choose between text and a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallMode {
+    /// `"required"` or a named function: the answer is a call.
+    Required,
+    /// `"auto"` (the default with tools): a call or a plain answer, as the model chooses.
+    Auto,
+}
+
+/// OpenAI's `tools`: with `tool_choice` `"required"` or a named function the answer is one
+/// call, its arguments matching the function's `parameters` by constrained decoding; with
+/// `"auto"` (the default with tools) a grammar lets the model answer with such a call or with
+/// plain text; `"none"` (or no tools) is a plain answer.
 fn tool_calling(object: &mut Map<String, Value>) -> Result<Option<ToolCalling>, OpenAiError> {
     #[derive(Deserialize)]
     struct Tool {
@@ -584,6 +602,11 @@ fn tool_calling(object: &mut Map<String, Value>) -> Result<Option<ToolCalling>, 
     let tools: Vec<Tool> = take(object, "tools")?.unwrap_or_default();
     let choice: Option<Choice> = take(object, "tool_choice")?;
     let has_choice = choice.is_some();
+    let mode = match &choice {
+        Some(Choice::Mode(mode)) if mode == "required" => CallMode::Required,
+        Some(Choice::Named { .. }) => CallMode::Required,
+        _ => CallMode::Auto,
+    };
     let wanted = match choice {
         Some(Choice::Mode(mode)) if mode == "none" => return Ok(None),
         _ if tools.is_empty() => {
@@ -592,22 +615,9 @@ fn tool_calling(object: &mut Map<String, Value>) -> Result<Option<ToolCalling>, 
                 false => Ok(None),
             };
         }
-        Some(Choice::Mode(mode)) if mode == "required" => None,
+        Some(Choice::Mode(mode)) if mode == "required" || mode == "auto" => None,
+        None => None,
         Some(Choice::Named { function }) => Some(function.name),
-        Some(Choice::Mode(mode)) if mode == "auto" => {
-            return Err(bad(
-                "tool_choice",
-                "unsupported_parameter",
-                "tool_choice \"auto\" is not supported: use \"required\" or name a function".into(),
-            ));
-        }
-        None => {
-            return Err(bad(
-                "tool_choice",
-                "unsupported_parameter",
-                "with `tools`, set tool_choice to \"required\" or name a function (\"auto\" is not supported)".into(),
-            ));
-        }
         Some(Choice::Mode(mode)) => {
             return Err(bad("tool_choice", "invalid_value", format!("unknown tool_choice {mode:?}")));
         }
@@ -640,11 +650,13 @@ fn tool_calling(object: &mut Map<String, Value>) -> Result<Option<ToolCalling>, 
         .iter()
         .map(|t| json!({ "name": t.function.name, "description": t.function.description, "parameters": t.function.parameters }))
         .collect();
-    let instructions = format!(
-        "Answer by calling one of these functions, as a JSON object {{\"name\": ..., \"arguments\": {{...}}}}:\n{}",
-        Value::Array(described)
-    );
-    Ok(Some(ToolCalling { schema, instructions }))
+    let how = match mode {
+        CallMode::Required => "Answer by calling one of these functions",
+        CallMode::Auto => "If one of these functions helps, answer only by calling it (otherwise answer normally)",
+    };
+    let instructions =
+        format!("{how}, as a JSON object {{\"name\": ..., \"arguments\": {{...}}}}:\n{}", Value::Array(described));
+    Ok(Some(ToolCalling { schema, mode, instructions }))
 }
 
 /// A tool call's completion (`{"name", "arguments"}`) as OpenAI's `tool_calls`; `None` when it
@@ -1317,14 +1329,13 @@ mod tests {
         let schema: Value = serde_json::from_str(&named.params.json_schema).unwrap();
         assert_eq!(schema["properties"]["name"]["const"], "weather");
         assert!(!with(r#","tool_choice":"none""#).unwrap().tool_call);
-        for (extra, code) in [
-            ("", "unsupported_parameter"),
-            (r#","tool_choice":"auto""#, "unsupported_parameter"),
-            (r#","tool_choice":{"type":"function","function":{"name":"nope"}}"#, "invalid_value"),
-        ] {
-            let e = with(extra).unwrap_err();
-            assert_eq!((e.param, e.code.as_str()), (Some("tool_choice"), code), "{extra}");
+        for auto in ["", r#","tool_choice":"auto""#] {
+            let chat = with(auto).unwrap();
+            assert!(chat.tool_call && chat.params.json_schema.is_empty(), "{auto}");
+            assert!(chat.params.lark_grammar.starts_with("start: call | answer"), "{auto}");
         }
+        let e = with(r#","tool_choice":{"type":"function","function":{"name":"nope"}}"#).unwrap_err();
+        assert_eq!((e.param, e.code.as_str()), (Some("tool_choice"), "invalid_value"));
         let calls = tool_calls(r#"{"name":"weather","arguments":{"city":"Oslo"}}"#, "0190-ab").unwrap();
         assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Oslo"}"#);
         assert!(tool_calls("{\"name\":", "r").is_none());
