@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use millrace_testkit::mesh::{Mesh, MeshOptions};
-use millrace_testkit::workspace_root;
+use millrace_testkit::{ServiceProcess, workspace_root};
 use serde_json::{Value, json};
 
 fn client() -> reqwest::Client {
@@ -316,9 +316,32 @@ answer = llm.invoke(conversation)
 assert "Paris" in answer.content, answer
 assert answer.usage_metadata["input_tokens"] > bare, answer.usage_metadata
 assert "".join(chunk.content for chunk in llm.stream(conversation)) == answer.content
+# API keys (the second ingest has them on): missing or wrong → AuthenticationError; right → answered.
+for key in ["", "key-wrong"]:
+    try:
+        openai.OpenAI(base_url=sys.argv[2], api_key=key or "-", max_retries=0).chat.completions.create(
+            model="smollm2-135m", messages=messages, max_tokens=4)
+        raise SystemExit(f"key {key!r} accepted")
+    except openai.AuthenticationError as err:
+        assert err.status_code == 401 and err.body["code"] in ("missing_api_key", "invalid_api_key"), err.body
+keyed = openai.OpenAI(base_url=sys.argv[2], api_key="key-acme", max_retries=0)
+assert keyed.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=4).choices[0].message.content
 print("official client OK: prompt tokens bare", bare, "system", with_system, "history", with_history)
 "#;
-    let output = Command::new(&python).args(["-c", script, &mesh.ingest_url("/v1")]).output().unwrap();
+    // A second ingest on the same mesh with API keys on, for the client's authentication errors.
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"key-acme"));
+    let keyed_args = [
+        format!("--nats-url={}", mesh.nats.url()),
+        "--stream-storage=memory".to_owned(),
+        format!("--sink-url=http://{}", mesh.sink_http),
+        "--allowed-models=smollm2-135m".to_owned(),
+        format!("--api-keys={digest} acme"),
+    ];
+    let keyed = ServiceProcess::start("ingest", &keyed_args, &["--http-addr", "--grpc-addr"], Duration::from_secs(30))
+        .await
+        .expect("keyed ingest");
+    let keyed_url = format!("http://{}/v1", keyed.addr("--http-addr"));
+    let output = Command::new(&python).args(["-c", script, &mesh.ingest_url("/v1"), &keyed_url]).output().unwrap();
     assert!(
         output.status.success(),
         "official client failed:\n{}\n{}",
