@@ -9,8 +9,8 @@ use base64::Engine as _;
 use millrace_proto::v1::EmbedRequest;
 use serde_json::{Value, json};
 
-use super::openai::{OpenAiError, json_object, no_more_fields, not_configured, take, text_inputs};
-use super::request::{HttpApi, check_content_type, read_body};
+use super::openai::{OpenAiError, no_more_fields, not_configured, take, texts_call};
+use super::request::HttpApi;
 
 /// Most inputs one call may embed (inference's own bound).
 const MAX_INPUTS: usize = 256;
@@ -24,10 +24,7 @@ async fn embeddings(
     body: web::Payload,
     api: web::Data<HttpApi>,
 ) -> Result<HttpResponse, OpenAiError> {
-    check_content_type(&req)?;
-    let mut object = json_object(&read_body(body, api.max_body_bytes).await?)?;
-    let texts = text_inputs(&mut object, MAX_INPUTS)?;
-    let model: Option<String> = take(&mut object, "model")?;
+    let (mut object, texts, model) = texts_call(&req, body, &api, MAX_INPUTS).await?;
     let base64 = match take::<String>(&mut object, "encoding_format")?.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -9,8 +9,8 @@ use millrace_proto::v1::CheckRequest;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::openai::{OpenAiError, json_object, no_more_fields, not_configured, take, text_inputs};
-use super::request::{HttpApi, check_content_type, read_body};
+use super::openai::{OpenAiError, no_more_fields, not_configured, texts_call};
+use super::request::HttpApi;
 
 /// Most inputs one call may check.
 const MAX_INPUTS: usize = 32;
@@ -25,10 +25,7 @@ async fn moderations(
     body: web::Payload,
     api: web::Data<HttpApi>,
 ) -> Result<HttpResponse, OpenAiError> {
-    check_content_type(&req)?;
-    let mut object = json_object(&read_body(body, api.max_body_bytes).await?)?;
-    let texts = text_inputs(&mut object, MAX_INPUTS)?;
-    let model: Option<String> = take(&mut object, "model")?;
+    let (object, texts, model) = texts_call(&req, body, &api, MAX_INPUTS).await?;
     no_more_fields(&object)?;
     let moderation =
         api.frontend.moderation.clone().ok_or_else(|| not_configured("/v1/moderations", "--moderation-url"))?;

@@ -282,13 +282,7 @@ pub struct ChatRequest {
     /// The messages before it, oldest first, roles normalized (`developer` → `system`).
     pub earlier: Vec<ChatTurn>,
     pub user: Option<String>,
-    pub params: GenerationParams,
-    pub stream: bool,
-    /// `stream_options.include_usage`: a last chunk with the usage and no choices.
-    pub include_usage: bool,
-    /// Candidates to generate (`n`).
-    pub n: u32,
-    pub rerank: Option<Rerank>,
+    pub sampling: Sampling,
     /// The answer is a call of one of the request's tools (its JSON is the completion).
     pub tool_call: bool,
 }
@@ -313,11 +307,7 @@ pub struct TextRequest {
     pub model: Option<String>,
     pub prompt: String,
     pub user: Option<String>,
-    pub params: GenerationParams,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub n: u32,
-    pub rerank: Option<Rerank>,
+    pub sampling: Sampling,
 }
 
 /// Decodes `POST /v1/completions`: `prompt` a string (or an array of one), the sampling
@@ -366,16 +356,8 @@ pub fn decode_text_completion(body: &[u8]) -> Result<TextRequest, OpenAiError> {
     }
     object.remove("suffix");
     let sampling = sampling(&mut object)?;
-    let request = TextRequest {
-        model: take(&mut object, "model")?,
-        prompt,
-        user: take(&mut object, "user")?,
-        params: sampling.params,
-        stream: sampling.stream,
-        include_usage: sampling.include_usage,
-        n: sampling.n,
-        rerank: sampling.rerank,
-    };
+    let request =
+        TextRequest { model: take(&mut object, "model")?, prompt, user: take(&mut object, "user")?, sampling };
     refuse_the_rest(&object)?;
     Ok(request)
 }
@@ -396,6 +378,21 @@ pub(crate) fn no_more_fields(object: &Map<String, Value>) -> Result<(), OpenAiEr
         Some(name) => Err(SubmitError::UnknownField(name.clone()).into()),
         None => Ok(()),
     }
+}
+
+/// A call over a list of texts (`/v1/embeddings`, `/v1/moderations`): its body's object with
+/// the `input` texts (at most `max`) and the `model` taken out.
+pub(crate) async fn texts_call(
+    req: &HttpRequest,
+    body: web::Payload,
+    api: &HttpApi,
+    max: usize,
+) -> Result<(Map<String, Value>, Vec<String>, Option<String>), OpenAiError> {
+    check_content_type(req)?;
+    let mut object = json_object(&read_body(body, api.max_body_bytes).await?)?;
+    let texts = text_inputs(&mut object, max)?;
+    let model = take(&mut object, "model")?;
+    Ok((object, texts, model))
 }
 
 /// OpenAI's `input` of embeddings and moderations: a string or an array of strings (token
@@ -455,24 +452,23 @@ pub fn decode_chat(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
         text,
         earlier,
         user: take(&mut object, "user")?,
-        params: sampling.params,
-        stream: sampling.stream,
-        include_usage: sampling.include_usage,
-        n: sampling.n,
-        rerank: sampling.rerank,
+        sampling,
         tool_call: tools.is_some(),
     };
     refuse_the_rest(&object)?;
     Ok(request)
 }
 
-/// What chat and text completions both take: generation parameters and streaming.
-struct Sampling {
-    params: GenerationParams,
-    stream: bool,
-    include_usage: bool,
-    n: u32,
-    rerank: Option<Rerank>,
+/// What chat and text completions both take: generation parameters, streaming, candidates.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Sampling {
+    pub params: GenerationParams,
+    pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with the usage and no choices.
+    pub include_usage: bool,
+    /// Candidates to generate (`n`).
+    pub n: u32,
+    pub rerank: Option<Rerank>,
 }
 
 /// The Millrace extension `millrace_rerank`: order `n` candidates by the cosine similarity of
@@ -852,19 +848,19 @@ async fn chat_completions(
         text: Some(chat.text),
         messages: chat.earlier,
         model: chat.model,
-        params: chat.params,
+        params: chat.sampling.params,
         deadline_ms: Some(i64::from(deadline_ms(&api))),
         ..Default::default()
     };
-    let reference = rerank_reference(chat.rerank, || {
+    let reference = rerank_reference(chat.sampling.rerank, || {
         let earlier = submission.messages.iter().map(|m| m.content.as_str());
         earlier.chain(submission.text.as_deref()).collect::<Vec<_>>().join("\n")
     });
     let shape = Shape {
         flavor: Flavor::Chat,
-        stream: chat.stream,
-        include_usage: chat.include_usage,
-        n: chat.n,
+        stream: chat.sampling.stream,
+        include_usage: chat.sampling.include_usage,
+        n: chat.sampling.n,
         reference,
         tool_call: chat.tool_call,
     };
@@ -889,16 +885,16 @@ async fn completions(
         raw_prompt: true,
         text: Some(text.prompt),
         model: text.model,
-        params: text.params,
+        params: text.sampling.params,
         deadline_ms: Some(i64::from(deadline_ms(&api))),
         ..Default::default()
     };
-    let reference = rerank_reference(text.rerank, || submission.text.clone().unwrap_or_default());
+    let reference = rerank_reference(text.sampling.rerank, || submission.text.clone().unwrap_or_default());
     let shape = Shape {
         flavor: Flavor::Text,
-        stream: text.stream,
-        include_usage: text.include_usage,
-        n: text.n,
+        stream: text.sampling.stream,
+        include_usage: text.sampling.include_usage,
+        n: text.sampling.n,
         reference,
         tool_call: false,
     };
@@ -1258,9 +1254,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(chat.text, "again");
-        assert_eq!((chat.model.as_deref(), chat.user.as_deref(), chat.stream), (Some("m"), Some("bob"), true));
+        assert_eq!((chat.model.as_deref(), chat.user.as_deref(), chat.sampling.stream), (Some("m"), Some("bob"), true));
         assert_eq!(
-            chat.params,
+            chat.sampling.params,
             GenerationParams {
                 max_new_tokens: 12,
                 temperature: Some(0.5),
@@ -1271,10 +1267,10 @@ mod tests {
                 ..Default::default()
             }
         );
-        assert!(chat.include_usage);
+        assert!(chat.sampling.include_usage);
         let chat = decode_chat(br#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#).unwrap();
-        assert_eq!(chat.params.stop, ["a", "b"]);
-        assert!(!chat.stream && !chat.include_usage);
+        assert_eq!(chat.sampling.params.stop, ["a", "b"]);
+        assert!(!chat.sampling.stream && !chat.sampling.include_usage);
     }
 
     #[test]
@@ -1322,17 +1318,17 @@ mod tests {
         };
         let chat = with(r#","tool_choice":"required""#).unwrap();
         assert!(chat.tool_call);
-        let schema: Value = serde_json::from_str(&chat.params.json_schema).unwrap();
+        let schema: Value = serde_json::from_str(&chat.sampling.params.json_schema).unwrap();
         assert_eq!(schema["anyOf"].as_array().unwrap().len(), 2);
         assert_eq!(chat.earlier.last().unwrap().role, "system", "the model is told about the tools");
         let named = with(r#","tool_choice":{"type":"function","function":{"name":"weather"}}"#).unwrap();
-        let schema: Value = serde_json::from_str(&named.params.json_schema).unwrap();
+        let schema: Value = serde_json::from_str(&named.sampling.params.json_schema).unwrap();
         assert_eq!(schema["properties"]["name"]["const"], "weather");
         assert!(!with(r#","tool_choice":"none""#).unwrap().tool_call);
         for auto in ["", r#","tool_choice":"auto""#] {
             let chat = with(auto).unwrap();
-            assert!(chat.tool_call && chat.params.json_schema.is_empty(), "{auto}");
-            assert!(chat.params.lark_grammar.starts_with("start: call | answer"), "{auto}");
+            assert!(chat.tool_call && chat.sampling.params.json_schema.is_empty(), "{auto}");
+            assert!(chat.sampling.params.lark_grammar.starts_with("start: call | answer"), "{auto}");
         }
         let e = with(r#","tool_choice":{"type":"function","function":{"name":"nope"}}"#).unwrap_err();
         assert_eq!((e.param, e.code.as_str()), (Some("tool_choice"), "invalid_value"));
@@ -1348,11 +1344,11 @@ mod tests {
                 format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{format}}}"#).as_bytes(),
             )
         };
-        assert_eq!(with(r#"{"type":"text"}"#).unwrap().params.json_schema, "");
-        assert_eq!(with(r#"{"type":"json_object"}"#).unwrap().params.json_schema, r#"{"type":"object"}"#);
+        assert_eq!(with(r#"{"type":"text"}"#).unwrap().sampling.params.json_schema, "");
+        assert_eq!(with(r#"{"type":"json_object"}"#).unwrap().sampling.params.json_schema, r#"{"type":"object"}"#);
         let schema =
             with(r#"{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object","required":["a"]}}}"#);
-        let schema: Value = serde_json::from_str(&schema.unwrap().params.json_schema).unwrap();
+        let schema: Value = serde_json::from_str(&schema.unwrap().sampling.params.json_schema).unwrap();
         assert_eq!(schema, json!({ "type": "object", "required": ["a"] }));
         for bad in [r#"{"type":"yaml"}"#, r#"{"type":"json_schema","json_schema":{"schema":3}}"#] {
             let e = with(bad).unwrap_err();
