@@ -997,10 +997,15 @@ async fn complete(
     }
     if let Some(reference) = &shape.reference {
         let scores = rerank_scores(api, reference, &rows).await?;
-        for (choice, score) in choices.iter_mut().zip(&scores) {
-            choice["millrace_score"] = json!(score);
-        }
-        choices.sort_by(|a, b| b["millrace_score"].as_f64().partial_cmp(&a["millrace_score"].as_f64()).unwrap());
+        let mut scored: Vec<(f32, Value)> = scores.into_iter().zip(choices).collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        choices = scored
+            .into_iter()
+            .map(|(score, mut choice)| {
+                choice["millrace_score"] = json!(score);
+                choice
+            })
+            .collect();
     }
     for (index, choice) in choices.iter_mut().enumerate() {
         choice["index"] = json!(index);
@@ -1064,8 +1069,18 @@ async fn rerank_scores(api: &HttpApi, reference: &str, rows: &[ResultRow]) -> Re
     let texts = std::iter::once(reference.to_owned()).chain(rows.iter().map(|r| r.completion.clone())).collect();
     let request = millrace_proto::v1::EmbedRequest { texts, ..Default::default() };
     let embedded = inference.embed(request).await?.into_inner();
-    let (reference, candidates) = embedded.embeddings.split_first().expect("one embedding per text");
-    Ok(candidates.iter().map(|c| c.values.iter().zip(&reference.values).map(|(a, b)| a * b).sum()).collect())
+    // The embeddings are L2-normalized: a dot product is their cosine.
+    match embedded.embeddings.split_first() {
+        Some((reference, candidates)) if candidates.len() == rows.len() => {
+            Ok(candidates.iter().map(|c| c.values.iter().zip(&reference.values).map(|(a, b)| a * b).sum()).collect())
+        }
+        _ => Err(OpenAiError::invalid(
+            StatusCode::BAD_GATEWAY,
+            Some("millrace_rerank"),
+            "upstream_error",
+            format!("inference embedded {} of {} texts", embedded.embeddings.len(), rows.len() + 1),
+        )),
+    }
 }
 
 /// Chat completions or legacy text completions.
