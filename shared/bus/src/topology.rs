@@ -82,6 +82,11 @@ pub mod ephemeral {
         format!("mr.v1.cancel.{request_id}")
     }
     pub const CANCEL_ALL: &str = "mr.v1.cancel.*";
+    /// Load reports of `model`'s inference replicas (`ReplicaCapacity`).
+    pub fn capacity(model: &str) -> String {
+        format!("mr.v1.capacity.{model}")
+    }
+    pub const CAPACITY_ALL: &str = "mr.v1.capacity.*";
 }
 
 /// A durable pull consumer: `durable` is named after the consuming service (and edge where a

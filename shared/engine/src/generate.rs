@@ -94,6 +94,8 @@ pub struct Generation {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub prompt_tokens: usize,
+    /// Of `prompt_tokens`, how many had their KV reused from the prefix cache, not computed.
+    pub cached_tokens: usize,
     pub finish: FinishReason,
     /// Why a `Refused` request was not generated.
     pub refusal: Option<String>,
@@ -123,15 +125,17 @@ pub struct Generator {
 }
 
 /// The state of one row while it generates.
-struct Row {
-    index: usize,
+pub(crate) struct Row {
+    pub(crate) index: usize,
     sampler: Sampler,
-    tokens: Vec<u32>,
+    pub(crate) tokens: Vec<u32>,
     /// Text of `tokens` and how much of it has been streamed.
     text: String,
     emitted: usize,
-    finish: Option<FinishReason>,
+    pub(crate) finish: Option<FinishReason>,
     prompt_tokens: usize,
+    /// Of `prompt_tokens`, how many had their KV from the prefix cache.
+    pub(crate) cached_tokens: usize,
     /// The output's grammar, for a request with a response format.
     constraint: Option<Constraint>,
     refusal: Option<String>,
@@ -219,31 +223,7 @@ impl Generator {
         }
         let mut rows: Vec<Row> = Vec::with_capacity(requests.len());
         for (index, (r, ids)) in requests.iter().zip(&prompts).enumerate() {
-            // A response format that does not compile refuses its request alone.
-            let (constraint, refusal) = match &r.grammar {
-                None => (None, None),
-                Some(grammar) => match self.grammars()?.constraint(grammar) {
-                    Ok(c) => (Some(c), None),
-                    Err(e) => (None, Some(e.to_string())),
-                },
-            };
-            let finish = match (&refusal, r.max_new_tokens) {
-                (Some(_), _) => Some(FinishReason::Refused),
-                (None, 0) => Some(FinishReason::Length),
-                (None, _) => None,
-            };
-            rows.push(Row {
-                index,
-                sampler: Sampler::new(r.sampling.clone()),
-                tokens: Vec::new(),
-                text: String::new(),
-                emitted: 0,
-                finish,
-                prompt_tokens: ids.len(),
-                constraint,
-                refusal,
-                logprobs: Vec::new(),
-            });
+            rows.push(self.start_row(index, r, ids.len())?);
         }
         let mut active: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].finish.is_none()).collect();
         if active.is_empty() {
@@ -277,26 +257,7 @@ impl Generator {
                     continue;
                 }
                 let start = (b * seq + seq - 1) * vocab;
-                let row_logits = &logits[start..start + vocab];
-                let row = &mut rows[i];
-                let token = match row.constraint.as_mut() {
-                    None => row.sampler.next_token(row_logits),
-                    Some(constraint) => {
-                        let mut masked = row_logits.to_vec();
-                        constraint.mask(&mut masked)?;
-                        let token = row.sampler.next_token(&masked);
-                        if !self.spec.eos_token_ids.contains(&token) {
-                            constraint.consume(token)?;
-                        }
-                        token
-                    }
-                };
-                if let Some(top) = requests[i].logprobs
-                    && !self.spec.eos_token_ids.contains(&token)
-                {
-                    let logprob = self.logprob(row_logits, token, top)?;
-                    rows[i].logprobs.push(logprob);
-                }
+                let token = self.next_token(&mut rows[i], &requests[i], &logits[start..start + vocab])?;
                 self.advance(&mut rows[i], &requests[i], token, &mut on_token)?;
                 next.push(token);
             }
@@ -340,7 +301,7 @@ impl Generator {
         Ok(out)
     }
 
-    fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>, EngineError> {
+    pub(crate) fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>, EngineError> {
         (0..self.spec.num_layers * 2)
             .map(|_| {
                 let shape = [batch, self.spec.num_kv_heads, 0, self.spec.head_dim];
@@ -358,9 +319,21 @@ impl Generator {
         positions: &Array2<i64>,
         past: Vec<DynValue>,
     ) -> Result<(Vec<f32>, Vec<DynValue>), EngineError> {
-        if let Some(memory) = self.kv_memory.clone() {
-            return self.run_bound(&memory, input_ids, mask, positions, past);
+        match self.kv_memory.clone() {
+            Some(memory) => self.run_bound(&memory, input_ids, mask, positions, past),
+            None => self.run_on_host(input_ids, mask, positions, past),
         }
+    }
+
+    /// The pass with every tensor on the host: ONNX Runtime copies them to the device and back
+    /// when a GPU runs. The scheduler's KV is cut and joined on the host between steps.
+    pub(crate) fn run_on_host(
+        &mut self,
+        input_ids: &Array2<i64>,
+        mask: &Array2<i64>,
+        positions: &Array2<i64>,
+        past: Vec<DynValue>,
+    ) -> Result<(Vec<f32>, Vec<DynValue>), EngineError> {
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             ("input_ids".into(), Tensor::from_array(input_ids.clone())?.into_dyn().into()),
             ("attention_mask".into(), Tensor::from_array(mask.clone())?.into_dyn().into()),
@@ -399,8 +372,71 @@ impl Generator {
         take_outputs(outputs, self.spec.num_layers)
     }
 
+    /// A row for `request` (a prompt of `prompt_tokens`), finished at once when it asks for no
+    /// tokens or its response format does not compile (which refuses this request alone).
+    pub(crate) fn start_row(
+        &mut self,
+        index: usize,
+        request: &GenerationRequest,
+        prompt_tokens: usize,
+    ) -> Result<Row, EngineError> {
+        let (constraint, refusal) = match &request.grammar {
+            None => (None, None),
+            Some(grammar) => match self.grammars()?.constraint(grammar) {
+                Ok(c) => (Some(c), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
+        let finish = match (&refusal, request.max_new_tokens) {
+            (Some(_), _) => Some(FinishReason::Refused),
+            (None, 0) => Some(FinishReason::Length),
+            (None, _) => None,
+        };
+        Ok(Row {
+            index,
+            sampler: Sampler::new(request.sampling.clone()),
+            tokens: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            finish,
+            prompt_tokens,
+            cached_tokens: 0,
+            constraint,
+            refusal,
+            logprobs: Vec::new(),
+        })
+    }
+
+    /// Picks the row's next token from its logits (under its grammar, if any) and records its
+    /// log probability when the request asked.
+    pub(crate) fn next_token(
+        &self,
+        row: &mut Row,
+        request: &GenerationRequest,
+        logits: &[f32],
+    ) -> Result<u32, EngineError> {
+        let token = match row.constraint.as_mut() {
+            None => row.sampler.next_token(logits),
+            Some(constraint) => {
+                let mut masked = logits.to_vec();
+                constraint.mask(&mut masked)?;
+                let token = row.sampler.next_token(&masked);
+                if !self.spec.eos_token_ids.contains(&token) {
+                    constraint.consume(token)?;
+                }
+                token
+            }
+        };
+        if let Some(top) = request.logprobs
+            && !self.spec.eos_token_ids.contains(&token)
+        {
+            row.logprobs.push(self.logprob(logits, token, top)?);
+        }
+        Ok(token)
+    }
+
     /// Appends `token` to the row, streams what is safe to stream, and decides if it is done.
-    fn advance(
+    pub(crate) fn advance(
         &self,
         row: &mut Row,
         request: &GenerationRequest,
@@ -456,14 +492,20 @@ fn kv_name(prefix: &str, n: usize) -> String {
     format!("{prefix}.{}.{}", n / 2, if n.is_multiple_of(2) { "key" } else { "value" })
 }
 
-fn finished(row: Row) -> Generation {
+fn finished(mut row: Row) -> Generation {
+    take_generation(&mut row)
+}
+
+/// The finished row's generation, taken out of it (what is left is a husk).
+pub(crate) fn take_generation(row: &mut Row) -> Generation {
     Generation {
-        text: row.text,
-        token_ids: row.tokens,
+        text: std::mem::take(&mut row.text),
+        token_ids: std::mem::take(&mut row.tokens),
         prompt_tokens: row.prompt_tokens,
+        cached_tokens: row.cached_tokens,
         finish: row.finish.unwrap_or(FinishReason::Length),
-        refusal: row.refusal,
-        logprobs: row.logprobs,
+        refusal: row.refusal.take(),
+        logprobs: std::mem::take(&mut row.logprobs),
     }
 }
 

@@ -1,12 +1,14 @@
 //! Millrace's ONNX Runtime engine, usable without NATS: the model manifest, batched generation
-//! with a KV cache, sampling, chat templates, embeddings and classification.
+//! with a KV cache, iteration-level scheduling with prefix KV reuse, sampling, chat templates, embeddings and classification.
 pub mod classify;
 pub mod constrain;
 pub mod embed;
 pub mod generate;
 pub mod manifest;
+pub mod prefix_cache;
 pub mod runtime;
 pub mod sampling;
+pub mod scheduler;
 pub mod template;
 
 pub use classify::Classifier;
@@ -16,6 +18,7 @@ pub use generate::{DecoderSpec, FinishReason, Generation, GenerationRequest, Gen
 pub use manifest::Manifest;
 pub use runtime::{ExecutionProvider, RuntimeOptions};
 pub use sampling::SamplingParams;
+pub use scheduler::{BatchingPolicy, Event, Load, Scheduler, SchedulerConfig, SequenceId, StepReport};
 pub use template::{ChatMessage, ChatTemplate};
 
 #[derive(Debug, thiserror::Error)]
