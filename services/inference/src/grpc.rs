@@ -1,13 +1,13 @@
 //! gRPC `millrace.v1.Inference`: direct `Generate` (server-streaming), `Embed` and `Classify`,
-//! outside the mesh. `Generate` takes a free generator or fails fast with `overloaded`: it never
-//! queues behind the bus's batches.
+//! outside the mesh. `Generate` joins the generation loops' running set like a bus request, or
+//! fails fast with `overloaded` while as many requests wait for admission as can run at once.
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use millrace_engine::{ChatMessage, EngineError, GenerationRequest};
+use millrace_engine::{ChatMessage, EngineError};
 use millrace_proto::v1::inference_server::Inference;
 use millrace_proto::v1::{
     ChatTurn, ClassifyRequest, ClassifyResponse, EmbedRequest, EmbedResponse, Embedding, GenerateChunk, GenerateRequest,
@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ApiError, MAX_TEXTS};
-use crate::pool::{Engines, Lease, Loaded, Outcome};
+use crate::generation::Update;
+use crate::pool::{Engines, Loaded, Outcome};
 use crate::request::{Defaults, Rejection, check_model, generation_request};
 
 pub struct InferenceApi {
@@ -39,9 +40,14 @@ impl Inference for InferenceApi {
         // No request id to derive a seed from: an unseeded direct call samples afresh each time.
         let request =
             generation_request(prompt, params.as_ref(), self.defaults, rand::random(), deadline, cancel.clone());
-        let lease = self.engines.generators.try_checkout().ok_or(ApiError::Overloaded)?;
+        self.engines.check_fit(&request.prompt, request.max_new_tokens).map_err(ApiError::from)?;
+        let load = self.engines.generation.load();
+        if load.waiting >= load.max_running {
+            return Err(ApiError::Overloaded.into());
+        }
         let (chunks, received) = mpsc::unbounded_channel();
-        spawn_generation(lease, request, self.engines.model_version.clone(), chunks);
+        let updates = self.engines.generation.submit(request);
+        spawn_generation(updates, self.engines.model_version.clone(), chunks);
         let stream = futures::stream::unfold((received, CancelOnDrop(cancel)), |(mut received, guard)| async move {
             received.recv().await.map(|chunk| (chunk, (received, guard)))
         });
@@ -88,25 +94,27 @@ impl InferenceApi {
     }
 }
 
-/// Generates one request on the leased generator: its pieces, then a closing chunk with the
-/// summary (or the error) go into `chunks`.
+/// Relays one request's updates: its pieces, then a closing chunk with the summary (or the
+/// error) go into `chunks`.
 fn spawn_generation(
-    mut lease: Lease,
-    request: GenerationRequest,
+    mut updates: mpsc::UnboundedReceiver<Update>,
     model_version: String,
     chunks: mpsc::UnboundedSender<Result<GenerateChunk, Status>>,
 ) {
-    let pieces = chunks.clone();
     tokio::spawn(async move {
-        let outcomes = blocking(move || {
-            lease.run(vec![request], |_, piece| {
-                let _ = pieces.send(Ok(GenerateChunk { text: piece.to_owned(), ..Default::default() }));
-            })
-        })
-        .await;
-        let last = outcomes.and_then(|mut o| closing_chunk(o.pop().expect("one outcome per request"), model_version));
-        // Fails only when the client has gone, which cancelled the generation.
-        let _ = chunks.send(last.map_err(Status::from));
+        while let Some(update) = updates.recv().await {
+            // A send fails only when the client has gone, which cancelled the generation.
+            match update {
+                Update::Piece(text) => {
+                    let _ = chunks.send(Ok(GenerateChunk { text, ..Default::default() }));
+                }
+                Update::Done(outcome) => {
+                    let last = outcome.map_err(ApiError::Internal).and_then(|g| closing_chunk(Ok(g), model_version));
+                    let _ = chunks.send(last.map_err(Status::from));
+                    return;
+                }
+            }
+        }
     });
 }
 

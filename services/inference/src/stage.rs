@@ -1,9 +1,10 @@
-//! The stage BATCHES → COMPLETIONS: a batch is generated in one engine call on a leased
-//! generator, each token piece goes out on its request's core-NATS token subject as it is made,
-//! and then every request's one outcome — its `Completion`, or the terminal `Result` of a
-//! request cancelled, expired or rejected — is published with PubAcks before the batch is
-//! acked (ack after effect). A batch that fails in the engine is retried whole: the outputs'
-//! dedup ids (`<request_id>/inference`) make a retry that got further harmless.
+//! The stage BATCHES → COMPLETIONS: every member of a batch is submitted to a generation loop
+//! ([`crate::generation`]), where it joins the running set at the next decode step; its token
+//! pieces go out on its core-NATS token subject as they are made, and as soon as it ends its one
+//! outcome — its `Completion`, or the terminal `Result` of a request cancelled, expired or
+//! rejected — is published with a PubAck. The batch is acked once every member's outcome is
+//! (ack after effect). A member the engine fails on fails the batch, which is retried: the
+//! outputs' dedup ids (`<request_id>/inference`) make a retry that got further harmless.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,10 @@ use millrace_proto::v1::{
     TopLogprob,
 };
 use millrace_proto::{Message as _, now_unix_ms};
-use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::cancel::CancelRegistry;
-use crate::metrics::GENERATIONS;
+use crate::generation::Update;
 use crate::pool::{Engines, Outcome};
 use crate::request::{Defaults, check_model, generation_request, seed_from_request_id};
 
@@ -49,97 +49,84 @@ impl Handler for BatchStage {
                 "prompts without a request id: no result can name them"
             );
         }
-        let outcomes = match check_model(&batch.model, &self.engines.model) {
-            Ok(()) => self.generate(&prompts).await?,
-            Err(rejection) => prompts.iter().map(|_| Err(rejection.clone())).collect(),
-        };
-        let outs: Vec<Outbound> = prompts
-            .into_iter()
-            .zip(outcomes)
-            .map(|(prompt, outcome)| outbound(prompt, outcome, &self.engines.model_version, delivery.received_unix_us))
-            .collect();
-        self.publisher.publish_all(outs).await?;
-        Ok(())
+        let model = &batch.model;
+        let members = prompts.into_iter().map(|prompt| self.serve(model, prompt, delivery.received_unix_us));
+        futures::future::join_all(members).await.into_iter().collect()
     }
 }
 
 impl BatchStage {
-    /// Runs the batch on the next free generator, streaming its tokens; cancellable per request
-    /// from the moment the batch arrived (queued behind another batch included).
-    async fn generate(&self, prompts: &[Prompt]) -> Result<Vec<Outcome>, StageError> {
-        let request_ids: Vec<String> = prompts.iter().map(|p| context(p).request_id.clone()).collect();
-        let registrations: Vec<_> = request_ids.iter().map(|id| self.cancels.register(id)).collect();
-        let (now, now_ms) = (Instant::now(), now_unix_ms());
-        let requests = prompts
-            .iter()
-            .zip(&registrations)
-            .map(|(p, registration)| {
-                let ctx = context(p);
-                let deadline = ctx.deadline_instant(now, now_ms);
-                let seed = seed_from_request_id(&ctx.request_id);
-                generation_request(
-                    p.prompt.clone(),
-                    ctx.params.as_ref(),
-                    self.defaults,
-                    seed,
-                    deadline,
-                    registration.flag(),
-                )
-            })
-            .collect();
-        let mut lease = self.engines.generators.checkout().await;
-        // Unbounded, yet bounded by the batch's token budget; a bounded one would stall the
-        // engine behind NATS.
-        let (pieces, received) = mpsc::unbounded_channel();
-        let job = tokio::task::spawn_blocking(move || {
-            lease.run(requests, |i, piece| {
-                let _ = pieces.send((i, piece.to_owned()));
-            })
-        });
-        let client = self.publisher.client();
-        let (sent, generated) = tokio::join!(stream_pieces(&client, &request_ids, received), job);
-        let outcomes = match generated {
-            Ok(outcomes) => outcomes.map_err(|e| StageError::transient(format!("engine: {e}"), ENGINE_RETRY))?,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => return Err(StageError::transient(format!("generation job: {e}"), ENGINE_RETRY)),
+    /// Generates one member (unless it is rejected) and publishes its outcome.
+    async fn serve(&self, model: &str, prompt: Prompt, received_unix_us: i64) -> Result<(), StageError> {
+        let outcome = match check_model(model, &self.engines.model) {
+            Ok(()) => self.generate(&prompt).await?,
+            Err(rejection) => Err(rejection),
         };
-        for generation in outcomes.iter().flatten() {
-            GENERATIONS.with_label_values(&[generation.finish.as_str()]).inc();
+        let out = outbound(prompt, outcome, &self.engines.model_version, received_unix_us);
+        self.publisher.publish(out).await?;
+        Ok(())
+    }
+
+    /// Runs the prompt in a generation loop, streaming its pieces; cancellable from the moment
+    /// its batch arrived (waiting for admission included).
+    async fn generate(&self, prompt: &Prompt) -> Result<Outcome, StageError> {
+        let ctx = context(prompt);
+        let registration = self.cancels.register(&ctx.request_id);
+        let deadline = ctx.deadline_instant(Instant::now(), now_unix_ms());
+        let request = generation_request(
+            prompt.prompt.clone(),
+            ctx.params.as_ref(),
+            self.defaults,
+            seed_from_request_id(&ctx.request_id),
+            deadline,
+            registration.flag(),
+        );
+        if let Err(rejection) = self.engines.check_fit(&request.prompt, request.max_new_tokens) {
+            return Ok(Err(rejection));
         }
-        // Closed only once the job succeeded: a failed batch is retried and streams again.
-        for (request_id, index) in request_ids.iter().zip(sent) {
-            publish_chunk(&client, request_id, index, String::new(), true).await;
+        let mut updates = self.engines.generation.submit(request);
+        let client = self.publisher.client();
+        let mut sent = 0u32;
+        let mut held = None;
+        loop {
+            let update = match held.take() {
+                Some(update) => update,
+                None => match updates.recv().await {
+                    Some(update) => update,
+                    None => return Err(StageError::transient("the generation loop stopped", ENGINE_RETRY)),
+                },
+            };
+            match update {
+                Update::Piece(mut text) => {
+                    // Pieces that queued up while the last chunk went out travel together: no
+                    // piece waits for company, yet a fast engine does not cost a message per token.
+                    loop {
+                        match updates.try_recv() {
+                            Ok(Update::Piece(more)) => text.push_str(&more),
+                            Ok(done) => {
+                                held = Some(done);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    publish_chunk(&client, &ctx.request_id, sent, text, false).await;
+                    sent += 1;
+                }
+                Update::Done(Ok(generation)) => {
+                    // Closed only once generation succeeded: a failed batch is retried and streams again.
+                    publish_chunk(&client, &ctx.request_id, sent, String::new(), true).await;
+                    return Ok(Ok(generation));
+                }
+                Update::Done(Err(e)) => return Err(StageError::transient(format!("engine: {e}"), ENGINE_RETRY)),
+            }
         }
-        Ok(outcomes)
     }
 }
 
 /// The context of a prompt kept for generation (those without one were set aside).
 fn context(prompt: &Prompt) -> &RequestContext {
     prompt.ctx.as_ref().expect("prompts without a context are set aside")
-}
-
-/// Publishes the pieces as chunks of their requests; returns how many chunks each request got.
-/// Pieces that queued up while the last chunks went out travel together, one chunk per
-/// request: no piece waits for company, yet a fast engine does not cost a message per token.
-async fn stream_pieces(
-    client: &Client,
-    request_ids: &[String],
-    mut pieces: mpsc::UnboundedReceiver<(usize, String)>,
-) -> Vec<u32> {
-    let mut sent = vec![0u32; request_ids.len()];
-    let mut pending: Vec<String> = vec![String::new(); request_ids.len()];
-    while let Some((i, text)) = pieces.recv().await {
-        pending[i].push_str(&text);
-        while let Ok((i, text)) = pieces.try_recv() {
-            pending[i].push_str(&text);
-        }
-        for (i, text) in pending.iter_mut().enumerate().filter(|(_, text)| !text.is_empty()) {
-            publish_chunk(client, &request_ids[i], sent[i], std::mem::take(text), false).await;
-            sent[i] += 1;
-        }
-    }
-    sent
 }
 
 async fn publish_chunk(client: &Client, request_id: &str, index: u32, text: String, last: bool) {
@@ -193,6 +180,7 @@ fn completion(prompt: Prompt, g: Generation, model_version: &str) -> Completion 
         verdicts: prompt.verdicts,
         turns_dropped: prompt.turns_dropped,
         logprobs: logprobs(g.logprobs),
+        prompt_tokens_cached: g.cached_tokens as u32,
     }
 }
 
@@ -217,9 +205,15 @@ fn terminal(
     partial: Option<Generation>,
     model_version: &str,
 ) -> TerminalResult {
-    let (completion, prompt_tokens, completion_tokens, logprobs) = match partial {
-        Some(g) => (g.text, g.prompt_tokens as u32, g.token_ids.len() as u32, self::logprobs(g.logprobs)),
-        None => (String::new(), prompt.prompt_tokens, 0, Vec::new()),
+    let (completion, prompt_tokens, completion_tokens, logprobs, prompt_tokens_cached) = match partial {
+        Some(g) => (
+            g.text,
+            g.prompt_tokens as u32,
+            g.token_ids.len() as u32,
+            self::logprobs(g.logprobs),
+            g.cached_tokens as u32,
+        ),
+        None => (String::new(), prompt.prompt_tokens, 0, Vec::new(), 0),
     };
     TerminalResult {
         prompt: prompt.prompt,
@@ -230,6 +224,7 @@ fn terminal(
         completion_tokens,
         turns_dropped: prompt.turns_dropped,
         logprobs,
+        prompt_tokens_cached,
         ..terminal_result(STAGE, prompt.ctx, prompt.timings, status, reason, detail)
     }
 }
@@ -264,6 +259,7 @@ mod tests {
             text: "Hello".into(),
             token_ids: vec![5, 6],
             prompt_tokens: 7,
+            cached_tokens: 3,
             finish,
             refusal: None,
             logprobs: vec![],
@@ -281,6 +277,7 @@ mod tests {
         assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.completions", "r1/inference"));
         let c = Completion::decode(out.payload.as_ref()).unwrap();
         assert_eq!((c.text.as_str(), c.prompt_tokens, c.completion_tokens), ("Hello", 7, 2));
+        assert_eq!(c.prompt_tokens_cached, 3, "what the prefix cache saved travels with the completion");
         assert_eq!((c.model_version.as_str(), c.finish_reason.as_str()), ("v9", "eos"));
         assert_eq!((c.user_text.as_str(), c.verdicts.len()), ("Hi", 1));
         assert_eq!(c.prompt, prompt().prompt);

@@ -44,13 +44,14 @@ struct Inference {
 }
 
 impl Inference {
-    async fn start(nats: &NatsServer) -> Inference {
-        let args = vec![
+    async fn start(nats: &NatsServer, extra: &[&str]) -> Inference {
+        let mut args = vec![
             format!("--nats-url={}", nats.url()),
             format!("--models-dir={}", models_dir().display()),
             // The tests run side by side on few cores: one thread per session each.
             "--intra-threads=1".to_owned(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let process =
             ServiceProcess::start("inference", &args, &["--grpc-addr"], Duration::from_secs(120)).await.unwrap();
         Inference { process }
@@ -144,7 +145,7 @@ async fn a_batch_streams_its_tokens_and_publishes_one_completion_per_request() {
     let manifest = manifest().await;
     let version = manifest.model(MODEL).unwrap().version.clone();
     let nats = NatsServer::start().await.unwrap();
-    let service = Inference::start(&nats).await;
+    let service = Inference::start(&nats, &[]).await;
     let publisher = publisher(&nats).await;
     let client = publisher.client();
     let mut tokens = client.subscribe(ephemeral::tokens("*")).await.unwrap();
@@ -177,10 +178,62 @@ async fn a_batch_streams_its_tokens_and_publishes_one_completion_per_request() {
 }
 
 #[tokio::test]
+async fn a_later_batch_joins_the_running_one_finishes_first_and_capacity_is_reported() {
+    let manifest = manifest().await;
+    let nats = NatsServer::start().await.unwrap();
+    let service = Inference::start(&nats, &["--max-running=4"]).await;
+    let publisher = publisher(&nats).await;
+    let client = publisher.client();
+    let mut tokens = client.subscribe(ephemeral::tokens("*")).await.unwrap();
+    let mut reports = client.subscribe(ephemeral::capacity(MODEL)).await.unwrap();
+    client.flush().await.unwrap();
+
+    let long = prompt(&manifest, "j-long", "Write a very long story about a dragon.", 120);
+    publish_batch(&publisher, "batch-long", vec![long]).await;
+    let mut order = Vec::new();
+    // The short request is sent once the long one streams: it joins the running set at the next
+    // step instead of waiting for the long one's last token.
+    let short = prompt(&manifest, "j-short", "What is 2 + 2?", 6);
+    let mut sent_short = false;
+    while order.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(180), tokens.next())
+            .await
+            .unwrap_or_else(|_| panic!("token stream stalled; log:\n{}", service.process.logs()))
+            .unwrap();
+        let chunk = TokenChunk::decode(message.payload).unwrap();
+        if !sent_short {
+            publish_batch(&publisher, "batch-short", vec![short.clone()]).await;
+            sent_short = true;
+        }
+        if chunk.last {
+            order.push(chunk.request_id);
+        }
+    }
+    assert_eq!(order, ["j-short", "j-long"], "the later, shorter request ended first");
+    let completions = completions(&publisher).await;
+    let long = &completions["j-long"].1;
+    assert_eq!((long.completion_tokens, long.finish_reason.as_str()), (120, "length"), "it went on undisturbed");
+
+    // Reports name this replica's room: four sequences at most, one of them busy at some point.
+    let mut busy_seen = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline.into(), reports.next()).await {
+        let report = millrace_proto::v1::ReplicaCapacity::decode(message.payload).unwrap();
+        assert_eq!((report.model.as_str(), report.max_running), (MODEL, 4));
+        assert!(report.kv_used_tokens <= report.kv_budget_tokens && report.heartbeat_ms > 0, "{report:?}");
+        busy_seen |= report.running > 0;
+        if report.running == 0 && report.waiting == 0 && busy_seen {
+            break;
+        }
+    }
+    assert!(busy_seen, "a report showed the running sequences");
+}
+
+#[tokio::test]
 async fn cancelled_and_expired_requests_get_terminal_results_and_the_rest_complete() {
     let manifest = manifest().await;
     let nats = NatsServer::start().await.unwrap();
-    let service = Inference::start(&nats).await;
+    let service = Inference::start(&nats, &[]).await;
     let publisher = publisher(&nats).await;
     let client = publisher.client();
     let mut tokens = client.subscribe(ephemeral::tokens("*")).await.unwrap();
@@ -258,7 +311,8 @@ fn assert_invalid(status: tonic::Status, code: &str) {
 async fn grpc_generates_embeds_and_classifies_and_refuses_bad_input() {
     let manifest = manifest().await;
     let nats = NatsServer::start().await.unwrap();
-    let service = Inference::start(&nats).await;
+    // One sequence at a time: a second call waits for admission, a third is refused.
+    let service = Inference::start(&nats, &["--max-running=1"]).await;
     let mut client = service.client().await;
 
     let chunks = generate_all(&mut client, question("What is the capital of France?", 16)).await.unwrap();
@@ -270,12 +324,20 @@ async fn grpc_generates_embeds_and_classifies_and_refuses_bad_input() {
     assert!(last.prompt_tokens > 5 && last.completion_tokens > 0 && last.completion_tokens <= 16, "{last:?}");
     assert_eq!(last.model_version, manifest.model(MODEL).unwrap().version);
 
-    // One session: while a generation runs, another direct call is refused at once; dropping the
-    // running stream cancels it, which frees the generator long before 2000 tokens.
+    // While a generation runs, a second call waits its turn and a third is refused at once;
+    // dropping the running stream cancels it, which frees its place long before 2000 tokens.
     let mut running =
         client.generate(question("Write a very long story about a dragon.", 2000)).await.unwrap().into_inner();
     running.message().await.unwrap().expect("a first piece");
-    let busy = client.generate(question("Hi", 4)).await.map(|_| ()).unwrap_err();
+    let mut second = client.clone();
+    let waiting = tokio::spawn(async move { generate_all(&mut second, question("Hi", 4)).await });
+    let busy = loop {
+        match client.generate(question("Hi", 4)).await {
+            Err(busy) => break busy,
+            // The second call may not have reached the loop yet: this one joined the queue.
+            Ok(queued) => drop(queued),
+        }
+    };
     assert_eq!((busy.code(), busy.message().split(':').next()), (Code::ResourceExhausted, Some("overloaded")));
     drop(running);
     let freed = Instant::now() + Duration::from_secs(30);
@@ -288,6 +350,7 @@ async fn grpc_generates_embeds_and_classifies_and_refuses_bad_input() {
             Err(e) => panic!("the dropped stream did not free its generator: {e:?}\n{}", service.process.logs()),
         }
     }
+    assert!(waiting.await.unwrap().unwrap().last().unwrap().last, "the waiting call ran once there was room");
 
     assert_invalid(client.generate(GenerateRequest::default()).await.map(|_| ()).unwrap_err(), "empty_prompt");
     let unknown = GenerateRequest { model: "gpt-9".into(), prompt: "Hi".into(), ..Default::default() };
