@@ -1,5 +1,5 @@
-//! The batcher binary: configuration, then the service shell running the batch queue, the
-//! cancel listener and the PROMPTS consumer.
+//! The batcher binary: configuration, then the service shell running the batch queue (with
+//! its capacity follower), the cancel listener and the PROMPTS consumer.
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
             limits: config.limits(),
             publisher: publisher.clone(),
             count_every: config.in_flight_poll(),
+            expected_new_tokens: config.expected_new_tokens,
             bus: bus.clone(),
             fault_abort_after_publish: config.fault_abort_after_publish,
         });

@@ -1,9 +1,10 @@
-//! The stage PROMPTS → BATCHES.
+//! The stage PROMPTS → BATCHES: the scheduler in front of the inference replicas.
 //!
 //! ```text
 //! prompt consumer ──(Prompt, AckHandle)──► queue task ──Batch──► publish task ──PubAck──► acks
 //!   (takes each message, returns at once)   owns Queues            (one per batch)
 //! cancel listener ──request id──────────►      ▲
+//! capacity follower (mr.v1.capacity.*) ────────┤
 //! BATCHES subject counts (every poll) ─────────┘
 //! ```
 //!
@@ -11,33 +12,44 @@
 //! the per-model [`Queues`]; the consumer's worker is free again at once, so how many prompts
 //! wait is bounded by the consumer's `max_ack_pending`, not by its workers. The prompt's message
 //! is acked only once the batch holding it has its PubAck (ack after effect), or once the
-//! terminal result of a request dropped as expired or cancelled is published. A crash between a batch's PubAck and those acks redelivers the members; they
+//! terminal result of a request dropped (expired, cancelled, or refused as overloaded: the
+//! queue is full, or the work ahead would outlast the deadline) is published. A prompt's cost,
+//! which fair share charges, is its prompt tokens plus its `max_new_tokens` (or
+//! `--expected-new-tokens` when it sets none). A crash between a batch's PubAck and those acks
+//! redelivers the members; they
 //! form their batch again and, since a batch's id is derived from its members' request ids
 //! (`Nats-Msg-Id = <batch_id>/batcher`), the stream drops the second copy. Should the
 //! redelivered members be grouped differently, inference runs a request twice and its outputs'
 //! ids (`<request_id>/inference`) keep one.
 //!
-//! The queue task wakes on a command, on a PubAck or count, or on the timer for the next
-//! `max_wait` or deadline; it then sweeps, dispatches whatever is due (see [`crate::queue`]),
-//! and starts each batch's publish without waiting for it.
-use std::collections::HashMap;
+//! Inference replicas publish their load (`ReplicaCapacity`, core NATS) on
+//! `mr.v1.capacity.<model>`; the capacity follower hands each report to the queue task, which
+//! credits the model with the replica's free slots (see [`crate::queue`]). Every batcher replica
+//! hears every report (no queue group). Reports are best effort: a lost one is made up by the
+//! next, and a model whose reports stop falls back to the in-flight gate once they age out.
+//!
+//! The queue task wakes on a command, on a PubAck, count or capacity report, or on the timer
+//! for the next `max_wait`, deadline or report to age out; it then sweeps, dispatches whatever
+//! is due, and starts each batch's publish without waiting for it.
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::Stream as JsStream;
-use futures::TryStreamExt;
+use futures::{StreamExt as _, TryStreamExt};
+use millrace_bus::topology::ephemeral;
 use millrace_bus::{
     AckHandle, BusError, BusSettings, ConsumerSpec, DeferringHandler, Delivery, Edge, Outbound, Publisher, StageError,
     terminal_result,
 };
-use millrace_proto::v1::{Batch, Prompt, Result as TerminalResult, TerminalStatus};
-use millrace_proto::{now_unix_ms, now_unix_us};
+use millrace_proto::v1::{Batch, Prompt, ReplicaCapacity, Result as TerminalResult, TerminalStatus};
+use millrace_proto::{Message as _, now_unix_ms, now_unix_us};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics;
-use crate::queue::{self, Admission, DropReason, Dropped, Limits, Queues, Request};
+use crate::queue::{self, Admission, DropReason, Dropped, Limits, Overload, Queues, ReplicaLoad, Request};
 
 /// This stage's name in timings, terminal results and dedup ids.
 pub const STAGE: &str = ConsumerSpec::BATCHER.durable;
@@ -67,6 +79,7 @@ enum Command {
 enum Event {
     Published { model: String, ok: bool, at: Instant },
     Counted { counts: HashMap<String, usize>, asked_at: Instant },
+    Capacity { model: String, report: ReplicaCapacity, received: Instant },
 }
 
 /// The senders' side (handlers, cancel listener): cheap to clone.
@@ -156,22 +169,36 @@ pub fn batch_id<'a>(model: &str, request_ids: impl IntoIterator<Item = &'a str>)
 pub fn dropped_result(mut prompt: Prompt, reason: DropReason, waited: Duration, received_unix_us: i64) -> Outbound {
     prompt.timings.get_or_insert_default().record(STAGE, received_unix_us);
     let waited = waited.as_millis();
-    let (status, code, detail) = match reason {
+    let (status, code, detail, retry_after_ms) = match reason {
         DropReason::Expired => (
             TerminalStatus::Expired,
             "deadline_exceeded",
             format!("the deadline passed before the request was batched (queued {waited} ms)"),
+            0,
         ),
         DropReason::Cancelled => (
             TerminalStatus::Cancelled,
             "cancelled",
             format!("cancelled before the request was batched (queued {waited} ms)"),
+            0,
         ),
+        DropReason::Overloaded { cause, retry_after } => {
+            // Rounded up: retrying after the hint must not come early.
+            let ms = u32::try_from(retry_after.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX).max(1);
+            let detail = match cause {
+                Overload::QueueFull => format!("the model's queue is full; retry in {ms} ms"),
+                Overload::DeadlineUnreachable => {
+                    format!("the work queued ahead would outlast the request's deadline; retry in {ms} ms")
+                }
+            };
+            (TerminalStatus::RateLimited, "overloaded", detail, ms)
+        }
     };
     Outbound::terminal(&TerminalResult {
         prompt: prompt.prompt,
         verdicts: prompt.verdicts,
         prompt_tokens: prompt.prompt_tokens,
+        retry_after_ms,
         ..terminal_result(STAGE, prompt.ctx, prompt.timings, status, code, detail)
     })
 }
@@ -182,6 +209,8 @@ pub struct Batching {
     pub publisher: Publisher,
     /// How often the batches left in BATCHES are counted.
     pub count_every: Duration,
+    /// New tokens expected of a prompt that sets no `max_new_tokens` (its cost).
+    pub expected_new_tokens: u32,
     /// The bus settings, which size the memory of cancel notices.
     pub bus: BusSettings,
     /// Test fault: abort right after the first batch's PubAck.
@@ -219,6 +248,9 @@ pub async fn run(
     queues.observe(&count_batches(&stream).await?, asked_at);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let _counter = AbortOnDrop(tokio::spawn(count_periodically(stream, batching.count_every, events_tx.clone())));
+    let reports = subscribe_capacity(&batching.publisher).await?;
+    let _capacity = AbortOnDrop(tokio::spawn(follow_capacity(reports, events_tx.clone())));
+    let mut depth_series = DepthSeries::default();
     info!(limits = ?batching.limits, "batching");
     on_ready();
     loop {
@@ -232,30 +264,47 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             command = rx.recv() => match command {
-                Some(command) => apply(&mut queues, command, &batching.publisher),
+                Some(command) => apply(&mut queues, command, batching),
                 None => break,
             },
             Some(event) = events.recv() => match event {
                 Event::Published { model, ok: true, at } => queues.published(&model, at),
                 Event::Published { model, ok: false, .. } => queues.publish_failed(&model),
                 Event::Counted { counts, asked_at } => queues.observe(&counts, asked_at),
+                Event::Capacity { model, report, received } => {
+                    let load = replica_load(&report);
+                    metrics::show_replica(&model, &report, load.free_slots());
+                    queues.report(&model, load, received);
+                }
             },
             _ = timer => {}
         }
         // Take the whole burst that has arrived before deciding what goes.
         while let Ok(command) = rx.try_recv() {
-            apply(&mut queues, command, &batching.publisher);
+            apply(&mut queues, command, batching);
         }
         let cycle = queues.poll(Instant::now());
+        for (model, replica) in &cycle.replicas_gone {
+            info!(model, replica, "replica's capacity reports aged out");
+            metrics::forget_replica(model, replica);
+        }
         for dropped in cycle.dropped {
             answer_dropped(dropped, &batching.publisher);
         }
         for batch in cycle.batches {
             start_publish(batch, batching, events_tx.clone());
         }
+        depth_series.show(&queues);
         for model in queues.models() {
-            metrics::QUEUE_DEPTH.with_label_values(&[model]).set(queues.depth(model) as i64);
             metrics::IN_FLIGHT.with_label_values(&[model]).set(queues.in_flight(model) as i64);
+            match queues.free_slots(model) {
+                Some(free) => metrics::FREE_SLOTS.with_label_values(&[model]).set(free as i64),
+                // Absent already when the model never had a report: nothing to remove.
+                None => drop(metrics::FREE_SLOTS.remove_label_values(&[model])),
+            }
+            if let Some(rate) = queues.drain_rate(model) {
+                metrics::DRAIN_RATE.with_label_values(&[model]).set(rate);
+            }
         }
     }
     // Draining: refuse what comes next, hand back what waits. Batches being published answer
@@ -272,37 +321,61 @@ pub async fn run(
             hand_back(*waiter);
         }
     }
-    for model in queues.models() {
-        metrics::QUEUE_DEPTH.with_label_values(&[model]).set(0);
-    }
+    depth_series.show(&queues);
     info!(handed_back, "batch queue drained");
     Ok(())
 }
 
-fn apply(queues: &mut Queues<Waiter>, command: Command, publisher: &Publisher) {
+fn apply(queues: &mut Queues<Waiter>, command: Command, batching: &Batching) {
     let now = Instant::now();
     match command {
         Command::Prompt { model, waiter } => {
             let ctx = waiter.prompt.ctx.clone().unwrap_or_default();
+            let max_new_tokens = ctx.params.as_ref().map_or(0, |p| p.max_new_tokens);
+            let new_tokens = if max_new_tokens == 0 { batching.expected_new_tokens } else { max_new_tokens };
             let request = Request {
                 request_id: ctx.request_id.clone(),
+                tenant: ctx.tenant.clone(),
                 priority: ctx.priority,
                 sequence: waiter.ack.delivery().stream_sequence,
                 tokens: waiter.prompt.prompt_tokens,
+                cost: u64::from(waiter.prompt.prompt_tokens) + u64::from(new_tokens),
                 deadline: ctx.deadline_instant(now, now_unix_ms()),
                 payload: *waiter,
             };
             match queues.push(&model, request, now) {
                 Admission::Queued | Admission::Joined => {}
-                Admission::Dropped(dropped) => answer_dropped(dropped, publisher),
+                Admission::Dropped(dropped) => answer_dropped(dropped, &batching.publisher),
             }
         }
         Command::Cancel(request_id) => {
             metrics::CANCEL_NOTICES.inc();
             if let Some(dropped) = queues.cancel(&request_id, now) {
-                answer_dropped(dropped, publisher);
+                answer_dropped(dropped, &batching.publisher);
             }
         }
+    }
+}
+
+/// The queue-depth series shown, so that a priority whose requests are all gone loses its
+/// series instead of showing its last depth.
+#[derive(Default)]
+struct DepthSeries(HashSet<(String, i32)>);
+
+impl DepthSeries {
+    fn show(&mut self, queues: &Queues<Waiter>) {
+        let mut shown = HashSet::new();
+        for model in queues.models() {
+            for (priority, depth) in queues.depth_by_priority(model) {
+                metrics::QUEUE_DEPTH.with_label_values(&[model, &priority.to_string()]).set(depth as i64);
+                shown.insert((model.to_owned(), priority));
+            }
+        }
+        for (model, priority) in self.0.difference(&shown) {
+            // Shown by this process, so present: removing cannot fail.
+            let _ = metrics::QUEUE_DEPTH.remove_label_values(&[model, &priority.to_string()]);
+        }
+        self.0 = shown;
     }
 }
 
@@ -311,6 +384,9 @@ fn apply(queues: &mut Queues<Waiter>, command: Command, publisher: &Publisher) {
 fn answer_dropped(dropped: Dropped<Waiter>, publisher: &Publisher) {
     debug!(request_id = dropped.request_id, reason = dropped.reason.as_str(), "dropped before batching");
     metrics::DROPPED.with_label_values(&[&dropped.model, dropped.reason.as_str()]).inc();
+    if let DropReason::Overloaded { cause, .. } = dropped.reason {
+        metrics::REFUSED.with_label_values(&[&dropped.model, cause.as_str()]).inc();
+    }
     let (waited, reason) = (dropped.arrived.elapsed(), dropped.reason);
     for waiter in dropped.payloads {
         let publisher = publisher.clone();
@@ -335,7 +411,9 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
     let mut prompts = Vec::with_capacity(batch.members.len());
     let mut acks = Vec::new();
     for member in batch.members {
-        metrics::QUEUE_WAIT.with_label_values(&labels).observe(member.arrived.elapsed().as_secs_f64());
+        metrics::QUEUE_WAIT
+            .with_label_values(&[model.as_str(), &member.priority.to_string(), &member.tenant])
+            .observe(member.arrived.elapsed().as_secs_f64());
         for (i, waiter) in member.payloads.into_iter().enumerate() {
             if i == 0 {
                 let mut prompt = waiter.prompt;
@@ -379,6 +457,54 @@ fn start_publish(batch: queue::Batch<Waiter>, batching: &Batching, events: mpsc:
         )
         .await;
     });
+}
+
+/// Subscribes to every model's capacity reports (no queue group: every batcher replica hears
+/// every report).
+async fn subscribe_capacity(publisher: &Publisher) -> Result<async_nats::Subscriber, BusError> {
+    let client = publisher.client();
+    let subscribe = format!("subscribe {}", ephemeral::CAPACITY_ALL);
+    let reports = client.subscribe(ephemeral::CAPACITY_ALL).await.map_err(|e| BusError::unavailable(&subscribe, e))?;
+    // Flushed, so the server has the subscription before this task reports ready.
+    client.flush().await.map_err(|e| BusError::unavailable(subscribe, e))?;
+    Ok(reports)
+}
+
+/// Hands each capacity report to the queue task, with the model its subject names (else the
+/// one it names itself) and when it arrived.
+async fn follow_capacity(mut reports: async_nats::Subscriber, events: mpsc::UnboundedSender<Event>) {
+    let prefix = ephemeral::capacity("");
+    while let Some(message) = reports.next().await {
+        let received = Instant::now();
+        let report = match ReplicaCapacity::decode(message.payload) {
+            Ok(report) => report,
+            Err(e) => {
+                warn!(subject = %message.subject, error = %e, "capacity report not decodable: ignored");
+                continue;
+            }
+        };
+        let model = message.subject.as_str().strip_prefix(prefix.as_str()).filter(|m| !m.is_empty());
+        let model = model.unwrap_or(&report.model).to_owned();
+        if model.is_empty() || report.replica.is_empty() {
+            warn!(subject = %message.subject, "capacity report names no model or replica: ignored");
+            continue;
+        }
+        if events.send(Event::Capacity { model, report, received }).is_err() {
+            return;
+        }
+    }
+    warn!("capacity subscription ended: models fall back to the in-flight gate as their reports age out");
+}
+
+/// What the queue uses of a report.
+fn replica_load(report: &ReplicaCapacity) -> ReplicaLoad {
+    ReplicaLoad {
+        replica: report.replica.clone(),
+        running: report.running,
+        waiting: report.waiting,
+        max_running: report.max_running,
+        heartbeat: Duration::from_millis(report.heartbeat_ms.into()),
+    }
 }
 
 /// Messages left per model on BATCHES: batches inference has not acked yet.
@@ -470,6 +596,25 @@ mod tests {
             dropped_result(prompt(), DropReason::Cancelled, Duration::ZERO, 100).payload.as_ref(),
         )
         .unwrap();
-        assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Cancelled, "cancelled"));
+        assert_eq!((r.status(), r.reason.as_str(), r.retry_after_ms), (TerminalStatus::Cancelled, "cancelled", 0));
+    }
+
+    #[test]
+    fn overloaded_requests_are_rate_limited_with_a_retry_hint_rounded_up() {
+        let overloaded = |cause, retry_after| {
+            let out = dropped_result(prompt(), DropReason::Overloaded { cause, retry_after }, Duration::ZERO, 100);
+            assert_eq!(out.msg_id, "r1/batcher");
+            TerminalResult::decode(out.payload.as_ref()).unwrap()
+        };
+        let r = overloaded(Overload::QueueFull, Duration::from_micros(150_001));
+        assert_eq!(
+            (r.status(), r.reason.as_str(), r.stage.as_str(), r.retry_after_ms),
+            (TerminalStatus::RateLimited, "overloaded", "batcher", 151)
+        );
+        assert!(r.detail.contains("queue is full"), "{}", r.detail);
+        assert_eq!(r.prompt_tokens, 9);
+        let r = overloaded(Overload::DeadlineUnreachable, Duration::from_millis(400));
+        assert_eq!((r.reason.as_str(), r.retry_after_ms), ("overloaded", 400));
+        assert!(r.detail.contains("deadline"), "{}", r.detail);
     }
 }
