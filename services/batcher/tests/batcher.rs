@@ -11,7 +11,7 @@ use futures::StreamExt;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{Edge, ephemeral};
 use millrace_bus::{BusSettings, Dedup, Publisher};
-use millrace_proto::v1::{Batch, Prompt, RequestContext, Result as TerminalResult, TerminalStatus};
+use millrace_proto::v1::{Batch, Prompt, ReplicaCapacity, RequestContext, Result as TerminalResult, TerminalStatus};
 use millrace_proto::{Message as _, now_unix_ms};
 use millrace_testkit::bus::{publisher_with, stream, stream_len, wait_result};
 use millrace_testkit::metrics::metric;
@@ -373,4 +373,99 @@ async fn draining_hands_queued_prompts_back() {
     assert_eq!((b2.dispatch_reason.as_str(), members(&b2)), ("idle", vec!["waiting"]));
     m2.double_ack().await.unwrap();
     bus.wait_prompts_acked(&batcher).await;
+}
+
+/// Publishes an inference replica's load report of `MODEL` on core NATS.
+async fn publish_report(client: &async_nats::Client, report: ReplicaCapacity) {
+    client.publish(ephemeral::capacity(MODEL), report.encode_to_vec().into()).await.unwrap();
+    client.flush().await.unwrap();
+}
+
+/// Replica `r1` of `MODEL` with `running` of 4 sequences running.
+fn report(running: u32) -> ReplicaCapacity {
+    ReplicaCapacity {
+        replica: "r1".to_owned(),
+        model: MODEL.to_owned(),
+        running,
+        waiting: 0,
+        max_running: 4,
+        kv_budget_tokens: 4096,
+        kv_used_tokens: 100 * u64::from(running),
+        prefix_cache_tokens: 7,
+        sent_unix_ms: now_unix_ms(),
+        heartbeat_ms: 60_000,
+    }
+}
+
+/// With capacity reports the batcher schedules: it holds prompts back while the model's replicas
+/// have no free slot, whatever the fallback gate would do, and lets out exactly the slots
+/// reported free, at once, highest priority first and earliest deadline first within a
+/// priority. A full queue refuses at once.
+#[tokio::test]
+async fn capacity_reports_let_out_exactly_the_free_slots_in_priority_and_deadline_order() {
+    let nats = NatsServer::start().await.unwrap();
+    let batcher = Batcher::start(&nats, &["--max-queue=5"]).await;
+    let mut bus = Bus::connect(&nats, BusSettings::default()).await;
+    let client = bus.publisher.client();
+    let replica = [("model", MODEL), ("replica", "r1")];
+
+    // Every slot taken.
+    publish_report(&client, report(4)).await;
+    batcher.wait_metric("millrace_batcher_replica_running", &replica, 4.0).await;
+    for (id, priority, deadline_s) in
+        [("l-120", 0, 120), ("l-60", 0, 60), ("h-120", 5, 120), ("l-none", 0, 0), ("h-30", 5, 30)]
+    {
+        let mut p = prompt(id, priority, 10);
+        p.ctx.as_mut().unwrap().deadline_unix_ms = if deadline_s == 0 { 0 } else { now_unix_ms() + deadline_s * 1000 };
+        bus.publish_prompt(p).await;
+    }
+    batcher.wait_depth(5).await;
+    // Without the report the first would have gone at once (idle), the rest after max_wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bus.undelivered_batches().await, 0, "held back: no free slot");
+    let text = batcher.metrics().await;
+    assert_eq!(metric(&text, "millrace_batcher_free_slots", &[("model", MODEL)]), Some(0.0));
+    assert_eq!(metric(&text, "millrace_batcher_queue_depth", &[("model", MODEL), ("priority", "5")]), Some(2.0));
+
+    // The queue holds --max-queue requests: the next is refused at once.
+    bus.publish_prompt(prompt("refused", 0, 10)).await;
+    let (id, r) = bus.result("refused").await;
+    assert_eq!(id, "refused/batcher");
+    assert_eq!(
+        (r.status(), r.reason.as_str(), r.stage.as_str()),
+        (TerminalStatus::RateLimited, "overloaded", "batcher")
+    );
+    assert!(r.retry_after_ms >= 100, "{r:?}");
+
+    // Three slots free: exactly three go, at once, in priority then deadline order.
+    let reported = Instant::now();
+    publish_report(&client, report(1)).await;
+    let (b1, m1) = bus.next_batch().await;
+    assert!(reported.elapsed() < Duration::from_secs(2), "promptly: {:?}", reported.elapsed());
+    assert_eq!((b1.dispatch_reason.as_str(), members(&b1)), ("capacity", vec!["h-30", "h-120", "l-60"]));
+    batcher.wait_depth(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bus.undelivered_batches().await, 0, "no more than the free slots");
+
+    // The replica's next report (its three new sequences admitted, two finished): two free.
+    publish_report(&client, report(2)).await;
+    let (b2, m2) = bus.next_batch().await;
+    assert_eq!((b2.dispatch_reason.as_str(), members(&b2)), ("capacity", vec!["l-120", "l-none"]));
+    m1.double_ack().await.unwrap();
+    m2.double_ack().await.unwrap();
+
+    bus.wait_prompts_acked(&batcher).await;
+    let text = batcher.metrics().await;
+    let capacity = [("model", MODEL), ("reason", "capacity")];
+    assert_eq!(metric(&text, "millrace_batcher_dispatches_total", &capacity), Some(2.0));
+    assert_eq!(metric(&text, "millrace_batcher_dispatches_total", &[("model", MODEL)]), Some(2.0));
+    let full = [("model", MODEL), ("reason", "queue_full")];
+    assert_eq!(metric(&text, "millrace_batcher_refused_total", &full), Some(1.0));
+    assert_eq!(metric(&text, "millrace_batcher_replica_free_slots", &replica), Some(2.0));
+    assert_eq!(metric(&text, "millrace_batcher_replica_kv_used_tokens", &replica), Some(200.0));
+    assert_eq!(metric(&text, "millrace_batcher_replica_prefix_cache_tokens", &replica), Some(7.0));
+    assert_eq!(
+        metric(&text, "millrace_batcher_queue_wait_seconds_count", &[("model", MODEL), ("tenant", "")]),
+        Some(5.0)
+    );
 }
