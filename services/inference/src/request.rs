@@ -96,6 +96,7 @@ pub fn generation_request(
             (true, true) => None,
         },
         logprobs: p.logprobs.then_some(p.top_logprobs as usize),
+        ignore_eos: p.ignore_eos,
     }
 }
 
@@ -137,6 +138,7 @@ mod tests {
             top_logprobs: 3,
             logit_bias: [(42, -100.0)].into(),
             lark_grammar: String::new(),
+            ignore_eos: true,
         };
         let cancel = Arc::new(AtomicBool::new(true));
         let deadline = Some(Instant::now());
@@ -157,6 +159,7 @@ mod tests {
         assert_eq!(r.stop, ["\n\n"]);
         assert_eq!(r.grammar, Some(OutputGrammar::JsonSchema(r#"{"type":"object"}"#.into())));
         assert_eq!(r.logprobs, Some(3));
+        assert!(r.ignore_eos);
         assert_eq!(r.deadline, deadline);
         assert!(Arc::ptr_eq(&r.cancel, &cancel));
         // An explicit temperature 0 is greedy, as the proto's `optional` allows.

@@ -48,6 +48,9 @@ pub struct GenerationRequest {
     pub grammar: Option<OutputGrammar>,
     /// Report each generated token's log probability with this many top alternatives.
     pub logprobs: Option<usize>,
+    /// Generate exactly `max_new_tokens`, going on past EOS (benchmarks: equal lengths whatever
+    /// the text, as vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 impl GenerationRequest {
@@ -61,6 +64,7 @@ impl GenerationRequest {
             cancel: Arc::default(),
             grammar: None,
             logprobs: None,
+            ignore_eos: false,
         }
     }
 }
@@ -443,7 +447,7 @@ impl Generator {
         token: u32,
         on_token: &mut impl FnMut(usize, &str),
     ) -> Result<(), EngineError> {
-        if self.spec.eos_token_ids.contains(&token) {
+        if self.spec.eos_token_ids.contains(&token) && !request.ignore_eos {
             row.finish = Some(FinishReason::Eos);
         } else {
             row.tokens.push(token);

@@ -182,6 +182,11 @@ impl Scheduler {
         &self.generator
     }
 
+    /// The generator back, with whatever was still queued or running dropped.
+    pub fn into_generator(self) -> Generator {
+        self.generator
+    }
+
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
     }
