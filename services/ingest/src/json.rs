@@ -77,6 +77,8 @@ fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {
             .take::<Map<String, Value>>("json_schema")?
             .map(|s| Value::Object(s).to_string())
             .unwrap_or_default(),
+        // Generating past the end of sequence is for the engine's benchmarks, not offered here.
+        ignore_eos: false,
     };
     fields.finish()?;
     Ok(params)

@@ -521,6 +521,8 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         logprobs: take(object, "logprobs")?.unwrap_or(false),
         top_logprobs: take(object, "top_logprobs")?.unwrap_or(0),
         logit_bias: logit_bias(object)?,
+        // Generating past the end of sequence is for the engine's benchmarks, not offered here.
+        ignore_eos: false,
     };
     let stream = take(object, "stream")?.unwrap_or(false);
     if params.top_logprobs > MAX_TOP_LOGPROBS || (params.top_logprobs > 0 && !params.logprobs) {
