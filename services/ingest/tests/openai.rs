@@ -68,6 +68,7 @@ async fn openai_chat_completions_over_the_whole_mesh() {
     let (prompt, completion) = (usage["prompt_tokens"].as_u64().unwrap(), usage["completion_tokens"].as_u64().unwrap());
     assert!(prompt > 0 && completion > 0, "{body}");
     assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+    assert!(usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() <= prompt, "{body}");
 
     // Streaming: role chunk, content chunks, a finishing chunk, [DONE]; the pieces are the
     // stored completion.
@@ -192,6 +193,7 @@ assert prompt_tokens(messages, user="someone") == bare, "a named user without a 
 chunks = list(client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=8,
                                              stream=True, stream_options={"include_usage": True}))
 assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == bare, chunks[-1]
+assert 0 <= chunks[-1].usage.prompt_tokens_details.cached_tokens <= bare, chunks[-1].usage
 assert all(c.usage is None for c in chunks[:-1])
 # Refused, not ignored: typed errors from the client.
 # Penalties are applied by the sampler (a repeat-heavy greedy answer changes under them).

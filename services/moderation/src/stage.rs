@@ -115,6 +115,7 @@ pub fn output_outbound(mut c: Completion, decision: &Decision, refusal: &str, re
         prompt_tokens: c.prompt_tokens,
         completion_tokens: c.completion_tokens,
         turns_dropped: c.turns_dropped,
+        prompt_tokens_cached: c.prompt_tokens_cached,
         // What the completion's tokens were: a refusal in its place has none.
         logprobs: if status == TerminalStatus::Completed { c.logprobs } else { Vec::new() },
         ..terminal_result(STAGE_OUTPUT, c.ctx, c.timings, status, reason, detail)
@@ -162,6 +163,7 @@ mod tests {
             verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
             turns_dropped: 2,
             logprobs: vec![],
+            prompt_tokens_cached: 6,
         }
     }
 
@@ -205,7 +207,7 @@ mod tests {
         let r = TerminalResult::decode(out.payload.as_ref()).unwrap();
         assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Completed, "eos"));
         assert_eq!((r.prompt.as_str(), r.completion.as_str(), r.model_version.as_str()), ("hi", text, "v1"));
-        assert_eq!((r.prompt_tokens, r.completion_tokens, r.turns_dropped), (9, 4, 2));
+        assert_eq!((r.prompt_tokens, r.completion_tokens, r.turns_dropped, r.prompt_tokens_cached), (9, 4, 2, 6));
         let v: Vec<_> = r.verdicts.iter().map(|v| (v.stage.as_str(), v.action.as_str())).collect();
         assert_eq!(v, [("input", "allow"), ("output", "allow")]);
         assert_eq!(stages(r.timings), ["preprocess", "moderation-output"]);
@@ -221,6 +223,7 @@ mod tests {
         );
         assert_eq!(r.verdicts.last().unwrap().category, "abuse");
         assert_eq!(r.stage, "moderation-output");
+        assert_eq!((r.prompt_tokens, r.turns_dropped, r.prompt_tokens_cached), (9, 2, 6), "a refusal keeps the usage");
     }
 
     #[test]

@@ -109,6 +109,7 @@ async fn send_completion(publisher: &Publisher, request_id: &str, text: &str) {
         verdicts: vec![Verdict { stage: "input".into(), action: "allow".into(), ..Default::default() }],
         turns_dropped: 0,
         logprobs: vec![],
+        prompt_tokens_cached: 0,
     };
     let out = Outbound {
         subject: Edge::COMPLETIONS.subject_for(request_id),

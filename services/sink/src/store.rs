@@ -66,7 +66,7 @@ pub struct Store {
 
 const RESULT_COLUMNS: &str = "request_id, tenant, user_id, session_id, model, model_version, status, reason, detail, \
      stage, prompt, completion, verdicts, timings, prompt_tokens, completion_tokens, accepted_unix_ms, stored_unix_ms, \
-     turns_dropped";
+     turns_dropped, prompt_tokens_cached";
 
 impl Store {
     /// Opens (creating a SQLite file and its folder when needed) and migrates.
@@ -159,7 +159,7 @@ fn normalize_url(url: &str) -> Result<String, StoreError> {
 async fn insert_result(tx: &mut sqlx::Transaction<'_, sqlx::Any>, row: &ResultRow) -> Result<bool, StoreError> {
     let sql = format!(
         "INSERT INTO results ({RESULT_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
          ON CONFLICT (request_id) DO NOTHING"
     );
     let done = sqlx::query(&sql)
@@ -182,6 +182,7 @@ async fn insert_result(tx: &mut sqlx::Transaction<'_, sqlx::Any>, row: &ResultRo
         .bind(row.accepted_unix_ms)
         .bind(row.stored_unix_ms)
         .bind(i64::from(row.turns_dropped))
+        .bind(i64::from(row.prompt_tokens_cached))
         .execute(&mut **tx)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -233,6 +234,7 @@ fn result_from_row(r: &AnyRow) -> Result<ResultRow, StoreError> {
         prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u32,
         completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u32,
         turns_dropped: r.try_get::<i64, _>("turns_dropped")? as u32,
+        prompt_tokens_cached: r.try_get::<i64, _>("prompt_tokens_cached")? as u32,
         // Answered live to the client that asked; not kept.
         logprobs: Vec::new(),
         accepted_unix_ms: r.try_get("accepted_unix_ms")?,

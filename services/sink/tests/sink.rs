@@ -98,6 +98,8 @@ fn result(request_id: &str, user: &str, status: TerminalStatus) -> TerminalResul
         completion: format!("answer for {request_id}"),
         stage: "test".into(),
         turns_dropped: 3,
+        prompt_tokens: 11,
+        prompt_tokens_cached: 5,
         ..Default::default()
     }
 }
@@ -140,6 +142,7 @@ async fn results_round_trip(database_url: &str) {
     assert_eq!(row["completion"], "answer for rt-0");
     assert_eq!(row["timings"][0]["stage"], "inference");
     assert_eq!(row["turns_dropped"], 3);
+    assert_eq!((row["prompt_tokens"].as_u64(), row["prompt_tokens_cached"].as_u64()), (Some(11), Some(5)));
     let (status, err) = sink.get("nope").await;
     assert_eq!((status, err["error"]["code"].as_str()), (404, Some("not_found")));
 
@@ -164,6 +167,7 @@ async fn results_round_trip(database_url: &str) {
     let mut grpc = ResultsClient::connect(format!("http://{}", sink.grpc())).await.unwrap();
     let record = grpc.get(GetResultRequest { request_id: "rt-7".into() }).await.unwrap().into_inner();
     assert_eq!((record.status, record.user.as_str()), (TerminalStatus::Completed as i32, "u2"));
+    assert_eq!((record.turns_dropped, record.prompt_tokens_cached), (3, 5));
     let missing = grpc.get(GetResultRequest { request_id: "nope".into() }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     let mut seen = 0;

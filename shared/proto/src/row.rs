@@ -29,6 +29,9 @@ pub struct ResultRow {
     pub completion_tokens: u32,
     /// Units of the earlier conversation trimmed to fit the token budget.
     pub turns_dropped: u32,
+    /// Of `prompt_tokens`, how many had their KV taken from the inference replica's prefix
+    /// cache instead of being computed.
+    pub prompt_tokens_cached: u32,
     /// Per completion token, when the request asked; answered live, not stored by the sink.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<crate::v1::TokenLogprob>,
@@ -82,6 +85,7 @@ impl ResultRow {
             timings: result.timings.unwrap_or_default().stages,
             prompt_tokens: result.prompt_tokens,
             turns_dropped: result.turns_dropped,
+            prompt_tokens_cached: result.prompt_tokens_cached,
             logprobs: result.logprobs,
             completion_tokens: result.completion_tokens,
             accepted_unix_ms: ctx.accepted_unix_ms,
@@ -109,6 +113,7 @@ impl ResultRow {
             timings: Vec::new(),
             prompt_tokens: 0,
             turns_dropped: 0,
+            prompt_tokens_cached: 0,
             logprobs: Vec::new(),
             completion_tokens: 0,
             accepted_unix_ms: ctx.accepted_unix_ms,
@@ -132,6 +137,7 @@ impl ResultRow {
             verdicts: self.verdicts,
             prompt_tokens: self.prompt_tokens,
             turns_dropped: self.turns_dropped,
+            prompt_tokens_cached: self.prompt_tokens_cached,
             completion_tokens: self.completion_tokens,
             timings: Some(Timings { stages: self.timings }),
             accepted_unix_ms: self.accepted_unix_ms,
@@ -168,6 +174,8 @@ mod tests {
             ctx: Some(RequestContext { request_id: request_id.into(), user: "u1".into(), ..Default::default() }),
             status: status as i32,
             completion: "Paris".into(),
+            prompt_tokens: 9,
+            prompt_tokens_cached: 8,
             timings: Some(Timings {
                 stages: vec![StageTiming { stage: "ingest".into(), received_unix_us: 1, finished_unix_us: 2 }],
             }),
@@ -181,11 +189,15 @@ mod tests {
         assert_eq!((row.status, row.user.as_str(), row.stored_unix_ms), (TerminalStatus::Completed, "u1", 7));
         let json = serde_json::to_value(&row).unwrap();
         assert_eq!(json["status"], "COMPLETED");
+        assert_eq!((json["prompt_tokens"].as_u64(), json["prompt_tokens_cached"].as_u64()), (Some(9), Some(8)));
         assert_eq!(serde_json::from_value::<ResultRow>(json).unwrap(), row);
+        let before = serde_json::json!({ "status": "COMPLETED", "prompt_tokens": 9 });
+        assert_eq!(serde_json::from_value::<ResultRow>(before).unwrap().prompt_tokens_cached, 0, "a row without it");
         let unknown = serde_json::json!({ "status": "DONE" });
         assert!(serde_json::from_value::<ResultRow>(unknown).unwrap_err().to_string().contains("DONE"));
         let record = row.into_record();
         assert_eq!(record.status, TerminalStatus::Completed as i32);
+        assert_eq!((record.prompt_tokens, record.prompt_tokens_cached), (9, 8));
         assert_eq!(record.timings.unwrap().stages.len(), 1);
     }
 

@@ -1013,19 +1013,13 @@ async fn complete(
         choice["index"] = json!(index);
     }
     let completion_tokens: u32 = rows.iter().map(|r| r.completion_tokens).sum();
-    let prompt_tokens = rows[0].prompt_tokens;
     let mut body = json!({
         "id": meta.id,
         "object": meta.flavor.object(),
         "created": meta.created,
         "model": meta.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "millrace_trimmed_messages": rows[0].turns_dropped,
-        },
+        "usage": usage(&rows[0], completion_tokens),
     });
     if ids.len() > 1 {
         body["millrace_request_ids"] = json!(ids);
@@ -1126,21 +1120,24 @@ struct Meta {
     tool_call: bool,
 }
 
-/// OpenAI's `usage` of a terminal row.
-/// A Millrace extension says how many of the earlier messages the token budget left out.
-fn usage(row: &ResultRow) -> Value {
+/// OpenAI's `usage`: the prompt's counts from `prompt`'s row (the candidates share one prompt),
+/// `completion_tokens` over all candidates. `prompt_tokens_details.cached_tokens`
+/// counts the prompt tokens whose KV came from the replica's prefix cache; a Millrace extension
+/// says how many of the earlier messages the token budget left out.
+fn usage(prompt: &ResultRow, completion_tokens: u32) -> Value {
     json!({
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "total_tokens": row.prompt_tokens + row.completion_tokens,
-        "millrace_trimmed_messages": row.turns_dropped,
+        "prompt_tokens": prompt.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt.prompt_tokens + completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": prompt.prompt_tokens_cached },
+        "millrace_trimmed_messages": prompt.turns_dropped,
     })
 }
 
 impl Meta {
     /// The last chunk of a stream asked for with `include_usage`: no choices, the usage.
     fn usage_chunk(&self, row: &ResultRow) -> Bytes {
-        self.chunk_with(json!([]), Some(usage(row)))
+        self.chunk_with(json!([]), Some(usage(row, row.completion_tokens)))
     }
 
     /// A chat stream opens with the assistant's role; a text stream with its first text.
@@ -1416,5 +1413,38 @@ mod tests {
         let e = outcome(&row("REJECTED", "prompt_too_long")).unwrap_err();
         assert_eq!((e.status, e.code.as_str()), (StatusCode::BAD_REQUEST, "prompt_too_long"));
         assert_eq!(outcome(&row("FAILED", "x")).unwrap_err().kind, "server_error");
+    }
+
+    #[test]
+    fn usage_reports_the_cached_prompt_tokens_and_the_trimmed_messages() {
+        let row = ResultRow {
+            prompt_tokens: 12,
+            prompt_tokens_cached: 8,
+            completion_tokens: 5,
+            turns_dropped: 2,
+            ..Default::default()
+        };
+        let expected = json!({
+            "prompt_tokens": 12,
+            "completion_tokens": 7,
+            "total_tokens": 19,
+            "prompt_tokens_details": { "cached_tokens": 8 },
+            "millrace_trimmed_messages": 2,
+        });
+        assert_eq!(usage(&row, 7), expected);
+        let meta = Meta {
+            id: "chatcmpl-r1".into(),
+            created: 1,
+            model: "m".into(),
+            include_usage: true,
+            flavor: Flavor::Chat,
+            tool_call: false,
+        };
+        let chunk = meta.usage_chunk(&row);
+        let chunk: Value =
+            serde_json::from_slice(chunk.strip_prefix(b"data: ").unwrap().strip_suffix(b"\n\n").unwrap()).unwrap();
+        assert_eq!(chunk["choices"], json!([]));
+        assert_eq!(chunk["usage"]["prompt_tokens_details"]["cached_tokens"], 8);
+        assert_eq!(chunk["usage"]["total_tokens"], 17);
     }
 }
