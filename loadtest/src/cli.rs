@@ -99,6 +99,14 @@ pub struct CommonArgs {
     /// `params.max_new_tokens` of every request (`max_tokens` over HTTP).
     #[arg(long, env = "MILLRACE_LOADTEST_MAX_NEW_TOKENS", default_value_t = 32)]
     pub max_new_tokens: u32,
+    /// Generate exactly --max-new-tokens per request, past the end of sequence (vLLM's
+    /// `ignore_eos`), so runs and engines compare equal work.
+    #[arg(long, env = "MILLRACE_LOADTEST_IGNORE_EOS")]
+    pub ignore_eos: bool,
+    /// Requests per conversation: a user's next `turns` requests share a session, so turn k
+    /// carries the k − 1 exchanges before it (the session's history; prefix KV reuse).
+    #[arg(long, env = "MILLRACE_LOADTEST_TURNS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub turns: u32,
     /// Relative deadline of each request in milliseconds (ws and grpc; the chat API sets its own).
     #[arg(long, env = "MILLRACE_LOADTEST_DEADLINE_MS")]
     pub deadline_ms: Option<u32>,

@@ -18,7 +18,7 @@ use crate::report::{FindMaxReport, PhaseReport, PhaseRole, Report, Settings};
 use crate::sink::{SinkClient, SinkError, SinkRow};
 use crate::stages::StageBreakdown;
 use crate::stats::Timeline;
-use crate::workload::Workload;
+use crate::workload::{Asks, Workload};
 
 /// Status counted for an accepted request that has no sink row.
 const NO_ROW: &str = "NO_ROW";
@@ -74,14 +74,13 @@ struct PhaseDone {
 impl Runner {
     fn new(args: &CommonArgs) -> Result<Self, RunError> {
         let run_id = new_run_id();
-        let workload = Workload::new(
-            &run_id,
-            args.users as usize,
-            args.prompt_mix.clone(),
-            args.model.clone(),
-            args.max_new_tokens,
-            args.deadline_ms,
-        );
+        let asks = Asks {
+            model: args.model.clone(),
+            max_new_tokens: args.max_new_tokens,
+            ignore_eos: args.ignore_eos,
+            deadline_ms: args.deadline_ms,
+        };
+        let workload = Workload::new(&run_id, args.users as usize, args.turns, args.prompt_mix.clone(), asks);
         let users = workload.users().to_vec();
         eprintln!("run {run_id}: users {} … {}", users[0], users[users.len() - 1]);
         let settings = Settings {
@@ -91,6 +90,8 @@ impl Runner {
             sink_url: args.sink_url.clone(),
             model: args.model.clone(),
             max_new_tokens: args.max_new_tokens,
+            ignore_eos: args.ignore_eos,
+            turns: args.turns,
             deadline_ms: args.deadline_ms,
             users,
             prompt_mix: args.prompt_mix.to_string(),

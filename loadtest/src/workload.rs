@@ -117,13 +117,25 @@ pub struct Query {
     /// Run-wide sequence number; also the WebSocket `ref`.
     pub seq: u64,
     pub user: String,
-    /// A fresh session per request, so the session service does not grow a conversation (and
-    /// with it the prompt) over the run.
+    /// The conversation this request continues: a user's next `turns` requests share one, so
+    /// the session service puts the earlier exchanges in front of the prompt (with `turns` 1,
+    /// a fresh one per request and no history).
     pub session: String,
     pub class: PromptClass,
     pub text: &'static str,
     pub model: String,
     pub max_new_tokens: u32,
+    /// Generate exactly `max_new_tokens`, past the end of sequence (like-for-like benchmarks).
+    pub ignore_eos: bool,
+    pub deadline_ms: Option<u32>,
+}
+
+/// What every request of a run asks of the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Asks {
+    pub model: String,
+    pub max_new_tokens: u32,
+    pub ignore_eos: bool,
     pub deadline_ms: Option<u32>,
 }
 
@@ -131,24 +143,19 @@ pub struct Query {
 pub struct Workload {
     run_id: String,
     users: Vec<String>,
+    /// Requests sent so far per user (which conversation and turn the next one is).
+    sent: Vec<u64>,
+    turns: u64,
     mix: PromptMix,
-    model: String,
-    max_new_tokens: u32,
-    deadline_ms: Option<u32>,
+    asks: Asks,
     next_seq: u64,
 }
 
 impl Workload {
-    pub fn new(
-        run_id: &str,
-        users: usize,
-        mix: PromptMix,
-        model: String,
-        max_new_tokens: u32,
-        deadline_ms: Option<u32>,
-    ) -> Self {
-        let users = (0..users.max(1)).map(|k| format!("lt-{run_id}-{k}")).collect();
-        Self { run_id: run_id.to_owned(), users, mix, model, max_new_tokens, deadline_ms, next_seq: 0 }
+    pub fn new(run_id: &str, users: usize, turns: u32, mix: PromptMix, asks: Asks) -> Self {
+        let users: Vec<String> = (0..users.max(1)).map(|k| format!("lt-{run_id}-{k}")).collect();
+        let sent = vec![0; users.len()];
+        Self { run_id: run_id.to_owned(), users, sent, turns: u64::from(turns.max(1)), mix, asks, next_seq: 0 }
     }
 
     /// The user names this run sends as; every row of theirs in the sink belongs to this run.
@@ -161,15 +168,19 @@ impl Workload {
         self.next_seq += 1;
         let class = self.mix.pick(rng);
         let texts = class.texts();
+        let k = rng.random_range(0..self.users.len());
+        let conversation = self.sent[k] / self.turns;
+        self.sent[k] += 1;
         Query {
             seq,
-            user: self.users[rng.random_range(0..self.users.len())].clone(),
-            session: format!("lt-{}-s{seq}", self.run_id),
+            user: self.users[k].clone(),
+            session: format!("lt-{}-{k}-c{conversation}", self.run_id),
             class,
             text: texts[rng.random_range(0..texts.len())],
-            model: self.model.clone(),
-            max_new_tokens: self.max_new_tokens,
-            deadline_ms: self.deadline_ms,
+            model: self.asks.model.clone(),
+            max_new_tokens: self.asks.max_new_tokens,
+            ignore_eos: self.asks.ignore_eos,
+            deadline_ms: self.asks.deadline_ms,
         }
     }
 }
@@ -192,9 +203,13 @@ mod tests {
         assert_eq!("short=0".parse::<PromptMix>(), Err(PromptMixError::AllZero));
     }
 
+    fn asks() -> Asks {
+        Asks { model: "m".into(), max_new_tokens: 8, ignore_eos: false, deadline_ms: Some(500) }
+    }
+
     #[test]
     fn queries_follow_the_mix_spread_over_users_with_fresh_sessions() {
-        let mut workload = Workload::new("r1", 4, "short=3,long=1".parse().unwrap(), "m".into(), 8, Some(500));
+        let mut workload = Workload::new("r1", 4, 1, "short=3,long=1".parse().unwrap(), asks());
         let mut rng = StdRng::seed_from_u64(3);
         let queries: Vec<Query> = (0..4000).map(|_| workload.next_query(&mut rng)).collect();
         let short = queries.iter().filter(|q| q.class == PromptClass::Short).count() as f64 / 4000.0;
@@ -205,7 +220,21 @@ mod tests {
             assert!((800..1200).contains(&n), "{user}: {n}");
         }
         assert_eq!(workload.users()[3], "lt-r1-3");
-        assert_eq!((queries[7].seq, queries[7].session.as_str()), (7, "lt-r1-s7"));
+        let sessions: std::collections::HashSet<&str> = queries.iter().map(|q| q.session.as_str()).collect();
+        assert_eq!(sessions.len(), queries.len(), "one conversation per request");
         assert_eq!((queries[0].max_new_tokens, queries[0].deadline_ms, queries[0].model.as_str()), (8, Some(500), "m"));
+    }
+
+    #[test]
+    fn a_users_next_turns_continue_one_conversation() {
+        let mut workload = Workload::new("r1", 2, 3, "short=1".parse().unwrap(), asks());
+        let mut rng = StdRng::seed_from_u64(5);
+        let queries: Vec<Query> = (0..60).map(|_| workload.next_query(&mut rng)).collect();
+        for user in workload.users() {
+            let sessions: Vec<&str> = queries.iter().filter(|q| &q.user == user).map(|q| q.session.as_str()).collect();
+            for (i, chunk) in sessions.chunks(3).enumerate() {
+                assert!(chunk.iter().all(|s| s.ends_with(&format!("-c{i}"))), "{user}: {sessions:?}");
+            }
+        }
     }
 }

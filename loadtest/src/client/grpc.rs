@@ -31,7 +31,11 @@ impl GrpcClient {
             session: query.session.clone(),
             text: query.text.to_owned(),
             model: query.model.clone(),
-            params: Some(GenerationParams { max_new_tokens: query.max_new_tokens, ..Default::default() }),
+            params: Some(GenerationParams {
+                max_new_tokens: query.max_new_tokens,
+                ignore_eos: query.ignore_eos,
+                ..Default::default()
+            }),
             deadline_ms: query.deadline_ms.unwrap_or(0),
             ..Default::default()
         };

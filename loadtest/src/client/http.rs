@@ -22,13 +22,16 @@ impl HttpClient {
 
     pub async fn execute(&self, query: &Query, trace: &mut Trace) -> Result<Ending, ClientError> {
         // The chat API has no deadline field: ingest gives chat requests its own.
-        let body = json!({
+        let mut body = json!({
             "model": query.model,
             "messages": [{ "role": "user", "content": query.text }],
             "max_tokens": query.max_new_tokens,
             "user": query.user,
             "stream": true,
         });
+        if query.ignore_eos {
+            body["ignore_eos"] = true.into();
+        }
         let mut response = self.http.post(&self.url).header("X-Session-Id", &query.session).json(&body).send().await?;
         if !response.status().is_success() {
             let status = response.status();

@@ -103,7 +103,7 @@ impl WsClient {
             "user": query.user,
             "session": query.session,
             "model": query.model,
-            "params": { "max_new_tokens": query.max_new_tokens },
+            "params": { "max_new_tokens": query.max_new_tokens, "ignore_eos": query.ignore_eos },
         });
         if let Some(deadline_ms) = query.deadline_ms {
             body["deadline_ms"] = deadline_ms.into();

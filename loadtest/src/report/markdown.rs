@@ -44,7 +44,9 @@ pub fn render(report: &Report) -> String {
     };
     let _ = writeln!(md, "| setting | value |\n|---|---|");
     let _ = writeln!(md, "| API | {api} |");
-    let _ = writeln!(md, "| model | `{}`, max_new_tokens {} |", cell(&s.model), s.max_new_tokens);
+    let eos = if s.ignore_eos { " (EOS ignored)" } else { "" };
+    let _ = writeln!(md, "| model | `{}`, max_new_tokens {}{eos} |", cell(&s.model), s.max_new_tokens);
+    let _ = writeln!(md, "| conversations | {} request(s) each |", s.turns);
     let _ =
         writeln!(md, "| deadline | {} |", s.deadline_ms.map_or("service default".to_owned(), |d| format!("{d} ms")));
     let _ = writeln!(md, "| users | {} (`{}` …) |", s.users.len(), s.users.first().map_or("", String::as_str));

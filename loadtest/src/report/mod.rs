@@ -38,6 +38,9 @@ pub struct Settings {
     pub sink_url: String,
     pub model: String,
     pub max_new_tokens: u32,
+    pub ignore_eos: bool,
+    /// Requests per conversation.
+    pub turns: u32,
     pub deadline_ms: Option<u32>,
     pub users: Vec<String>,
     pub prompt_mix: String,
@@ -211,6 +214,8 @@ pub(crate) mod tests {
                 sink_url: "http://127.0.0.1:8090".into(),
                 model: "tiny-llama".into(),
                 max_new_tokens: 32,
+                ignore_eos: false,
+                turns: 1,
                 deadline_ms: None,
                 users: vec!["lt-abc123-0".into()],
                 prompt_mix: "short=6,medium=3,long=1".into(),

@@ -27,8 +27,8 @@ pub enum ApiError {
     TooManyTexts(usize),
     #[error("{0} are disabled on this server")]
     Disabled(&'static str),
-    #[error("every generator is busy; retry shortly")]
-    Overloaded,
+    #[error("{waiting} requests wait for admission, as many as can run at once ({running} running); retry shortly")]
+    Overloaded { waiting: usize, running: usize },
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("engine job: {0}")]
@@ -46,7 +46,7 @@ impl ApiError {
             Self::NoTexts => ("empty_texts", C::Unprocessable),
             Self::TooManyTexts(_) => ("too_many_texts", C::Unprocessable),
             Self::Disabled(_) => ("model_disabled", C::FailedPrecondition),
-            Self::Overloaded => ("overloaded", C::Overloaded),
+            Self::Overloaded { .. } => ("overloaded", C::Overloaded),
             Self::Engine(_) => ("engine", C::Internal),
             Self::Internal(_) => ("internal", C::Internal),
         }
@@ -75,7 +75,10 @@ mod tests {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("empty_prompt: "), "{}", status.message());
         assert_eq!(status.metadata().get(millrace_proto::CODE_METADATA).unwrap(), "empty_prompt");
-        assert_eq!(tonic::Status::from(ApiError::Overloaded).code(), Code::ResourceExhausted);
+        assert_eq!(
+            tonic::Status::from(ApiError::Overloaded { waiting: 2, running: 2 }).code(),
+            Code::ResourceExhausted
+        );
         assert_eq!(tonic::Status::from(ApiError::TooManyTexts(300)).code(), Code::InvalidArgument);
     }
 }

@@ -5,8 +5,7 @@
 //! gRPC API submit to the same loops, so a direct call joins the running set like any other.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc as std_mpsc};
-use std::thread::JoinHandle;
+use std::sync::{Arc, mpsc as std_mpsc};
 
 use millrace_engine::{
     Event, Generation, GenerationRequest, Generator, Load, Scheduler, SchedulerConfig, SequenceId, StepReport,
@@ -29,20 +28,29 @@ struct Submission {
     updates: mpsc::UnboundedSender<Update>,
 }
 
+/// A loop's sequences as its clients see them, counted live (a step streams pieces before it
+/// returns, so a snapshot between steps would lag what clients have already seen).
+#[derive(Default)]
+struct Occupancy {
+    /// Submitted, no token yet: queued in the channel, waiting, or being prefilled.
+    waiting: AtomicUsize,
+    /// Streaming tokens, not yet finished.
+    running: AtomicUsize,
+}
+
 /// One generator's loop thread and what it reports.
 struct Worker {
     submissions: std_mpsc::Sender<Submission>,
-    /// Submitted, not yet taken in by the loop (it takes them at the start of each step).
-    queued: Arc<AtomicUsize>,
+    occupancy: Arc<Occupancy>,
+    /// The scheduler's own figures (KV use, prefix cache), published after each step.
     load: watch::Receiver<Load>,
 }
 
 /// Every generator's loop; [`Self::submit`] picks the least loaded.
 pub struct GenerationLoops {
     workers: Vec<Worker>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
     /// Wakes whoever reports capacity when any loop's load changes.
-    changed: watch::Sender<()>,
+    changed: Arc<watch::Sender<()>>,
 }
 
 impl GenerationLoops {
@@ -51,78 +59,65 @@ impl GenerationLoops {
         generators: Vec<Generator>,
         config: SchedulerConfig,
     ) -> Result<Arc<Self>, millrace_engine::EngineError> {
-        let (changed, _) = watch::channel(());
+        let changed = Arc::new(watch::channel(()).0);
         let mut workers = Vec::new();
-        let mut threads = Vec::new();
         for (n, generator) in generators.into_iter().enumerate() {
             let scheduler = Scheduler::new(generator, config)?;
             let (submissions, received) = std_mpsc::channel();
-            let queued = Arc::new(AtomicUsize::new(0));
+            let occupancy = Arc::new(Occupancy::default());
             let (load_tx, load) = watch::channel(scheduler.load());
-            let (thread_queued, thread_changed) = (queued.clone(), changed.clone());
-            let thread = std::thread::Builder::new()
+            let listeners =
+                Listeners { by_id: HashMap::new(), next_id: 0, occupancy: occupancy.clone(), changed: changed.clone() };
+            std::thread::Builder::new()
                 .name(format!("generation-{n}"))
-                .spawn(move || run(scheduler, received, thread_queued, load_tx, thread_changed))
+                .spawn(move || run(scheduler, received, listeners, load_tx))
                 .expect("spawning a generation thread");
-            workers.push(Worker { submissions, queued, load });
-            threads.push(thread);
+            workers.push(Worker { submissions, occupancy, load });
         }
-        Ok(Arc::new(Self { workers, threads: Mutex::new(threads), changed }))
+        Ok(Arc::new(Self { workers, changed }))
     }
 
     /// Queues `request` on the loop with the fewest sequences; its updates come on the receiver.
     pub fn submit(&self, request: GenerationRequest) -> mpsc::UnboundedReceiver<Update> {
         let (updates, received) = mpsc::unbounded_channel();
-        let worker = self
-            .workers
-            .iter()
-            .min_by_key(|w| {
-                let load = w.load.borrow();
-                load.running + load.waiting + w.queued.load(Ordering::Relaxed)
-            })
-            .expect("at least one generator");
-        worker.queued.fetch_add(1, Ordering::Relaxed);
+        let occupied =
+            |w: &Worker| w.occupancy.waiting.load(Ordering::Relaxed) + w.occupancy.running.load(Ordering::Relaxed);
+        let worker = self.workers.iter().min_by_key(|w| occupied(w)).expect("at least one generator");
+        worker.occupancy.waiting.fetch_add(1, Ordering::Relaxed);
         if worker.submissions.send(Submission { request, updates: updates.clone() }).is_err() {
-            worker.queued.fetch_sub(1, Ordering::Relaxed);
+            worker.occupancy.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = updates.send(Update::Done(Err("the generation loop has stopped".into())));
         }
         self.changed.send_replace(());
         received
     }
 
-    /// The loops' load together: sequences queued in a loop's channel count as waiting.
+    /// The loops' load together.
     pub fn load(&self) -> Load {
-        self.workers.iter().fold(
+        let zero = Load {
+            running: 0,
+            waiting: 0,
+            max_running: 0,
+            kv_budget_tokens: 0,
+            kv_used_tokens: 0,
+            prefix_cache_tokens: 0,
+        };
+        self.workers.iter().fold(zero, |sum, w| {
+            let load = *w.load.borrow();
             Load {
-                running: 0,
-                waiting: 0,
-                max_running: 0,
-                kv_budget_tokens: 0,
-                kv_used_tokens: 0,
-                prefix_cache_tokens: 0,
-            },
-            |sum, w| {
-                let load = *w.load.borrow();
-                Load {
-                    running: sum.running + load.running,
-                    waiting: sum.waiting + load.waiting + w.queued.load(Ordering::Relaxed),
-                    max_running: sum.max_running + load.max_running,
-                    kv_budget_tokens: sum.kv_budget_tokens + load.kv_budget_tokens,
-                    kv_used_tokens: sum.kv_used_tokens + load.kv_used_tokens,
-                    prefix_cache_tokens: sum.prefix_cache_tokens + load.prefix_cache_tokens,
-                }
-            },
-        )
+                running: sum.running + w.occupancy.running.load(Ordering::Relaxed),
+                waiting: sum.waiting + w.occupancy.waiting.load(Ordering::Relaxed),
+                max_running: sum.max_running + load.max_running,
+                kv_budget_tokens: sum.kv_budget_tokens + load.kv_budget_tokens,
+                kv_used_tokens: sum.kv_used_tokens + load.kv_used_tokens,
+                prefix_cache_tokens: sum.prefix_cache_tokens + load.prefix_cache_tokens,
+            }
+        })
     }
 
     /// Changes whenever a loop's load may have changed.
     pub fn watch(&self) -> watch::Receiver<()> {
         self.changed.subscribe()
-    }
-
-    /// Whether every loop thread still runs (a panic in the engine ends one).
-    pub fn alive(&self) -> bool {
-        self.threads.lock().unwrap_or_else(PoisonError::into_inner).iter().all(|t| !t.is_finished())
     }
 }
 
@@ -130,23 +125,20 @@ impl GenerationLoops {
 fn run(
     mut scheduler: Scheduler,
     submissions: std_mpsc::Receiver<Submission>,
-    queued: Arc<AtomicUsize>,
+    mut listeners: Listeners,
     load: watch::Sender<Load>,
-    changed: watch::Sender<()>,
 ) {
-    let mut listeners = Listeners { by_id: HashMap::new(), next_id: 0 };
     loop {
         if scheduler.is_idle() {
             match submissions.recv() {
-                Ok(s) => listeners.take(&mut scheduler, s, &queued),
+                Ok(s) => listeners.take(&mut scheduler, s),
                 Err(_) => return,
             }
         }
         while let Ok(s) = submissions.try_recv() {
-            listeners.take(&mut scheduler, s, &queued);
+            listeners.take(&mut scheduler, s);
         }
-        let stepped = scheduler.step(|id, event| listeners.tell(id, event));
-        match stepped {
+        match scheduler.step(|id, event| listeners.tell(id, event)) {
             Ok(report) => record(&report),
             Err(e) => {
                 error!(error = %e, "generation step failed: every sequence of this loop is answered with the error");
@@ -158,26 +150,29 @@ fn run(
         let now = scheduler.load();
         if *load.borrow() != now {
             load.send_replace(now);
-            changed.send_replace(());
+            listeners.changed.send_replace(());
         }
     }
 }
 
-/// Who hears about each sequence of a loop.
+/// Who hears about each sequence of a loop, and the loop's live occupancy.
 struct Listeners {
-    by_id: HashMap<SequenceId, mpsc::UnboundedSender<Update>>,
+    /// Each sequence's listener, and whether it has had a token (is running).
+    by_id: HashMap<SequenceId, (mpsc::UnboundedSender<Update>, bool)>,
     next_id: SequenceId,
+    occupancy: Arc<Occupancy>,
+    changed: Arc<watch::Sender<()>>,
 }
 
 impl Listeners {
-    fn take(&mut self, scheduler: &mut Scheduler, submission: Submission, queued: &AtomicUsize) {
-        queued.fetch_sub(1, Ordering::Relaxed);
+    fn take(&mut self, scheduler: &mut Scheduler, submission: Submission) {
         self.next_id += 1;
         match scheduler.submit(self.next_id, submission.request) {
             Ok(()) => {
-                self.by_id.insert(self.next_id, submission.updates);
+                self.by_id.insert(self.next_id, (submission.updates, false));
             }
             Err(e) => {
+                self.occupancy.waiting.fetch_sub(1, Ordering::Relaxed);
                 let _ = submission.updates.send(Update::Done(Err(e.to_string())));
             }
         }
@@ -185,11 +180,16 @@ impl Listeners {
 
     fn tell(&mut self, id: SequenceId, event: Event<'_>) {
         match event {
-            // A listener that has gone cancelled its request (or will): nothing to tell.
             Event::Piece(piece) => {
-                if let Some(l) = self.by_id.get(&id) {
-                    let _ = l.send(Update::Piece(piece.to_owned()));
+                let Some((listener, running)) = self.by_id.get_mut(&id) else { return };
+                if !*running {
+                    *running = true;
+                    self.occupancy.waiting.fetch_sub(1, Ordering::Relaxed);
+                    self.occupancy.running.fetch_add(1, Ordering::Relaxed);
+                    self.changed.send_replace(());
                 }
+                // A listener that has gone cancelled its request (or will): nothing to tell.
+                let _ = listener.send(Update::Piece(piece.to_owned()));
             }
             Event::Finished(generation) => {
                 metrics::GENERATIONS.with_label_values(&[generation.finish.as_str()]).inc();
@@ -199,12 +199,13 @@ impl Listeners {
     }
 
     fn finish(&mut self, id: SequenceId, outcome: Result<Generation, String>) {
-        match self.by_id.remove(&id) {
-            Some(l) => {
-                let _ = l.send(Update::Done(outcome));
-            }
-            None => warn!(id, "a sequence ended that nobody waits for"),
-        }
+        let Some((listener, running)) = self.by_id.remove(&id) else {
+            return warn!(id, "a sequence ended that nobody waits for");
+        };
+        let counter = if running { &self.occupancy.running } else { &self.occupancy.waiting };
+        counter.fetch_sub(1, Ordering::Relaxed);
+        self.changed.send_replace(());
+        let _ = listener.send(Update::Done(outcome));
     }
 }
 

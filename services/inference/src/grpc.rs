@@ -43,7 +43,7 @@ impl Inference for InferenceApi {
         self.engines.check_fit(&request.prompt, request.max_new_tokens).map_err(ApiError::from)?;
         let load = self.engines.generation.load();
         if load.waiting >= load.max_running {
-            return Err(ApiError::Overloaded.into());
+            return Err(ApiError::Overloaded { waiting: load.waiting, running: load.running }.into());
         }
         let (chunks, received) = mpsc::unbounded_channel();
         let updates = self.engines.generation.submit(request);

@@ -77,8 +77,8 @@ fn decode_params(value: Value) -> Result<GenerationParams, SubmitError> {
             .take::<Map<String, Value>>("json_schema")?
             .map(|s| Value::Object(s).to_string())
             .unwrap_or_default(),
-        // Generating past the end of sequence is for the engine's benchmarks, not offered here.
-        ignore_eos: false,
+        // Exactly max_new_tokens, past the end of sequence (benchmarks).
+        ignore_eos: fields.take("ignore_eos")?.unwrap_or_default(),
     };
     fields.finish()?;
     Ok(params)
@@ -158,7 +158,8 @@ mod tests {
     fn a_full_body_decodes() {
         let s = decode_submission(
             br#"{"user":"u","session":"s","text":"hi","model":"m","deadline_ms":1500,"priority":-2,
-                "params":{"max_new_tokens":8,"temperature":0.5,"top_p":1,"top_k":3,"seed":7,"stop":["x"]}}"#,
+                "params":{"max_new_tokens":8,"temperature":0.5,"top_p":1,"top_k":3,"seed":7,"stop":["x"],
+                "ignore_eos":true}}"#,
         )
         .unwrap();
         assert_eq!(
@@ -177,6 +178,7 @@ mod tests {
                     top_k: 3,
                     seed: Some(7),
                     stop: vec!["x".into()],
+                    ignore_eos: true,
                     ..Default::default()
                 },
                 ..Default::default()

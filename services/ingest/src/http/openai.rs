@@ -254,6 +254,7 @@ const CHAT_FIELDS: &[&str] = &[
     "logprobs",
     "top_logprobs",
     "logit_bias",
+    "ignore_eos",
 ];
 
 /// Most alternatives `top_logprobs` may ask for (OpenAI's bound).
@@ -521,8 +522,8 @@ fn sampling(object: &mut Map<String, Value>) -> Result<Sampling, OpenAiError> {
         logprobs: take(object, "logprobs")?.unwrap_or(false),
         top_logprobs: take(object, "top_logprobs")?.unwrap_or(0),
         logit_bias: logit_bias(object)?,
-        // Generating past the end of sequence is for the engine's benchmarks, not offered here.
-        ignore_eos: false,
+        // vLLM's extension: exactly max_tokens, past the end of sequence (benchmarks).
+        ignore_eos: take(object, "ignore_eos")?.unwrap_or(false),
     };
     let stream = take(object, "stream")?.unwrap_or(false);
     if params.top_logprobs > MAX_TOP_LOGPROBS || (params.top_logprobs > 0 && !params.logprobs) {
@@ -1284,7 +1285,9 @@ mod tests {
         assert!(chat.sampling.include_usage);
         let chat = decode_chat(br#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#).unwrap();
         assert_eq!(chat.sampling.params.stop, ["a", "b"]);
-        assert!(!chat.sampling.stream && !chat.sampling.include_usage);
+        assert!(!chat.sampling.stream && !chat.sampling.include_usage && !chat.sampling.params.ignore_eos);
+        let chat = decode_chat(br#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":true}"#).unwrap();
+        assert!(chat.sampling.params.ignore_eos, "vLLM's extension is honoured");
     }
 
     #[test]
