@@ -2,7 +2,8 @@
 //! Runtime), through each streaming API: OpenAI SSE, WebSocket and gRPC `Generate`.
 //!
 //! - several users × several turns at once, one API each: every answer arrives, the streamed
-//!   text is the stored completion, the session holds every turn and later prompts carry them;
+//!   text is the stored completion, the session holds every turn and later prompts carry them
+//!   (whose KV inference reuses from its prefix cache);
 //! - blocked input and blocked output end as such, and a blocked output's words never reach
 //!   the stream (a test policy blocks "Paris" in answers);
 //! - closing a socket / dropping a gRPC stream cancels the request, and the cancel reaches
@@ -263,6 +264,9 @@ async fn conversations(mesh: &Mesh) {
         let earlier = tokens(0, "prompt_tokens") + tokens(0, "completion_tokens") + tokens(1, "completion_tokens");
         let last = tokens(2, "prompt_tokens");
         assert!(last > earlier, "{user}: the last prompt ({last} tokens) cannot hold the earlier turns ({earlier})");
+        // Inference kept the conversation's KV: the last turn computed only what is new.
+        let reused = tokens(2, "prompt_tokens_cached");
+        assert!(reused > tokens(0, "prompt_tokens"), "{user}: turn 3 reused {reused} of {last} prompt tokens");
         eprintln!("{user} over {api:?}: {:?}", answers.iter().map(|a| a.text.as_str()).collect::<Vec<_>>());
     }
     eprintln!("3 users × 3 turns in {:.1} s", started.elapsed().as_secs_f64());
