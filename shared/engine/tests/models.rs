@@ -1,40 +1,20 @@
 //! The engine on the real prepared models and the real ONNX Runtime
 //! (`scripts/prepare-models.sh` prepares them; `scripts/test.sh` runs it first).
-//!
-//! Env (as the bench reads them): `MILLRACE_MODELS_DIR` (default models/prepared) and
-//! `MILLRACE_PROVIDER` (cpu, cuda, auto; default cpu), so the same binary checks a GPU host.
-use std::path::PathBuf;
+//! Env: see `common`.
+mod common;
+
+use common::{MODEL, chat, manifest, options};
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use millrace_engine::embed::cosine;
 use millrace_engine::{
-    ChatMessage, ExecutionProvider, FinishReason, GenerationRequest, Generator, Manifest, OutputGrammar,
-    RuntimeOptions, SamplingParams,
+    FinishReason, GenerationRequest, Generator, OutputGrammar, RuntimeOptions, SamplingParams,
 };
-
-const MODEL: &str = "smollm2-135m";
-const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-
-fn manifest() -> Manifest {
-    let dir = std::env::var_os("MILLRACE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/prepared"));
-    Manifest::load(&dir).unwrap_or_else(|e| panic!("{e}: the model tests need scripts/prepare-models.sh"))
-}
-
-fn options() -> RuntimeOptions {
-    let provider = std::env::var("MILLRACE_PROVIDER").map_or(Ok(ExecutionProvider::Cpu), |p| p.parse());
-    RuntimeOptions { provider: provider.expect("MILLRACE_PROVIDER"), intra_threads: 2, ..Default::default() }
-}
 
 fn generator() -> Generator {
     manifest().generator(MODEL, &options()).unwrap()
-}
-
-fn chat(question: &str) -> String {
-    let template = manifest().chat_template(MODEL).unwrap();
-    template.render(&[ChatMessage::new("system", SYSTEM), ChatMessage::new("user", question)], true).unwrap()
 }
 
 fn greedy(generator: &mut Generator, prompts: &[&str], max_new_tokens: usize) -> Vec<millrace_engine::Generation> {

@@ -3,31 +3,19 @@
 //! prefill chunked, or reuses a cached prefix; cancel and deadlines stop one sequence; the KV
 //! budget bounds admission; streamed pieces make the final text.
 //!
-//! Env: `MILLRACE_MODELS_DIR` (default models/prepared), `MILLRACE_PROVIDER` (default cpu).
+//! Env: see `common`.
+mod common;
+
+use common::{MODEL, SYSTEM, chat, manifest, options};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use millrace_engine::{
-    BatchingPolicy, ChatMessage, Event, ExecutionProvider, FinishReason, Generation, GenerationRequest, Manifest,
-    RuntimeOptions, Scheduler, SchedulerConfig, SequenceId,
+    BatchingPolicy, ChatMessage, Event, FinishReason, Generation, GenerationRequest, Scheduler, SchedulerConfig,
+    SequenceId,
 };
-
-const MODEL: &str = "smollm2-135m";
-const SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-
-fn manifest() -> Manifest {
-    let dir = std::env::var_os("MILLRACE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/prepared"));
-    Manifest::load(&dir).unwrap_or_else(|e| panic!("{e}: the model tests need scripts/prepare-models.sh"))
-}
-
-fn options() -> RuntimeOptions {
-    let provider = std::env::var("MILLRACE_PROVIDER").map_or(Ok(ExecutionProvider::Cpu), |p| p.parse());
-    RuntimeOptions { provider: provider.expect("MILLRACE_PROVIDER"), intra_threads: 2, ..Default::default() }
-}
 
 const CONFIG: SchedulerConfig = SchedulerConfig {
     policy: BatchingPolicy::Continuous,
@@ -39,11 +27,6 @@ const CONFIG: SchedulerConfig = SchedulerConfig {
 
 fn scheduler(config: SchedulerConfig) -> Scheduler {
     Scheduler::new(manifest().generator(MODEL, &options()).unwrap(), config).unwrap()
-}
-
-fn chat(question: &str) -> String {
-    let template = manifest().chat_template(MODEL).unwrap();
-    template.render(&[ChatMessage::new("system", SYSTEM), ChatMessage::new("user", question)], true).unwrap()
 }
 
 /// What one sequence produced: its streamed text and its generation.
