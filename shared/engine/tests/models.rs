@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use millrace_engine::embed::cosine;
-use millrace_engine::{
-    FinishReason, GenerationRequest, Generator, OutputGrammar, RuntimeOptions, SamplingParams,
-};
+use millrace_engine::{FinishReason, GenerationRequest, Generator, OutputGrammar, RuntimeOptions, SamplingParams};
 
 fn generator() -> Generator {
     manifest().generator(MODEL, &options()).unwrap()
