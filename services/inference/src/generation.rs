@@ -94,15 +94,7 @@ impl GenerationLoops {
 
     /// The loops' load together.
     pub fn load(&self) -> Load {
-        let zero = Load {
-            running: 0,
-            waiting: 0,
-            max_running: 0,
-            kv_budget_tokens: 0,
-            kv_used_tokens: 0,
-            prefix_cache_tokens: 0,
-        };
-        self.workers.iter().fold(zero, |sum, w| {
+        self.workers.iter().fold(Load::default(), |sum, w| {
             let load = *w.load.borrow();
             Load {
                 running: sum.running + w.occupancy.running.load(Ordering::Relaxed),

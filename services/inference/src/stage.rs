@@ -87,40 +87,32 @@ impl BatchStage {
         let mut updates = self.engines.generation.submit(request);
         let client = self.publisher.client();
         let mut sent = 0u32;
-        let mut held = None;
-        loop {
-            let update = match held.take() {
-                Some(update) => update,
-                None => match updates.recv().await {
-                    Some(update) => update,
-                    None => return Err(StageError::transient("the generation loop stopped", ENGINE_RETRY)),
-                },
-            };
-            match update {
-                Update::Piece(mut text) => {
-                    // Pieces that queued up while the last chunk went out travel together: no
-                    // piece waits for company, yet a fast engine does not cost a message per token.
-                    loop {
-                        match updates.try_recv() {
-                            Ok(Update::Piece(more)) => text.push_str(&more),
-                            Ok(done) => {
-                                held = Some(done);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    publish_chunk(&client, &ctx.request_id, sent, text, false).await;
-                    sent += 1;
+        let mut arrived = Vec::new();
+        // Pieces that queued up while the last chunk went out travel together: no piece waits
+        // for company, yet a fast engine does not cost a message per token.
+        while updates.recv_many(&mut arrived, usize::MAX).await > 0 {
+            let (mut text, mut done) = (String::new(), None);
+            for update in arrived.drain(..) {
+                match update {
+                    Update::Piece(piece) => text.push_str(&piece),
+                    Update::Done(outcome) => done = Some(outcome),
                 }
-                Update::Done(Ok(generation)) => {
+            }
+            if !text.is_empty() {
+                publish_chunk(&client, &ctx.request_id, sent, text, false).await;
+                sent += 1;
+            }
+            match done {
+                None => {}
+                Some(Ok(generation)) => {
                     // Closed only once generation succeeded: a failed batch is retried and streams again.
                     publish_chunk(&client, &ctx.request_id, sent, String::new(), true).await;
                     return Ok(Ok(generation));
                 }
-                Update::Done(Err(e)) => return Err(StageError::transient(format!("engine: {e}"), ENGINE_RETRY)),
+                Some(Err(e)) => return Err(StageError::transient(format!("engine: {e}"), ENGINE_RETRY)),
             }
         }
+        Err(StageError::transient("the generation loop stopped", ENGINE_RETRY))
     }
 }
 

@@ -247,27 +247,34 @@ fn serve_section(bench: &mut Bench) -> Value {
     json!({"requests": count, "rows": rows})
 }
 
-/// Time to the first token of `request` on a scheduler holding what `before` left in its cache.
+/// Runs `request` to its end; returns its text.
+fn answer(scheduler: &mut Scheduler, request: GenerationRequest) -> String {
+    scheduler.submit(0, request).expect("submit");
+    let mut text = String::new();
+    while !scheduler.is_idle() {
+        scheduler
+            .step(|_, e| {
+                if let Event::Finished(g) = e {
+                    text = g.text;
+                }
+            })
+            .expect("step");
+    }
+    text
+}
+
+/// Time to the first token of `request` on a scheduler holding what `before` left in its cache,
+/// and how many of its prompt tokens were reused.
 fn first_token(
     bench: &mut Bench,
     cache_tokens: usize,
     before: &[GenerationRequest],
     request: GenerationRequest,
-) -> (Duration, Vec<String>, usize) {
+) -> (Duration, usize) {
     let mut scheduler = Scheduler::new(bench.generator(), scheduler_config(BatchingPolicy::Continuous, cache_tokens))
         .expect("scheduler");
-    let mut answers = Vec::new();
-    for (i, earlier) in before.iter().enumerate() {
-        scheduler.submit(i as u64, earlier.clone()).expect("submit");
-        while !scheduler.is_idle() {
-            scheduler
-                .step(|_, e| {
-                    if let Event::Finished(g) = e {
-                        answers.push(g.text)
-                    }
-                })
-                .expect("step");
-        }
+    for earlier in before {
+        answer(&mut scheduler, earlier.clone());
     }
     let started = Instant::now();
     scheduler.submit(99, request).expect("submit");
@@ -284,7 +291,7 @@ fn first_token(
             .expect("step");
     }
     bench.generator = Some(scheduler.into_generator());
-    (ttft.expect("a first token"), answers, cached)
+    (ttft.expect("a first token"), cached)
 }
 
 fn prefix_section(bench: &mut Bench) -> Value {
@@ -293,29 +300,36 @@ fn prefix_section(bench: &mut Bench) -> Value {
     let turn2 = format!("{long} And what happens in winter when the river freezes?");
     let turn3 = "Summarise our conversation in one sentence.";
     // Turns 1 and 2 run first, as a session would send them; turn 3 carries their answers.
-    let (_, answers, _) = first_token(
-        bench,
-        16_384,
-        &[fixed(bench.chat(SYSTEM, &[("user", &turn1)]), 24)],
-        fixed(bench.chat(SYSTEM, &[("user", "warm-up")]), 1),
-    );
-    let first = answers[0].clone();
-    let second_prompt = bench.chat(SYSTEM, &[("user", &turn1), ("assistant", &first), ("user", &turn2)]);
-    let earlier = [fixed(bench.chat(SYSTEM, &[("user", &turn1)]), 24), fixed(second_prompt, 24)];
-    let (_, answers, _) = first_token(bench, 16_384, &earlier, fixed(bench.chat(SYSTEM, &[("user", "x")]), 1));
+    let earlier = {
+        let mut scheduler =
+            Scheduler::new(bench.generator(), scheduler_config(BatchingPolicy::Continuous, 0)).expect("scheduler");
+        let first_prompt = bench.chat(SYSTEM, &[("user", &turn1)]);
+        let first = answer(&mut scheduler, fixed(first_prompt.clone(), 24));
+        let second_prompt = bench.chat(SYSTEM, &[("user", &turn1), ("assistant", &first), ("user", &turn2)]);
+        let second = answer(&mut scheduler, fixed(second_prompt.clone(), 24));
+        bench.generator = Some(scheduler.into_generator());
+        [(first_prompt, first), (second_prompt, second)]
+    };
     let third = bench.chat(
         SYSTEM,
-        &[("user", &turn1), ("assistant", &answers[0]), ("user", &turn2), ("assistant", &answers[1]), ("user", turn3)],
+        &[
+            ("user", &turn1),
+            ("assistant", &earlier[0].1),
+            ("user", &turn2),
+            ("assistant", &earlier[1].1),
+            ("user", turn3),
+        ],
     );
+    let earlier: Vec<GenerationRequest> = earlier.into_iter().map(|(prompt, _)| fixed(prompt, 24)).collect();
     let tokens = bench.generator.as_ref().expect("generator").encode(&third).expect("encode").len();
     let mut with = Vec::new();
     let mut without = Vec::new();
     let mut reused = 0;
     for _ in 0..3 {
-        let (t, _, cached) = first_token(bench, 16_384, &earlier, fixed(third.clone(), 8));
+        let (t, cached) = first_token(bench, 16_384, &earlier, fixed(third.clone(), 8));
         with.push(t.as_secs_f64() * 1000.0);
         reused = cached;
-        let (t, _, _) = first_token(bench, 0, &[], fixed(third.clone(), 8));
+        let (t, _) = first_token(bench, 0, &[], fixed(third.clone(), 8));
         without.push(t.as_secs_f64() * 1000.0);
     }
     let (with, without) = (median_and_range(with).0, median_and_range(without).0);

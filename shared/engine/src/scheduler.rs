@@ -99,7 +99,7 @@ pub struct StepReport {
 }
 
 /// The scheduler's occupancy, for capacity reports and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Load {
     /// Sequences decoding or being prefilled.
     pub running: usize,
@@ -241,7 +241,7 @@ impl Scheduler {
         let started = Instant::now();
         let mut report = StepReport::default();
         self.end_stopped(&mut on_event)?;
-        self.admit(&mut report);
+        self.admit(&mut report)?;
         let joining = self.prefill(&mut report, &mut on_event)?;
         self.rebuild(joining)?;
         if !self.running.seqs.is_empty() {
@@ -260,24 +260,20 @@ impl Scheduler {
             }
             seq.finished()
         };
-        let mut kept = VecDeque::with_capacity(self.waiting.len());
-        for mut seq in self.waiting.drain(..) {
-            if stopped(&mut seq) {
+        self.waiting.retain_mut(|seq| {
+            let ended = stopped(seq);
+            if ended {
                 on_event(seq.id, Event::Finished(take_generation(&mut seq.row)));
-            } else {
-                kept.push_back(seq);
             }
-        }
-        self.waiting = kept;
-        let mut kept = VecDeque::with_capacity(self.prefilling.len());
-        for mut p in self.prefilling.drain(..) {
-            if stopped(&mut p.seq) {
+            !ended
+        });
+        self.prefilling.retain_mut(|p| {
+            let ended = stopped(&mut p.seq);
+            if ended {
                 on_event(p.seq.id, Event::Finished(take_generation(&mut p.seq.row)));
-            } else {
-                kept.push_back(p);
             }
-        }
-        self.prefilling = kept;
+            !ended
+        });
         let running = &mut self.running;
         let newly: Vec<usize> =
             (0..running.seqs.len()).filter(|&b| !running.seqs[b].finished() && stopped(&mut running.seqs[b])).collect();
@@ -291,12 +287,12 @@ impl Scheduler {
     }
 
     /// Moves waiting sequences to prefill while they fit (oldest first, never skipping one).
-    fn admit(&mut self, report: &mut StepReport) {
+    fn admit(&mut self, report: &mut StepReport) -> Result<(), EngineError> {
         let live = self.running.seqs.iter().filter(|s| !s.finished());
         if self.config.policy == BatchingPolicy::Static
             && (live.clone().next().is_some() || !self.prefilling.is_empty())
         {
-            return;
+            return Ok(());
         }
         let mut count = live.clone().count() + self.prefilling.len();
         let mut widest =
@@ -306,31 +302,28 @@ impl Scheduler {
             if count + 1 > self.config.max_running || (count + 1) * wider > self.config.kv_budget_tokens {
                 break;
             }
+            // The last prompt token is always computed: its logits give the first token.
+            let hit = self.cache.lookup(&next.prompt, next.prompt.len() - 1);
+            let (reused, past) = match hit {
+                Some(hit) => {
+                    (hit.tokens, hit.kv.into_iter().map(|kv| Ok(Tensor::from_array(kv)?.into_dyn())).collect())
+                }
+                None => (0, self.generator.empty_past(1)),
+            };
+            // A failed allocation fails the step; the sequence is still waiting, so it is answered.
+            let past = past?;
             let mut seq = self.waiting.pop_front().expect("just seen");
             (count, widest) = (count + 1, wider);
             report.admitted += 1;
-            // The last prompt token is always computed: its logits give the first token.
-            let hit = self.cache.lookup(&seq.prompt, seq.prompt.len() - 1);
-            let past = match hit {
-                Some(hit) => {
-                    report.prefix_hits += 1;
-                    report.cached_tokens += hit.tokens;
-                    seq.row.cached_tokens = hit.tokens;
-                    seq.fed.extend_from_slice(&seq.prompt[..hit.tokens]);
-                    hit.kv.into_iter().map(|kv| Ok(Tensor::from_array(kv)?.into_dyn())).collect()
-                }
-                None => self.generator.empty_past(1),
-            };
-            match past {
-                Ok(past) => self.prefilling.push_back(Prefill { seq, past }),
-                Err(e) => {
-                    // Only a tensor allocation can fail here: leave the sequence for next time.
-                    self.waiting.push_front(seq);
-                    tracing::warn!(error = %e, "prefill could not start");
-                    break;
-                }
+            if reused > 0 {
+                report.prefix_hits += 1;
+                report.cached_tokens += reused;
+                seq.row.cached_tokens = reused;
+                seq.fed.extend_from_slice(&seq.prompt[..reused]);
             }
+            self.prefilling.push_back(Prefill { seq, past });
         }
+        Ok(())
     }
 
     /// Prefills admitted prompts under this step's token budget; returns the sequences whose
