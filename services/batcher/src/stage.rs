@@ -310,16 +310,19 @@ pub async fn run(
     // Draining: refuse what comes next, hand back what waits. Batches being published answer
     // their members themselves.
     rx.close();
-    let mut handed_back = 0usize;
-    let mut hand_back = |waiter: Waiter| {
-        handed_back += 1;
-        tokio::spawn(waiter.ack.settle(Err(StageError::transient("the batcher is draining", Duration::ZERO))));
-    };
-    queues.take_all().into_iter().for_each(&mut hand_back);
+    let mut waiting: Vec<Waiter> = queues.take_all();
     while let Ok(command) = rx.try_recv() {
         if let Command::Prompt { waiter, .. } = command {
-            hand_back(*waiter);
+            waiting.push(*waiter);
         }
+    }
+    let handed_back = waiting.len();
+    // Awaited, and flushed, before the process exits: a nak still in a task or a buffer when it
+    // does would leave the prompt to its ack wait instead of the next batcher at once.
+    let draining = || StageError::transient("the batcher is draining", Duration::ZERO);
+    futures::future::join_all(waiting.into_iter().map(|waiter| waiter.ack.settle(Err(draining())))).await;
+    if let Err(e) = batching.publisher.client().flush().await {
+        warn!(error = %e, "hand-backs not flushed; the prompts come back after their ack wait");
     }
     depth_series.show(&queues);
     info!(handed_back, "batch queue drained");
