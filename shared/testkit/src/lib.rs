@@ -18,8 +18,8 @@ mod nats;
 mod service;
 pub mod sink;
 
-pub use nats::{NatsServer, nats_server_binary};
-pub use service::{ServiceProcess, service_binary};
+pub use nats::{NatsOptions, NatsServer, nats_server_binary};
+pub use service::{ServiceOptions, ServiceProcess, service_binary};
 
 /// The environment variable that turns every skip into a failure: set it (to anything but
 /// empty or `0`) where every real component must be there, as CI does.

@@ -34,33 +34,108 @@ pub struct NatsServer {
     url: String,
     /// `http://127.0.0.1:<port>` of the monitoring server.
     monitor_url: String,
-    _store: tempfile::TempDir,
+    /// The JetStream store (`-sd`): a temp folder, or one the caller gave.
+    store: Folder,
     /// Holds the ports file and the server's log.
-    run: tempfile::TempDir,
+    run: Folder,
 }
+
+/// A folder the server owns (removed on drop) or one it was given (kept).
+enum Folder {
+    Temp(tempfile::TempDir),
+    Given(PathBuf),
+}
+
+impl Folder {
+    fn path(&self) -> &Path {
+        match self {
+            Folder::Temp(dir) => dir.path(),
+            Folder::Given(path) => path,
+        }
+    }
+}
+
+/// Where a [`NatsServer`] keeps its store and its log; `None`: a temp folder of its own.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// The JetStream store (`-sd`), kept after the server stops.
+    pub store_dir: Option<PathBuf>,
+    /// The ports file and `nats-server.log` (appended to across restarts).
+    pub run_dir: Option<PathBuf>,
+}
+
+/// How long [`NatsServer::restart`] keeps trying to listen on its old client port.
+const RESTART_PORT: Duration = Duration::from_secs(30);
 
 impl NatsServer {
     pub async fn start() -> anyhow::Result<Self> {
-        let (store, run) = (tempfile::tempdir()?, tempfile::tempdir()?);
-        let log = std::fs::File::create(run.path().join("nats-server.log"))?;
+        Self::start_with(NatsOptions::default()).await
+    }
+
+    /// A server whose store and log are where `options` say (temp folders otherwise), on ports
+    /// it picks itself.
+    pub async fn start_with(options: NatsOptions) -> anyhow::Result<Self> {
+        let folder = |given: Option<PathBuf>| -> anyhow::Result<Folder> {
+            Ok(match given {
+                Some(path) => {
+                    std::fs::create_dir_all(&path)?;
+                    Folder::Given(path)
+                }
+                None => Folder::Temp(tempfile::tempdir()?),
+            })
+        };
+        let (store, run) = (folder(options.store_dir)?, folder(options.run_dir)?);
+        let mut server = Self { child: None, url: String::new(), monitor_url: String::new(), store, run };
+        server.launch(None).await?;
+        Ok(server)
+    }
+
+    /// Starts the process (on `port`, or a port of its own) and waits until JetStream is ready.
+    async fn launch(&mut self, port: Option<u16>) -> anyhow::Result<()> {
+        // A killed server leaves its ports file behind: only this start's counts.
+        for stale in ports_files(self.run.path()) {
+            let _ = std::fs::remove_file(stale);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let port = port.map_or("-1".to_owned(), |p| p.to_string());
         let child = Command::new(nats_server_binary()?)
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-m", "-1", "--ports_file_dir"])
-            .arg(run.path())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", "-1", "--ports_file_dir"])
+            .arg(self.run.path())
             .arg("-sd")
-            .arg(store.path())
+            .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting nats-server")?;
-        let mut server =
-            Self { child: Some(child), url: String::new(), monitor_url: String::new(), _store: store, run };
-        let (url, monitor_url) = server.read_ports().await?;
-        (server.url, server.monitor_url) = (url, monitor_url);
-        let health = format!("{}/healthz?js-enabled-only=true", server.monitor_url);
-        wait_http_ok(&health, START)
-            .await
-            .with_context(|| format!("nats-server readiness; its log:\n{}", server.log()))?;
-        Ok(server)
+        self.child = Some(child);
+        let (url, monitor_url) = self.read_ports().await?;
+        (self.url, self.monitor_url) = (url, monitor_url);
+        let health = format!("{}/healthz?js-enabled-only=true", self.monitor_url);
+        wait_http_ok(&health, START).await.with_context(|| format!("nats-server readiness; its log:\n{}", self.log()))
+    }
+
+    /// Kills the server (SIGKILL) if it runs and starts it again on the same store and the same
+    /// client port, so clients reconnect to the URL they were given. A port still held a moment
+    /// after the kill is tried again for a while. The monitoring port may change.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let port: u16 = self
+            .url
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .with_context(|| format!("no port in {}", self.url))?;
+        let deadline = Instant::now() + RESTART_PORT;
+        loop {
+            match self.launch(Some(port)).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("nats-server did not start again on port {port} ({e:#}); retrying");
+                    self.kill();
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e.context(format!("restarting nats-server on port {port}"))),
+            }
+        }
     }
 
     /// The client and monitoring URLs from the ports file the server writes once it listens
@@ -69,7 +144,7 @@ impl NatsServer {
         let deadline = Instant::now() + START;
         loop {
             if let Some(ports) =
-                ports_file(self.run.path()).and_then(|p| parse_ports(&std::fs::read_to_string(p).ok()?))
+                ports_files(self.run.path()).first().and_then(|p| parse_ports(&std::fs::read_to_string(p).ok()?))
             {
                 return Ok(ports);
             }
@@ -93,9 +168,23 @@ impl NatsServer {
         &self.monitor_url
     }
 
-    /// What the server logged.
+    /// What the server logged (every start's, when its run folder was given).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.run.path().join("nats-server.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.run.path().join("nats-server.log")
+    }
+
+    /// The JetStream store folder.
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills the server (SIGKILL), keeping its store.
@@ -113,13 +202,10 @@ impl Drop for NatsServer {
     }
 }
 
-/// The one `*.ports` file in `dir`, once written.
-fn ports_file(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "ports"))
+/// The `*.ports` files in `dir` (one once the running server has written it).
+fn ports_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "ports")).collect()
 }
 
 /// The first client and monitoring URL of a ports file; `None` until it is whole.

@@ -22,16 +22,30 @@ const ADMIN: &str = "--admin-addr";
 /// What a service logs when a port it was given is taken (the OS's text for EADDRINUSE).
 const ADDR_IN_USE: &str = "Address already in use";
 
-/// The path of a workspace binary built into the same target folder as the running test.
+/// The path of a workspace binary built into the same target folder as the running test (or
+/// as the running binary, for a workspace binary that starts the others).
 pub fn service_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).context("test binary has no target dir")?;
+    let dir = exe.parent().context("the running binary has no folder")?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>; target/<profile>/<bin> → the same.
+    let dir = if dir.ends_with("deps") { dir.parent().context("test binary has no target dir")? } else { dir };
     let bin = dir.join(name);
     if !bin.exists() {
         bail!("{} is not built: run `cargo build --bins` (the test suite script does)", bin.display());
     }
     Ok(bin)
+}
+
+/// How to start a service, for [`ServiceProcess::start_with`]; [`ServiceProcess::start`] takes
+/// the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceOptions {
+    /// The binary (default: [`service_binary`] of the service's name).
+    pub program: Option<PathBuf>,
+    /// The log file, appended to across restarts (default: a fresh temp file per start).
+    pub log: Option<PathBuf>,
+    /// Environment variables besides the log filter.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running service: its name, its flags, the addresses it listens on, its log.
@@ -45,6 +59,11 @@ pub struct ServiceProcess {
     addrs: BTreeMap<String, SocketAddr>,
     child: Option<Child>,
     log: PathBuf,
+    /// Where this start's part of the log begins (a kept log holds earlier starts' too).
+    log_start: u64,
+    /// Whether the log is kept across starts (appended to) rather than made per start.
+    keep_log: bool,
+    env: Vec<(String, String)>,
     exited: Option<ExitStatus>,
 }
 
@@ -61,14 +80,33 @@ impl ServiceProcess {
     /// and `--admin-addr`, gets a loopback address of its own, read back with [`Self::addr`].
     /// Logs go to a temp file ([`Self::logs`]), printed when a test panics.
     pub async fn start(name: &str, args: &[String], listen: &[&str], ready: Duration) -> anyhow::Result<Self> {
+        Self::start_with(name, args, listen, ready, ServiceOptions::default()).await
+    }
+
+    /// [`Self::start`] with a binary, a kept log file or environment of the caller's choosing.
+    pub async fn start_with(
+        name: &str,
+        args: &[String],
+        listen: &[&str],
+        ready: Duration,
+        options: ServiceOptions,
+    ) -> anyhow::Result<Self> {
+        let program = match options.program {
+            Some(program) => program,
+            None => service_binary(name)?,
+        };
+        let keep_log = options.log.is_some();
         let mut process = Self {
             name: name.to_owned(),
-            program: service_binary(name)?,
+            program,
             args: args.to_vec(),
             listen: std::iter::once(ADMIN).chain(listen.iter().copied()).map(str::to_owned).collect(),
             addrs: BTreeMap::new(),
             child: None,
-            log: PathBuf::new(),
+            log: options.log.unwrap_or_default(),
+            log_start: 0,
+            keep_log,
+            env: options.env,
             exited: None,
         };
         process.launch(ready, &mut candidate_addrs).await?;
@@ -81,6 +119,50 @@ impl ServiceProcess {
         self.kill();
         self.args = args;
         self.launch(ready, &mut candidate_addrs).await
+    }
+
+    /// Stops the service (SIGKILL, if it still runs) and starts it again with the same flags on
+    /// the same addresses, so whoever was given them finds it there again. Should one of them be
+    /// taken meanwhile it starts on fresh ones: returns whether its addresses changed.
+    pub async fn restart_in_place(&mut self, ready: Duration) -> anyhow::Result<bool> {
+        self.kill();
+        let before = self.addrs.clone();
+        let old: Vec<SocketAddr> = self.listen.iter().map(|flag| before[flag]).collect();
+        let mut first = true;
+        let mut pick = |n: usize| {
+            if std::mem::take(&mut first) { old.clone() } else { candidate_addrs(n) }
+        };
+        self.launch(ready, &mut pick).await?;
+        Ok(self.addrs != before)
+    }
+
+    /// Whether the process runs (it has not exited, whatever signal it was sent).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(status))) => {
+                (self.child, self.exited) = (None, Some(status));
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// SIGSTOP: the process stays, doing nothing, until [`Self::resume`].
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
     }
 
     /// Starts the process on addresses from `pick` until it is ready, again on fresh ones after a
@@ -105,12 +187,21 @@ impl ServiceProcess {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        self.log = std::env::temp_dir().join(format!("millrace-{}-{}.log", self.name, self.admin().port()));
-        let out = std::fs::File::create(&self.log)?;
+        let out = if self.keep_log {
+            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+            use std::io::Write as _;
+            writeln!(out, "=== {} started with {:?} ===", self.name, self.addrs)?;
+            out
+        } else {
+            self.log = std::env::temp_dir().join(format!("millrace-{}-{}.log", self.name, self.admin().port()));
+            std::fs::File::create(&self.log)?
+        };
+        self.log_start = out.metadata()?.len();
         let child = Command::new(&self.program)
             .args(&self.args)
             .args(self.addrs.iter().map(|(flag, addr)| format!("{flag}={addr}")))
             .env("MILLRACE_LOG", "info,ort=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
@@ -126,13 +217,13 @@ impl ServiceProcess {
         let readyz = format!("http://{}/readyz", self.admin());
         let deadline = Instant::now() + timeout;
         loop {
-            if self.logs().contains(ADDR_IN_USE) {
+            if self.this_start_logs().contains(ADDR_IN_USE) {
                 return Ok(Started::PortTaken);
             }
             let child = self.child.as_mut().context("never started")?;
             if let Some(status) = child.try_wait()? {
                 (self.child, self.exited) = (None, Some(status));
-                if self.logs().contains(ADDR_IN_USE) {
+                if self.this_start_logs().contains(ADDR_IN_USE) {
                     return Ok(Started::PortTaken);
                 }
                 bail!("{} exited ({status}) before it was ready; its log:\n{}", self.name, self.logs());
@@ -180,8 +271,20 @@ impl ServiceProcess {
         &self.args
     }
 
+    /// What the service logged (with a kept log, every start's).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the service logged since its latest start.
+    fn this_start_logs(&self) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(bytes.get(self.log_start as usize..).unwrap_or_default()).into_owned()
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     pub fn name(&self) -> &str {
@@ -337,6 +440,9 @@ server.serve_forever()
             addrs: BTreeMap::new(),
             child: None,
             log: PathBuf::new(),
+            log_start: 0,
+            keep_log: false,
+            env: Vec::new(),
             exited: None,
         };
         let mut picks = 0;
