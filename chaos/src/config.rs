@@ -64,7 +64,12 @@ pub struct Config {
     /// `sink` or `inference-1` (default: the schedule's).
     #[arg(long, env = "MILLRACE_CHAOS_OUTAGE_STAGE")]
     pub outage_stage: Option<String>,
-    /// Keys accepted before the broker restart that are submitted again after it.
+    /// Requests one user sends at once after the warm-up, past the session's per-user rate
+    /// limit, so some end RATE_LIMITED before the broker restart (0: none).
+    #[arg(long, env = "MILLRACE_CHAOS_RATE_LIMITED_BURST", default_value_t = 20)]
+    pub rate_limited_burst: usize,
+    /// Keys accepted before the broker restart that are submitted again after it (up to half
+    /// of them RATE_LIMITED ones, the rest spread over the run).
     #[arg(long, env = "MILLRACE_CHAOS_RESUBMIT")]
     pub resubmit: Option<usize>,
     /// How long the client keeps retrying one submit before giving up, seconds.
@@ -160,6 +165,7 @@ pub struct Plan {
     pub warmup_s: f64,
     pub tail_s: f64,
     pub resubmit: usize,
+    pub rate_limited_burst: usize,
     pub give_up_s: f64,
     pub recovery_timeout_s: f64,
     pub recovery_target_s: f64,
@@ -211,6 +217,7 @@ impl Plan {
             warmup_s: if full { 10.0 } else { 3.0 },
             tail_s: if full { 10.0 } else { 3.0 },
             resubmit: config.resubmit.unwrap_or(if full { 50 } else { 12 }),
+            rate_limited_burst: config.rate_limited_burst,
             give_up_s: config.give_up_s,
             recovery_timeout_s: config.recovery_timeout_s,
             recovery_target_s: config.recovery_target_s,

@@ -171,9 +171,23 @@ impl Runner {
             record.notes.push("no key was accepted before the restart: nothing to submit again".into());
             return;
         }
-        // Evenly over the run so far, the oldest and the newest included.
-        let step = before.len() as f64 / n as f64;
-        let sample: Vec<KeyRecord> = (0..n).map(|i| before[(i as f64 * step) as usize].clone()).collect();
+        // Up to half of them requests that ended RATE_LIMITED (the outcome the defect re-ran),
+        // the rest evenly over the run so far, the oldest included.
+        let rows = self.db.results().await.unwrap_or_default();
+        let status = |r: &KeyRecord| r.request_id().and_then(|id| rows.get(id)).map(|row| row.status.clone());
+        let (limited, others): (Vec<KeyRecord>, Vec<KeyRecord>) =
+            before.into_iter().partition(|r| status(r).as_deref() == Some("RATE_LIMITED"));
+        let mut sample: Vec<KeyRecord> = limited.iter().take(n / 2).cloned().collect();
+        let rest = (n - sample.len()).min(others.len());
+        if rest > 0 {
+            let step = others.len() as f64 / rest as f64;
+            sample.extend((0..rest).map(|i| others[(i as f64 * step) as usize].clone()));
+        }
+        let by_status = sample.iter().fold(BTreeMap::<String, usize>::new(), |mut m, r| {
+            *m.entry(status(r).unwrap_or_else(|| "no row yet".into())).or_default() += 1;
+            m
+        });
+        record.notes.push(format!("resubmitted keys by their row's status before the restart: {by_status:?}"));
         let done = self.load.resubmit(sample).await;
         let held = done.iter().filter(|r| r.held()).count();
         let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();

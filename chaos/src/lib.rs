@@ -102,6 +102,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let warmup_first_completion_s = first.map(|at| (at - load_started) as f64 / 1000.0);
     eprintln!("[chaos] load flowing: first completion after {warmup_first_completion_s:?} s");
     tokio::time::sleep(Duration::from_secs_f64(plan.warmup_s)).await;
+    if plan.rate_limited_burst > 0 {
+        runner.load.burst(plan.rate_limited_burst).await;
+    }
 
     let mut faults = Vec::new();
     for (i, fault) in plan.faults.iter().enumerate() {

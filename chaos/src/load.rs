@@ -141,6 +141,28 @@ impl Load {
         self.shared.records.lock().expect("records lock").clone()
     }
 
+    /// `n` requests of one user at once, past the session's per-user rate limit, so some end
+    /// RATE_LIMITED (a legitimate terminal status, and the one the broker-restart defect re-ran);
+    /// returns once each is answered.
+    pub async fn burst(&self, n: usize) {
+        let at = now_ms();
+        let mut tasks = JoinSet::new();
+        for i in 0..n {
+            let record = KeyRecord {
+                key: uuid::Uuid::new_v4().to_string(),
+                user: "chaos-burst".into(),
+                session: "burst".into(),
+                text: format!("Tell me about the mill in a hurry (burst #{i})."),
+                intended_ms: at,
+                accepted_ms: None,
+                answers: Vec::new(),
+                gave_up: false,
+            };
+            tasks.spawn(submit_recorded(self.shared.clone(), record));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
     /// Submits `keys` again (same key, same body), each until accepted or the horizon passes.
     pub async fn resubmit(&self, keys: Vec<KeyRecord>) -> Vec<Resubmit> {
         let mut tasks = JoinSet::new();
@@ -196,20 +218,7 @@ async fn generate(shared: Arc<Shared>, stop: CancellationToken) -> JoinSet<()> {
             gave_up: false,
         };
         n += 1;
-        let index = {
-            let mut records = shared.records.lock().expect("records lock");
-            records.push(record.clone());
-            records.len() - 1
-        };
-        let task_shared = shared.clone();
-        tasks.spawn(async move {
-            let answers = submit_until_accepted(&task_shared, &record).await;
-            let mut records = task_shared.records.lock().expect("records lock");
-            let stored = &mut records[index];
-            stored.accepted_ms = answers.iter().find(|a| a.accepted()).map(|a| a.at_ms);
-            stored.gave_up = stored.accepted_ms.is_none();
-            stored.answers = answers;
-        });
+        tasks.spawn(submit_recorded(shared.clone(), record));
         // Reap finished tasks so the set stays small.
         while tasks.try_join_next().is_some() {}
         let gap = match plan.arrivals {
@@ -218,6 +227,21 @@ async fn generate(shared: Arc<Shared>, stop: CancellationToken) -> JoinSet<()> {
         };
         next += Duration::from_secs_f64(gap);
     }
+}
+
+/// Records `record`, submits it until accepted or given up, and records the answers.
+async fn submit_recorded(shared: Arc<Shared>, record: KeyRecord) {
+    let index = {
+        let mut records = shared.records.lock().expect("records lock");
+        records.push(record.clone());
+        records.len() - 1
+    };
+    let answers = submit_until_accepted(&shared, &record).await;
+    let mut records = shared.records.lock().expect("records lock");
+    let stored = &mut records[index];
+    stored.accepted_ms = answers.iter().find(|a| a.accepted()).map(|a| a.at_ms);
+    stored.gave_up = stored.accepted_ms.is_none();
+    stored.answers = answers;
 }
 
 /// Submits `record` until an answer accepts it (202 or 200) or the give-up horizon passes;
