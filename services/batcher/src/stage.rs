@@ -32,7 +32,7 @@
 //! for the next `max_wait`, deadline or report to age out; it then sweeps, dispatches whatever
 //! is due, and starts each batch's publish without waiting for it.
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::Stream as JsStream;
@@ -329,6 +329,12 @@ pub async fn run(
     Ok(())
 }
 
+/// One reading of both clocks, against which every deadline is placed on the monotonic clock:
+/// two requests with the same `deadline_unix_ms` then get the same instant, and the queue's
+/// arrival order decides between them (reading both clocks per request put sub-millisecond
+/// noise between them, which reordered equal deadlines).
+static CLOCK_ANCHOR: LazyLock<(Instant, i64)> = LazyLock::new(|| (Instant::now(), now_unix_ms()));
+
 fn apply(queues: &mut Queues<Waiter>, command: Command, batching: &Batching) {
     let now = Instant::now();
     match command {
@@ -343,7 +349,7 @@ fn apply(queues: &mut Queues<Waiter>, command: Command, batching: &Batching) {
                 sequence: waiter.ack.delivery().stream_sequence,
                 tokens: waiter.prompt.prompt_tokens,
                 cost: u64::from(waiter.prompt.prompt_tokens) + u64::from(new_tokens),
-                deadline: ctx.deadline_instant(now, now_unix_ms()),
+                deadline: ctx.deadline_instant(CLOCK_ANCHOR.0, CLOCK_ANCHOR.1),
                 payload: *waiter,
             };
             match queues.push(&model, request, now) {
@@ -584,7 +590,7 @@ mod tests {
     #[test]
     fn dropped_requests_get_their_terminal_result() {
         let out = dropped_result(prompt(), DropReason::Expired, Duration::from_millis(7), 100);
-        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/batcher"));
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/outcome"));
         let r = TerminalResult::decode(out.payload.as_ref()).unwrap();
         assert_eq!(
             (r.status(), r.reason.as_str(), r.stage.as_str()),
@@ -606,7 +612,7 @@ mod tests {
     fn overloaded_requests_are_rate_limited_with_a_retry_hint_rounded_up() {
         let overloaded = |cause, retry_after| {
             let out = dropped_result(prompt(), DropReason::Overloaded { cause, retry_after }, Duration::ZERO, 100);
-            assert_eq!(out.msg_id, "r1/batcher");
+            assert_eq!(out.msg_id, "r1/outcome");
             TerminalResult::decode(out.payload.as_ref()).unwrap()
         };
         let r = overloaded(Overload::QueueFull, Duration::from_micros(150_001));
