@@ -222,14 +222,21 @@ async fn poison_result_becomes_a_dead_letter_and_a_failed_row_and_the_rest_still
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start(&nats, &format!("{}/sink.db", dir.path().display()), &[]).await;
     let publisher = publisher(&nats).await;
-    publisher
+    // Straight onto the stream, as a foreign or broken producer would: the mesh's publisher
+    // refuses to publish a terminal result it cannot read.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, Dedup::Stage("moderation").msg_id("poison-1").as_str());
+    let poison = b"\xff\xff not protobuf".to_vec().into();
+    let js = publisher.jetstream();
+    js.publish_with_headers(Edge::RESULTS.subject_for("poison-1"), headers, poison).await.unwrap().await.unwrap();
+    let refused = publisher
         .publish(Outbound {
-            subject: Edge::RESULTS.subject_for("poison-1"),
-            msg_id: Dedup::Stage("moderation").msg_id("poison-1"),
-            payload: b"\xff\xff not protobuf".to_vec().into(),
+            subject: Edge::RESULTS.subject_for("poison-2"),
+            msg_id: Dedup::Outcome.msg_id("poison-2"),
+            payload: b"\xff not protobuf either".to_vec().into(),
         })
-        .await
-        .unwrap();
+        .await;
+    assert!(refused.is_err(), "an undecodable terminal result is not published");
     let ids = publish_results(&publisher, "after-poison", 20).await;
     sink.wait_rows(&ids, Duration::from_secs(30)).await;
     sink.wait_rows(&["poison-1".to_owned()], Duration::from_secs(30)).await;

@@ -58,7 +58,7 @@ async fn server(settings: &BusSettings) -> (NatsServer, BusSettings) {
 /// A connection of its own, as each service of the mesh has (with its own publish window).
 async fn connection(settings: &BusSettings, name: &str) -> Publisher {
     let client = millrace_bus::connect(&settings.nats_url, name, Duration::from_secs(5)).await.unwrap();
-    Publisher::new(client, settings)
+    Publisher::new(client, settings).await.unwrap()
 }
 
 async fn publish_awaiting_each(publisher: &Publisher, n: usize) -> f64 {

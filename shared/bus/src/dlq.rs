@@ -60,7 +60,7 @@ pub async fn dead_letter(
     }];
     for ctx in own.into_iter().chain(members) {
         let result = terminal_result(stage, Some(ctx), Some(timings.clone()), status, reason, detail);
-        outbound.push(Outbound::per_request(Edge::RESULTS, Dedup::DeadResult(stage), &result));
+        outbound.push(Outbound::terminal(&result));
     }
     publisher.publish_all(outbound).await?;
     metrics::DLQ.with_label_values(&[stage, reason]).inc();

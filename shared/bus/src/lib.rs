@@ -4,6 +4,8 @@
 //! - [`publisher`]: deduplicating publishes (`Nats-Msg-Id = <request_id>/<stage>`) whose PubAcks
 //!   are pipelined through a bounded window.
 //! - [`consumer`]: a durable pull consumer feeding a bounded worker pool, acking after the effect.
+//! - [`ledger`]: what is decided once per request and survives broker restarts (accepted
+//!   idempotency keys, terminal outcomes, published completions).
 //! - [`dlq`]: dead-lettering of poison messages and of max-deliveries advisories.
 //! - [`trace`]: W3C trace context in message headers.
 
@@ -11,6 +13,7 @@ pub mod cancels;
 pub mod consumer;
 pub mod delivery;
 pub mod dlq;
+pub mod ledger;
 pub mod metrics;
 pub mod outbound;
 pub mod publisher;
@@ -23,9 +26,10 @@ use std::time::Duration;
 pub use cancels::{CancelMemory, follow_cancels};
 pub use consumer::{AckHandle, DeferringHandler, Handler, StageConsumer};
 pub use delivery::{Delivery, StageError, require_request};
+pub use ledger::Ledger;
 pub use outbound::{Dedup, terminal_result};
 pub use publisher::{Outbound, Published, Publisher};
-pub use settings::BusSettings;
+pub use settings::{BusSettings, SettingsError};
 pub use topology::{ConsumerSpec, Edge, EdgeKey, Topology};
 
 /// The NATS client's own error, kept as the source of a [`BusError`].
@@ -80,10 +84,12 @@ pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_n
         .map_err(|e| BusError::unavailable(format!("connect {url}"), e))
 }
 
-/// Connects and provisions the mesh topology (idempotent): what every service does first.
+/// Checks the settings, connects and provisions the mesh topology and the ledger
+/// (idempotent): what every service does first.
 pub async fn connect_mesh(settings: &BusSettings, name: &str) -> Result<Publisher, BusError> {
+    settings.validate().map_err(|e| BusError::Provision { context: format!("settings: {e}"), source: None })?;
     let client = connect(&settings.nats_url, name, Duration::from_secs(5)).await?;
-    let publisher = Publisher::new(client, settings);
+    let publisher = Publisher::new(client, settings).await?;
     Topology::mesh(settings).provision(publisher.jetstream()).await?;
     Ok(publisher)
 }

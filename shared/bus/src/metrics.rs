@@ -2,7 +2,9 @@
 //! admin server's `/metrics` exposes.
 use std::sync::LazyLock;
 
-use prometheus::{HistogramVec, IntCounterVec, register_histogram_vec, register_int_counter_vec};
+use prometheus::{
+    HistogramVec, IntCounter, IntCounterVec, register_histogram_vec, register_int_counter, register_int_counter_vec,
+};
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric registers once")
@@ -42,4 +44,11 @@ pub static PUBLISH_LATENCY: LazyLock<HistogramVec> =
     LazyLock::new(|| histogram("millrace_publish_latency_seconds", "Publish to PubAck", &["stream"]));
 pub static STAGE_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
     histogram("millrace_stage_latency_seconds", "Delivery to ack of one message in a stage", &["stage"])
+});
+pub static OUTCOMES_OVERRULED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "millrace_outcomes_overruled_total",
+        "Terminal results proposed after the request's outcome was decided (the decided one was published instead)"
+    )
+    .expect("metric registers once")
 });

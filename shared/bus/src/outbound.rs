@@ -14,30 +14,26 @@ use crate::topology::{ConsumerSpec, Edge, EdgeKey};
 /// request never collide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dedup<'a> {
-    /// A stage's one output for the request (next-edge message or terminal result): the
-    /// stage's name.
+    /// A stage's output for the next edge: the stage's name.
     Stage(&'a str),
-    /// A client's cancel, published by ingest.
-    Cancel,
+    /// The request's terminal result, whoever publishes it: the ledger lets only the decided
+    /// outcome out ([`crate::ledger`]), so every copy is the same message.
+    Outcome,
     /// The DLQ record of a message `stage` dead-lettered.
     DeadLetter(&'a str),
-    /// The terminal result standing for a message `stage` dead-lettered.
-    DeadResult(&'a str),
 }
 
 impl<'a> Dedup<'a> {
-    /// The suffix of a client's cancel.
-    pub const CANCEL: &'static str = "ingest.cancel";
+    /// The suffix of a terminal result.
+    pub const OUTCOME: &'static str = "outcome";
     /// Prefix of a DLQ record's suffix, before the stage: `dlq.<stage>`.
     pub const DEAD_LETTER_PREFIX: &'static str = "dlq.";
-    /// Suffix of a dead-lettered message's terminal result, after the stage: `<stage>.dead`.
-    pub const DEAD_RESULT_SUFFIX: &'static str = ".dead";
 
-    /// The stage that publishes it (empty for a client's cancel).
+    /// The stage that publishes it (empty for a terminal result, which any stage may publish).
     pub fn stage(self) -> &'a str {
         match self {
-            Self::Stage(stage) | Self::DeadLetter(stage) | Self::DeadResult(stage) => stage,
-            Self::Cancel => "",
+            Self::Stage(stage) | Self::DeadLetter(stage) => stage,
+            Self::Outcome => "",
         }
     }
 
@@ -45,9 +41,8 @@ impl<'a> Dedup<'a> {
     pub fn msg_id(self, request_id: &str) -> String {
         match self {
             Self::Stage(stage) => format!("{request_id}/{stage}"),
-            Self::Cancel => format!("{request_id}/{}", Self::CANCEL),
+            Self::Outcome => format!("{request_id}/{}", Self::OUTCOME),
             Self::DeadLetter(stage) => format!("{request_id}/{}{stage}", Self::DEAD_LETTER_PREFIX),
-            Self::DeadResult(stage) => format!("{request_id}/{stage}{}", Self::DEAD_RESULT_SUFFIX),
         }
     }
 }
@@ -86,10 +81,11 @@ impl Outbound {
         }
     }
 
-    /// A terminal result on RESULTS, deduplicated on `<request_id>/<stage>` of the stage that
-    /// ended the request.
+    /// A terminal result on RESULTS, deduplicated on `<request_id>/outcome` whichever stage
+    /// ended the request (the publisher sends the decided outcome in its place if another was
+    /// decided first).
     pub fn terminal(result: &TerminalResult) -> Self {
-        Self::per_request(Edge::RESULTS, Dedup::Stage(&result.stage), result)
+        Self::per_request(Edge::RESULTS, Dedup::Outcome, result)
     }
 }
 
@@ -130,11 +126,10 @@ mod tests {
     fn dedup_suffixes_are_distinct_per_kind_of_publish() {
         let ids = [
             Dedup::Stage("batcher").msg_id("r1"),
-            Dedup::Cancel.msg_id("r1"),
+            Dedup::Outcome.msg_id("r1"),
             Dedup::DeadLetter("batcher").msg_id("r1"),
-            Dedup::DeadResult("batcher").msg_id("r1"),
         ];
-        assert_eq!(ids, ["r1/batcher", "r1/ingest.cancel", "r1/dlq.batcher", "r1/batcher.dead"]);
+        assert_eq!(ids, ["r1/batcher", "r1/outcome", "r1/dlq.batcher"]);
         assert!(ids.iter().all(|id| crate::request_id_from_msg_id(id) == Some("r1")));
     }
 
@@ -151,7 +146,7 @@ mod tests {
     fn a_terminal_result_goes_to_its_request_subject_under_its_stage() {
         let result = terminal_result("preprocess", ctx(), None, TerminalStatus::Rejected, "empty_text", "no text");
         let out = Outbound::terminal(&result);
-        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/preprocess"));
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/outcome"));
         let decoded = TerminalResult::decode(out.payload).unwrap();
         assert_eq!((decoded.status(), decoded.reason.as_str()), (TerminalStatus::Rejected, "empty_text"));
     }

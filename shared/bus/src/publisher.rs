@@ -12,6 +12,11 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use tokio::sync::Semaphore;
 
+use millrace_proto::Message as _;
+use millrace_proto::v1::Result as TerminalResult;
+
+use crate::ledger::Ledger;
+use crate::topology::Edge;
 use crate::{BusError, BusSettings, NatsError, metrics, trace};
 
 /// The stream's acknowledgement of one publish.
@@ -37,20 +42,29 @@ pub struct Publisher {
     js: jetstream::Context,
     window: Arc<Semaphore>,
     timeout: Duration,
+    ledger: Ledger,
 }
 
 impl Publisher {
-    pub fn new(client: async_nats::Client, settings: &BusSettings) -> Self {
+    /// A publisher on `client`; `ledger` decides what it publishes on RESULTS.
+    pub async fn new(client: async_nats::Client, settings: &BusSettings) -> Result<Self, BusError> {
         let js = jetstream::ContextBuilder::new().timeout(settings.publish_timeout()).build(client);
-        Self {
+        let ledger = Ledger::open(&js, settings).await?;
+        Ok(Self {
             js,
             window: Arc::new(Semaphore::new(settings.publish_window.max(1))),
             timeout: settings.publish_timeout(),
-        }
+            ledger,
+        })
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// The durable decisions (accepted idempotency keys, outcomes, published completions).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     pub fn client(&self) -> async_nats::Client {
@@ -59,13 +73,25 @@ impl Publisher {
 
     /// Writes the message and returns a future for its PubAck. Fails fast with
     /// [`BusError::Unavailable`] while the connection is down instead of queueing behind it.
+    ///
+    /// A message bound for RESULTS is a request's terminal result: the ledger decides it first,
+    /// and what goes out is the decided result, which is this one only if no other was decided
+    /// before (the one rule that keeps every reader of RESULTS on a single outcome).
     pub async fn send(
         &self,
-        out: Outbound,
+        mut out: Outbound,
     ) -> Result<impl Future<Output = Result<Published, BusError>> + Send + 'static, BusError> {
         if self.js.client().connection_state() != State::Connected {
             metrics::PUBLISH_ERRORS.with_label_values(&["unavailable"]).inc();
             return Err(BusError::gone("not connected to NATS"));
+        }
+        if let Some(request_id) = Edge::RESULTS.key_of(&out.subject) {
+            // Only a readable result may become the outcome every reader follows.
+            if let Err(e) = TerminalResult::decode(out.payload.as_ref()) {
+                let context = format!("refusing an undecodable terminal result for {request_id}");
+                return Err(BusError::Other { context, source: Some(e.into()) });
+            }
+            out.payload = self.ledger.decide(request_id, out.payload).await?.payload;
         }
         let permit = tokio::time::timeout(self.timeout, self.window.clone().acquire_owned())
             .await

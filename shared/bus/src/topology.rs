@@ -65,6 +65,12 @@ impl Edge {
         if self.key != EdgeKey::None { format!("{}.{key}", self.subject) } else { self.subject.to_owned() }
     }
 
+    /// The key of one of this edge's subjects (`None` for another edge's or an unkeyed one).
+    pub fn key_of<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        let key = subject.strip_prefix(self.subject)?.strip_prefix('.')?;
+        (self.key != EdgeKey::None && !key.is_empty()).then_some(key)
+    }
+
     /// The subject filter capturing the whole edge.
     pub fn filter(&self) -> String {
         if self.key != EdgeKey::None { format!("{}.>", self.subject) } else { self.subject.to_owned() }
@@ -146,7 +152,7 @@ impl Topology {
                 max_bytes: settings.stream_max_bytes,
                 max_age: Duration::from_secs(settings.stream_max_age_s),
                 storage: settings.storage(),
-                duplicate_window: Duration::from_secs(settings.duplicate_window_s),
+                duplicate_window: settings.duplicate_window(),
                 allow_direct: true,
                 ..Default::default()
             })
@@ -173,7 +179,7 @@ impl Topology {
 
 pub(crate) fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Config {
     // Redelivery after a missed ack backs off: ack_wait, 2×, 4×, … (one entry per delivery).
-    let backoff = (0..settings.max_deliver.clamp(1, 16)).map(|i| settings.ack_wait() * 2u32.pow(i as u32)).collect();
+    let backoff = settings.backoff();
     pull::Config {
         durable_name: Some(durable.to_owned()),
         deliver_policy: DeliverPolicy::All,
@@ -257,6 +263,10 @@ mod tests {
         assert_eq!(Edge::RESULTS.subject_for("r1"), "mr.v1.results.r1");
         assert_eq!(Edge::RESULTS.filter(), "mr.v1.results.>");
         assert_eq!(Edge::QUERIES.subject_for("ignored"), "mr.v1.queries");
+        assert_eq!(Edge::RESULTS.key_of("mr.v1.results.r1"), Some("r1"));
+        assert_eq!(Edge::RESULTS.key_of("mr.v1.resultsx.r1"), None);
+        assert_eq!(Edge::RESULTS.key_of("mr.v1.results."), None);
+        assert_eq!(Edge::RESULTS.key_of("mr.v1.queries"), None);
     }
 
     #[test]

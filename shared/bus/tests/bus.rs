@@ -49,7 +49,11 @@ async fn provisioning_twice_and_concurrently_is_idempotent() {
     let (a, b) = tokio::join!(topology.provision(publisher.jetstream()), topology.provision(publisher.jetstream()));
     a.unwrap();
     b.unwrap();
-    assert_eq!(publisher.jetstream().stream_names().count().await, Edge::ALL.len());
+    let names: Vec<String> = publisher.jetstream().stream_names().map(Result::unwrap).collect().await;
+    let edges = names.iter().filter(|n| n.starts_with("MR_")).count();
+    assert_eq!(edges, Edge::ALL.len(), "{names:?}");
+    let ledger = ["KV_MR_IDEMPOTENCY", "KV_MR_OUTCOMES"];
+    assert!(ledger.iter().all(|l| names.iter().any(|n| n == l)), "the ledger's buckets: {names:?}");
 }
 
 /// Forwards queries to CLEAN, failing transiently on each message's first delivery.

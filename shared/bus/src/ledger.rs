@@ -1,0 +1,167 @@
+//! What is decided once per request and must survive any restart of the broker
+//! (docs/architecture.md, "Decided once, durably").
+//!
+//! JetStream's duplicate window cannot carry these: after a restart the server rebuilds it only
+//! from the messages still stored, and interest retention has deleted every acknowledged one,
+//! so the ids of finished requests are forgotten. Two key-value buckets, written with
+//! create-if-absent (a compare-and-set on "no revision yet"), hold them instead:
+//!
+//! - **`MR_IDEMPOTENCY`**: one key per request id that came with an `Idempotency-Key`, written
+//!   by ingest once the request's query is durably on QUERIES. A submit whose id is there is a
+//!   retry and publishes nothing. Kept for `--idempotency-retention-s` (a day by default).
+//! - **`MR_OUTCOMES`**: the request's terminal `Result`, decided by the first stage that
+//!   publishes one. The [`crate::Publisher`] decides every message bound for RESULTS here and
+//!   publishes the decided result whatever it was handed, so every reader of RESULTS (sink,
+//!   session, followers) sees the one outcome. Beside it, `<request_id>.completion` records
+//!   that the request's completion is durably published, so a redelivered batch member is not
+//!   generated again. Kept for `--outcome-retention-s` and bounded by `--outcome-max-bytes`,
+//!   oldest decisions forgotten first.
+//!
+//! Both are file-backed streams (memory under `--stream-storage=memory`), created or brought
+//! to the configured limits by whichever service starts first.
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream::DiscardPolicy};
+use bytes::Bytes;
+
+use crate::{BusError, BusSettings, metrics};
+
+pub const IDEMPOTENCY_BUCKET: &str = "MR_IDEMPOTENCY";
+pub const OUTCOMES_BUCKET: &str = "MR_OUTCOMES";
+/// Key suffix of the record that a request's completion is published.
+const COMPLETION: &str = ".completion";
+
+/// The outcome that counts for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The decided `Result`, encoded.
+    pub payload: Bytes,
+    /// This call decided it (otherwise an earlier one had, and `payload` is that one's).
+    pub first: bool,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    idempotency: kv::Store,
+    outcomes: kv::Store,
+}
+
+impl Ledger {
+    /// Opens both buckets, creating them or bringing them to `settings`.
+    pub async fn open(js: &jetstream::Context, settings: &BusSettings) -> Result<Self, BusError> {
+        let bucket = |name: &str, description: &str, max_age_s: u64, max_bytes: i64| kv::Config {
+            bucket: name.to_owned(),
+            description: description.to_owned(),
+            history: 1,
+            max_age: Duration::from_secs(max_age_s),
+            max_bytes,
+            storage: settings.storage(),
+            ..Default::default()
+        };
+        let idempotency = open_bucket(
+            js,
+            bucket(
+                IDEMPOTENCY_BUCKET,
+                "Millrace: request ids accepted with an Idempotency-Key",
+                settings.idempotency_retention_s,
+                -1,
+            ),
+        )
+        .await?;
+        let outcomes = open_bucket(
+            js,
+            bucket(
+                OUTCOMES_BUCKET,
+                "Millrace: each request's decided terminal result",
+                settings.outcome_retention_s,
+                settings.outcome_max_bytes,
+            ),
+        )
+        .await?;
+        Ok(Self { idempotency, outcomes })
+    }
+
+    /// Whether a query with this id was accepted before (and is therefore a retry).
+    pub async fn was_accepted(&self, request_id: &str) -> Result<bool, BusError> {
+        Ok(self.idempotency.get(request_id).await.map_err(|e| unavailable("reading an accepted key", e))?.is_some())
+    }
+
+    /// Records that the query with this id is durably accepted. Idempotent.
+    pub async fn record_accepted(&self, request_id: &str) -> Result<(), BusError> {
+        create_once(&self.idempotency, request_id, Bytes::new()).await.map(|_| ())
+    }
+
+    /// Decides the request's outcome: `proposed` (an encoded `Result`) if none is decided yet,
+    /// otherwise the one decided before, which stands.
+    pub async fn decide(&self, request_id: &str, proposed: Bytes) -> Result<Decision, BusError> {
+        // A decision that expires between a lost create and the read is retried once.
+        for _ in 0..2 {
+            if create_once(&self.outcomes, request_id, proposed.clone()).await? {
+                return Ok(Decision { payload: proposed, first: true });
+            }
+            if let Some(payload) = self.outcome(request_id).await? {
+                metrics::OUTCOMES_OVERRULED.inc();
+                return Ok(Decision { payload, first: false });
+            }
+        }
+        Err(BusError::Other { context: format!("the outcome of {request_id} kept changing"), source: None })
+    }
+
+    /// The decided outcome (an encoded `Result`), if any.
+    pub async fn outcome(&self, request_id: &str) -> Result<Option<Bytes>, BusError> {
+        self.outcomes.get(request_id).await.map_err(|e| unavailable("reading an outcome", e))
+    }
+
+    /// Records that the request's completion is durably published.
+    pub async fn record_completion(&self, request_id: &str) -> Result<(), BusError> {
+        create_once(&self.outcomes, &format!("{request_id}{COMPLETION}"), Bytes::new()).await.map(|_| ())
+    }
+
+    /// Whether the request's completion is published already.
+    pub async fn completion_published(&self, request_id: &str) -> Result<bool, BusError> {
+        let key = format!("{request_id}{COMPLETION}");
+        Ok(self.outcomes.get(key).await.map_err(|e| unavailable("reading a completion record", e))?.is_some())
+    }
+}
+
+/// Creates `key` with `value` unless it exists: `true` when this call created it.
+async fn create_once(store: &kv::Store, key: &str, value: Bytes) -> Result<bool, BusError> {
+    match store.create(key, value).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(unavailable("writing the ledger", e)),
+    }
+}
+
+fn unavailable(context: &str, e: impl std::error::Error + Send + Sync + 'static) -> BusError {
+    BusError::unavailable(context, e)
+}
+
+/// Creates the bucket, or brings an existing one to this config's limits (its storage stays
+/// what its creator chose, as with the edge streams); either way its stream drops the oldest
+/// entries when full: forgetting the oldest decisions early beats refusing every new one.
+async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BusError> {
+    let name = config.bucket.clone();
+    let what = || format!("bucket {name}");
+    for attempt in 0..3u64 {
+        let stream = match js.get_stream(format!("KV_{name}")).await {
+            Ok(stream) => stream,
+            Err(_) => match js.create_key_value(config.clone()).await {
+                Ok(_) => continue,
+                // Services starting together race to create it: the loser goes round.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+                    continue;
+                }
+            },
+        };
+        let mut have = stream.cached_info().config.clone();
+        let want = (config.max_age, config.max_bytes, DiscardPolicy::Old);
+        if (have.max_age, have.max_bytes, have.discard) != want {
+            (have.max_age, have.max_bytes, have.discard) = want;
+            js.update_stream(&have).await.map_err(|e| BusError::provision(what(), e))?;
+        }
+        return js.get_key_value(&name).await.map_err(|e| BusError::provision(what(), e));
+    }
+    Err(BusError::Provision { context: format!("{}: it could not be created", what()), source: None })
+}
