@@ -249,7 +249,7 @@ async fn expired_and_cancelled_requests_get_their_result_and_no_batch() {
     expired.ctx.as_mut().unwrap().deadline_unix_ms = now_unix_ms() - 1_000;
     bus.publish_prompt(expired).await;
     let (id, r) = bus.result("expired").await;
-    assert_eq!(id, "expired/batcher");
+    assert_eq!(id, "expired/outcome");
     assert_eq!(
         (r.status(), r.reason.as_str(), r.stage.as_str()),
         (TerminalStatus::Expired, "deadline_exceeded", "batcher")
@@ -261,7 +261,7 @@ async fn expired_and_cancelled_requests_get_their_result_and_no_batch() {
     batcher.wait_metric("millrace_batcher_cancel_notices_total", &[], 1.0).await;
     bus.publish_prompt(prompt("early", 0, 10)).await;
     let (id, r) = bus.result("early").await;
-    assert_eq!(id, "early/batcher");
+    assert_eq!(id, "early/outcome");
     assert_eq!((r.status(), r.reason.as_str(), r.stage.as_str()), (TerminalStatus::Cancelled, "cancelled", "batcher"));
 
     // Cancelled while queued (held behind the in-flight bound).
@@ -430,7 +430,7 @@ async fn capacity_reports_let_out_exactly_the_free_slots_in_priority_and_deadlin
     // The queue holds --max-queue requests: the next is refused at once.
     bus.publish_prompt(prompt("refused", 0, 10)).await;
     let (id, r) = bus.result("refused").await;
-    assert_eq!(id, "refused/batcher");
+    assert_eq!(id, "refused/outcome");
     assert_eq!(
         (r.status(), r.reason.as_str(), r.stage.as_str()),
         (TerminalStatus::RateLimited, "overloaded", "batcher")

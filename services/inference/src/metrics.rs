@@ -19,6 +19,17 @@ pub static GENERATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Batch members not generated because their work was done before, by why
+/// (`completion_published`, `outcome_decided`).
+pub static SKIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "millrace_inference_skipped_total",
+        "Batch members not generated because their completion or outcome already existed",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
 /// Scheduler steps' duration (prefill chunks and one decode pass).
 pub static STEP_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(

@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::cancel::CancelRegistry;
 use crate::generation::Update;
+use crate::metrics;
 use crate::pool::{Engines, Outcome};
 use crate::request::{Defaults, check_model, generation_request, seed_from_request_id};
 
@@ -56,15 +57,41 @@ impl Handler for BatchStage {
 }
 
 impl BatchStage {
-    /// Generates one member (unless it is rejected) and publishes its outcome.
+    /// Generates one member (unless it is rejected, or done already) and publishes its outcome.
     async fn serve(&self, model: &str, prompt: Prompt, received_unix_us: i64) -> Result<(), StageError> {
+        let request_id = context(&prompt).request_id.clone();
+        if let Some(reason) = self.done_before(&request_id).await? {
+            debug!(request_id, reason, "not generated again");
+            metrics::SKIPPED.with_label_values(&[reason]).inc();
+            return Ok(());
+        }
         let outcome = match check_model(model, &self.engines.model) {
             Ok(()) => self.generate(&prompt).await?,
             Err(rejection) => Err(rejection),
         };
         let out = outbound(prompt, outcome, &self.engines.model_version, received_unix_us);
+        let is_completion = out.subject == Edge::COMPLETIONS.subject;
         self.publisher.publish(out).await?;
+        if is_completion {
+            self.publisher.ledger().record_completion(&request_id).await?;
+        }
         Ok(())
+    }
+
+    /// Why a member needs no generation: its completion is already published (a batch
+    /// redelivered after its first owner died or stalled past the ack wait) or its request has
+    /// already ended (cancelled, expired, or a copy run again after a broker restart).
+    async fn done_before(&self, request_id: &str) -> Result<Option<&'static str>, StageError> {
+        let ledger = self.publisher.ledger();
+        let (published, decided) =
+            tokio::try_join!(ledger.completion_published(request_id), ledger.outcome(request_id))?;
+        Ok(if published {
+            Some("completion_published")
+        } else if decided.is_some() {
+            Some("outcome_decided")
+        } else {
+            None
+        })
     }
 
     /// Runs the prompt in a generation loop, streaming its pieces; cancellable from the moment
@@ -259,7 +286,7 @@ mod tests {
     }
 
     fn result_of(out: &Outbound) -> TerminalResult {
-        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/inference"));
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/outcome"));
         TerminalResult::decode(out.payload.as_ref()).unwrap()
     }
 

@@ -301,7 +301,7 @@ async fn cancelled_and_expired_requests_get_terminal_results_and_the_rest_comple
     assert!(completions["b-france"].1.text.contains("Paris"), "{:?}", completions["b-france"].1.text);
 
     let (msg_id, story) = terminal_result(&publisher, "b-story").await;
-    assert_eq!(msg_id, "b-story/inference");
+    assert_eq!(msg_id, "b-story/outcome");
     assert_eq!(
         (story.status(), story.reason.as_str(), story.stage.as_str()),
         (TerminalStatus::Cancelled, "cancelled", "inference")

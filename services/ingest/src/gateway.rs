@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use millrace_bus::topology::ephemeral;
-use millrace_bus::{Dedup, Edge, Outbound, Publisher, terminal_result};
+use millrace_bus::{Edge, Outbound, Publisher, terminal_result};
 use millrace_proto::now_unix_us;
 use millrace_proto::v1::{Query, RequestContext, TerminalStatus, Timings};
 use tracing::{info, warn};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::config::SubmitPolicy;
 use crate::error::ApiError;
-use crate::submit::{STAGE, Submission};
+use crate::submit::{STAGE, Submission, is_keyed};
 
 /// Terminal reason of a request cancelled through the API.
 const CANCELLED_BY_CLIENT: &str = "cancelled_by_client";
@@ -52,14 +52,28 @@ impl Gateway {
     }
 
     /// Publishes a `Query` built by [`Gateway::prepare`], deduplicated on `<request_id>/ingest`.
+    ///
+    /// A request with an idempotency key is accepted once for as long as the ledger remembers
+    /// it, also across broker restarts (which forget the stream's dedup ids): a retry of an
+    /// accepted one publishes nothing. Its record is written only after the PubAck, so a crash in
+    /// between leaves a retry free to publish again (then the stream's dedup id, and past a
+    /// broker restart the decided outcome, keep it one request).
     pub async fn publish(&self, query: Query) -> Result<Accepted, ApiError> {
         let ctx = query.ctx.as_ref().expect("into_query sets the context");
         let (request_id, model) = (ctx.request_id.clone(), ctx.model.clone());
+        let keyed = is_keyed(&request_id);
+        let ledger = self.publisher.ledger();
+        if keyed && ledger.was_accepted(&request_id).await? {
+            return Ok(Accepted { request_id, model, created: false });
+        }
         let published = self
             .publisher
             .publish(Outbound::stage_output(Edge::QUERIES, STAGE, &query))
             .await
             .inspect_err(|e| warn!(request_id, error = %e, "submit not published"))?;
+        if keyed {
+            ledger.record_accepted(&request_id).await?;
+        }
         Ok(Accepted { request_id, model, created: !published.duplicate })
     }
 
@@ -93,9 +107,9 @@ impl Gateway {
             CANCELLED_BY_CLIENT,
             "cancelled by the client",
         );
-        // Deduplicated as a cancel, not as ingest's output: a repeated DELETE publishes it once.
+        // Decided like any terminal result: a request that already ended keeps its outcome.
         self.publisher
-            .publish(Outbound::per_request(Edge::RESULTS, Dedup::Cancel, &result))
+            .publish(Outbound::terminal(&result))
             .await
             .inspect_err(|e| warn!(request_id, error = %e, "cancel not published"))?;
         // Core NATS: best effort by design; the terminal row above is what counts.

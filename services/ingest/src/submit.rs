@@ -195,6 +195,11 @@ fn request_id(tenant: &str, idempotency_key: Option<&str>) -> Uuid {
     }
 }
 
+/// Whether `request_id` was derived from an idempotency key (the UUIDv5 of [`request_id`]).
+pub fn is_keyed(request_id: &str) -> bool {
+    Uuid::parse_str(request_id).is_ok_and(|id| id.get_version_num() == 5)
+}
+
 fn check_identifier(field: &'static str, value: &str) -> Result<(), SubmitError> {
     if (1..=MAX_IDENTIFIER_CHARS).contains(&value.chars().count()) {
         Ok(())
@@ -363,6 +368,7 @@ mod tests {
         assert_ne!(with("ab", "c"), with("a", "bc"));
         let fresh = || valid().into_query(&policy(), 0).unwrap().ctx.unwrap().request_id;
         assert_ne!(fresh(), fresh(), "without a key every submit is a new request");
+        assert!(is_keyed(&id) && !is_keyed(&fresh()));
     }
 
     #[test]

@@ -32,7 +32,10 @@ impl Harness {
     }
 
     async fn start_on(nats: NatsServer, extra_args: &[String]) -> Self {
-        let mut args = vec![format!("--nats-url={}", nats.url()), "--stream-storage=memory".to_owned()];
+        let mut args = vec![format!("--nats-url={}", nats.url())];
+        if !extra_args.iter().any(|a| a.starts_with("--stream-storage")) {
+            args.push("--stream-storage=memory".to_owned());
+        }
         args.extend_from_slice(extra_args);
         let ingest = ServiceProcess::start("ingest", &args, &["--http-addr", "--grpc-addr"], READY_TIMEOUT)
             .await
@@ -162,6 +165,36 @@ async fn a_retry_with_the_same_idempotency_key_is_the_same_request() {
     assert_eq!(other_tenant.status(), StatusCode::ACCEPTED, "keys are per tenant");
 }
 
+/// The defect a restart exposed: the stream's duplicate window is rebuilt from the messages
+/// still stored, so a key whose query was processed (and deleted by interest retention) was
+/// accepted again after a broker restart. The ledger remembers it.
+#[tokio::test]
+async fn a_key_accepted_before_a_broker_restart_is_still_a_duplicate_after_it() {
+    let mut h = Harness::start(&["--stream-storage=file".to_owned()]).await;
+    let key = [("Idempotency-Key", "before-the-restart")];
+    let first = h.submit_with(&good(), &key).await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let id = json_of(first).await["request_id"].as_str().unwrap().to_owned();
+    // Processed: every reader acked it and interest retention deleted it.
+    let js = jetstream::new(async_nats::connect(h.nats.url()).await.unwrap());
+    bus::stream(&js, Edge::QUERIES).await.purge().await.unwrap();
+    h.nats.restart().await.expect("nats-server restarts on its store");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let retry = loop {
+        let retry = h.submit_with(&good(), &key).await;
+        if retry.status() != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break retry;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(json_of(retry).await, json!({ "request_id": id, "status": "DUPLICATE" }));
+    assert!(h.queries().await.is_empty(), "the retry published nothing");
+    let fresh = h.submit_with(&good(), &[("Idempotency-Key", "after-the-restart")]).await;
+    assert_eq!(fresh.status(), StatusCode::ACCEPTED, "a new key is a new request");
+}
+
 #[tokio::test]
 async fn every_bad_input_gets_its_own_status_and_code_and_nothing_else_breaks() {
     let h = Harness::start(&[]).await;
@@ -275,7 +308,7 @@ async fn delete_publishes_a_terminal_cancel_and_the_cancel_notice() {
     let results: Vec<(String, TerminalResult)> = h.stream_messages(Edge::RESULTS).await;
     assert_eq!(results.len(), 1, "a repeated cancel is deduplicated");
     let (msg_id, result) = &results[0];
-    assert_eq!(msg_id, &format!("{id}/ingest.cancel"));
+    assert_eq!(msg_id, &format!("{id}/outcome"));
     assert_eq!(result.status(), TerminalStatus::Cancelled);
     assert_eq!((result.reason.as_str(), result.stage.as_str()), ("cancelled_by_client", "ingest"));
     assert_eq!(result.ctx.as_ref().unwrap().request_id, id);

@@ -188,7 +188,7 @@ mod tests {
     fn a_blocked_query_ends_as_a_blocked_input_result() {
         let text = "k.y.s loser";
         let out = input_outbound(query(text), &decide(text, Stage::Input), "Sorry.", 100);
-        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/moderation-input"));
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/outcome"));
         let r = TerminalResult::decode(out.payload.as_ref()).unwrap();
         assert_eq!(
             (r.status(), r.reason.as_str(), r.stage.as_str()),
@@ -203,7 +203,7 @@ mod tests {
     fn completions_end_completed_or_blocked_with_both_stages_verdicts() {
         let text = "Paris is the capital of France.";
         let out = output_outbound(completion(text), &decide(text, Stage::Output), "Sorry.", 100);
-        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/moderation-output"));
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/outcome"));
         let r = TerminalResult::decode(out.payload.as_ref()).unwrap();
         assert_eq!((r.status(), r.reason.as_str()), (TerminalStatus::Completed, "eos"));
         assert_eq!((r.prompt.as_str(), r.completion.as_str(), r.model_version.as_str()), ("hi", text, "v1"));

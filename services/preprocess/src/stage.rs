@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn a_rejection_is_a_terminal_result_without_the_text() {
         let out = outbound(query("r2"), Err(Rejection::TextTooLong { chars: 9001, max: 8000 }), 1);
-        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r2", "r2/preprocess"));
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r2", "r2/outcome"));
         let r = TerminalResult::decode(out.payload).unwrap();
         assert_eq!(r.status(), TerminalStatus::Rejected);
         assert_eq!((r.reason.as_str(), r.stage.as_str()), ("text_too_long", "preprocess"));

@@ -107,7 +107,7 @@ impl Mesh {
 
     async fn rejected(&self, request_id: &str, reason: &str) -> TerminalResult {
         let (id, r) = self.result(request_id).await;
-        assert_eq!(id, format!("{request_id}/preprocess"));
+        assert_eq!(id, format!("{request_id}/outcome"));
         assert_eq!(r.status(), TerminalStatus::Rejected, "{r:?}");
         assert_eq!((r.reason.as_str(), r.stage.as_str()), (reason, "preprocess"), "{r:?}");
         assert!(!r.detail.is_empty());

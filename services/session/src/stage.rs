@@ -83,19 +83,18 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
         let id = SessionId::resolve(&ctx.tenant, &ctx.user, &ctx.session);
         let request_id = ctx.request_id.as_str();
 
-        // A redelivered query whose pending turn is recorded passed the limit before; one
-        // that was answered (e.g. rate limited) and then lost its ack is done. A stateless
-        // query has no conversation to look into.
+        // A redelivered query whose pending turn is recorded passed the limit before. A query
+        // whose request has ended (rate limited and then lost its ack, cancelled, or a copy
+        // published again after a broker restart) is done: it neither counts against the
+        // limit nor touches the conversation. A stateless query has no conversation to look into.
         let mut passed_before = false;
-        if delivery.deliveries > 1 {
-            if ctx.keeps_history() {
-                let loaded = self.core.store.load(&id).await.map_err(store_error)?;
-                passed_before = loaded.conversation.is_some_and(|c| c.knows(request_id));
-            }
-            if !passed_before && self.has_result(request_id).await {
-                debug!(request_id, "redelivered query already has its terminal result");
-                return Ok(());
-            }
+        if delivery.deliveries > 1 && ctx.keeps_history() {
+            let loaded = self.core.store.load(&id).await.map_err(store_error)?;
+            passed_before = loaded.conversation.is_some_and(|c| c.knows(request_id));
+        }
+        if !passed_before && self.publisher.ledger().outcome(request_id).await?.is_some() {
+            debug!(request_id, "the query's request has already ended");
+            return Ok(());
         }
         if !passed_before && let Decision::Limited { retry_after } = self.core.limiter.check(&ctx.tenant, &ctx.user) {
             metrics::RATE_LIMITED.inc();
@@ -149,16 +148,6 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
     }
 }
 
-impl<B> AdmittedStage<B> {
-    /// Whether RESULTS still holds a terminal result for the request (best effort: a result
-    /// every reader acked is gone from the stream).
-    async fn has_result(&self, request_id: &str) -> bool {
-        let Ok(stream) = self.publisher.jetstream().get_stream(Edge::RESULTS.stream).await else { return false };
-        stream.get_last_raw_message_by_subject(&Edge::RESULTS.subject_for(request_id)).await.is_ok()
-    }
-}
-
-/// The prompt published to `mr.v1.prompts.<model>` (`<request_id>/session`).
 pub fn prompt_message(query: AdmittedQuery, built: Built, received_unix_us: i64) -> Outbound {
     let mut timings = query.timings.unwrap_or_default();
     timings.record(STAGE, received_unix_us);
@@ -302,7 +291,7 @@ mod tests {
     #[test]
     fn a_rate_limited_query_gets_a_terminal_result_with_a_rounded_up_hint() {
         let out = rate_limited(query(), Duration::from_micros(150_500), 5);
-        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/session"));
+        assert_eq!((out.subject.as_str(), out.msg_id.as_str()), ("mr.v1.results.r1", "r1/outcome"));
         let r = TerminalResult::decode(out.payload).unwrap();
         assert_eq!(r.status, i32::from(TerminalStatus::RateLimited));
         assert_eq!((r.reason.as_str(), r.retry_after_ms, r.stage.as_str()), ("rate_limited", 151, "session"));
