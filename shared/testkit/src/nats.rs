@@ -229,6 +229,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_restarted_server_keeps_its_client_port_and_its_file_streams() {
+        use async_nats::jetstream::stream;
+        let mut server = NatsServer::start().await.unwrap();
+        let url = server.url();
+        let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+        let config = stream::Config { name: "KEPT".into(), subjects: vec!["kept".into()], ..Default::default() };
+        js.create_stream(config).await.unwrap();
+        js.publish("kept", "before the kill".into()).await.unwrap().await.unwrap();
+        let pid = server.pid();
+        server.restart().await.unwrap();
+        assert_eq!(server.url(), url, "the same client port");
+        assert_ne!(server.pid(), pid);
+        // The client given the old URL reconnects by itself and finds the stream as it was.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let messages = loop {
+            match js.get_stream("KEPT").await {
+                Ok(mut kept) => break kept.info().await.unwrap().state.messages,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("not yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the stream after the restart: {e}"),
+            }
+        };
+        assert_eq!(messages, 1);
+    }
+
+    #[tokio::test]
     async fn two_servers_pick_their_own_ports_and_serve_on_them() {
         let (a, b) = (NatsServer::start().await.unwrap(), NatsServer::start().await.unwrap());
         assert_ne!(a.url(), b.url());

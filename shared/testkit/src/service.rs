@@ -418,6 +418,54 @@ except OSError as e:
 server.serve_forever()
 "#;
 
+    fn fake(log: Option<PathBuf>) -> ServiceProcess {
+        ServiceProcess {
+            name: "fake".into(),
+            program: "python3".into(),
+            args: vec!["-c".into(), FAKE_SERVICE.into()],
+            listen: vec![ADMIN.into()],
+            addrs: BTreeMap::new(),
+            child: None,
+            keep_log: log.is_some(),
+            log: log.unwrap_or_default(),
+            log_start: 0,
+            env: Vec::new(),
+            exited: None,
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_killed_service_restarts_in_place_and_its_kept_log_holds_both_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut process = fake(Some(dir.path().join("fake.log")));
+        process.launch(Duration::from_secs(20), &mut candidate_addrs).await.unwrap();
+        let (admin, pid) = (process.admin(), process.pid());
+        process.pause();
+        assert!(process.running(), "a stopped process still runs");
+        process.resume();
+        process.kill();
+        assert!(!process.running());
+        assert!(!process.restart_in_place(Duration::from_secs(20)).await.unwrap(), "the same addresses");
+        assert_eq!(process.admin(), admin);
+        assert_ne!(process.pid(), pid);
+        assert_eq!(process.logs().matches("=== fake started").count(), 2);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_service_whose_old_port_was_taken_restarts_on_a_fresh_one() {
+        let mut process = fake(None);
+        process.launch(Duration::from_secs(20), &mut candidate_addrs).await.unwrap();
+        let admin = process.admin();
+        process.kill();
+        // Someone else takes the port while the service is down.
+        let squatter = std::net::TcpListener::bind(admin).unwrap();
+        assert!(process.restart_in_place(Duration::from_secs(20)).await.unwrap(), "fresh addresses");
+        assert_ne!(process.admin(), admin);
+        drop(squatter);
+    }
+
     /// Linux: elsewhere nothing tells the squatter's answer from the service's.
     #[cfg(target_os = "linux")]
     #[tokio::test]
@@ -432,19 +480,7 @@ server.serve_forever()
                 let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
             }
         });
-        let mut process = ServiceProcess {
-            name: "fake".into(),
-            program: "python3".into(),
-            args: vec!["-c".into(), FAKE_SERVICE.into()],
-            listen: vec![ADMIN.into()],
-            addrs: BTreeMap::new(),
-            child: None,
-            log: PathBuf::new(),
-            log_start: 0,
-            keep_log: false,
-            env: Vec::new(),
-            exited: None,
-        };
+        let mut process = fake(None);
         let mut picks = 0;
         let mut pick = |n| {
             picks += 1;
