@@ -20,7 +20,7 @@ use millrace_proto::v1::{
 use millrace_session::key::SessionId;
 use millrace_session::prompt::PromptModels;
 use millrace_session::state::Conversation;
-use millrace_testkit::bus::{publisher, result, stream};
+use millrace_testkit::bus::{publisher, result, stream, stream_len};
 use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
 use tonic::Code;
 
@@ -459,6 +459,21 @@ async fn a_burst_over_the_user_limit_is_rate_limited() {
     // Rate-limited turns are never pending in the conversation.
     let stored = bus.stored("bob", "s").await.unwrap();
     assert_eq!(stored.pending.len(), 3);
+
+    // The limited queries come again under ids the stream no longer knows (as after a broker
+    // restart): their requests have ended, so they count no usage and touch no conversation.
+    let replays = limited
+        .keys()
+        .map(|id| Outbound { msg_id: format!("{id}/replayed"), ..Bus::admitted_message(id, "bob", "s", "hello") });
+    bus.publisher.publish_all(replays).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while stream_len(bus.publisher.jetstream(), Edge::ADMITTED).await > 0 {
+        assert!(Instant::now() < deadline, "the replays were not consumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(prompts.info().await.unwrap().num_pending, 0, "no prompt for an ended request");
+    assert_eq!(metric(&session.metrics().await, "millrace_session_rate_limited_total"), 5.0);
+    assert_eq!(bus.stored("bob", "s").await.unwrap(), stored, "the conversation is unchanged");
 }
 
 #[tokio::test]
