@@ -16,6 +16,7 @@ use millrace_proto::v1::{
 };
 use millrace_proto::{Message as _, now_unix_ms};
 use millrace_testkit::bus::{publisher, result, stream, stream_messages};
+use millrace_testkit::metrics::metric;
 use millrace_testkit::{NatsServer, ServiceProcess, models_dir};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -175,6 +176,16 @@ async fn a_batch_streams_its_tokens_and_publishes_one_completion_per_request() {
     }
     let france = &completions["a-france"].1.text;
     assert!(france.contains("Paris"), "{france:?}");
+
+    // The same members again under a batch id the stream does not know (a batch re-formed after
+    // a crash, past a broker restart): their completions are published, so none is generated.
+    let again = ids.iter().zip(questions).map(|(id, q)| prompt(&manifest, id, q, 24)).collect();
+    let sequence = publish_batch(&publisher, "batch-a-again", again).await;
+    wait_acked(&publisher, sequence, &service).await;
+    assert_eq!(self::completions(&publisher).await.len(), 3, "no second completion");
+    let metrics = service.process.metrics().await.unwrap();
+    let skipped = metric(&metrics, "millrace_inference_skipped_total", &[("reason", "completion_published")]);
+    assert_eq!(skipped, Some(3.0), "{metrics}");
 }
 
 #[tokio::test]
