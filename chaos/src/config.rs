@@ -211,7 +211,7 @@ impl Plan {
             max_new_tokens: config.max_new_tokens.unwrap_or(32),
             deadline_ms: config.deadline_ms,
             ack_wait_s,
-            stream_max_msgs: config.stream_max_msgs.unwrap_or(if full { 256 } else { 32 }),
+            stream_max_msgs: config.stream_max_msgs.unwrap_or(if full { 64 } else { 32 }),
             gap_s: pick(config.gap_s, 2.0, 10.0),
             down_s: pick(config.down_s, 1.0, 3.0),
             warmup_s: if full { 10.0 } else { 3.0 },

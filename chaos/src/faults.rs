@@ -126,7 +126,8 @@ impl Runner {
             self.killed_metrics.push((target.to_owned(), text));
         }
         let service = self.mesh.service_mut(target)?;
-        record.detail = format!("kill -9 of {target} (pid {:?}), restarted after {down:?}", service.process.pid());
+        let pid = service.process.pid().map_or("?".to_owned(), |p| p.to_string());
+        record.detail = format!("kill -9 of {target} (pid {pid}), restarted after {down:?}");
         record.injected_ms = now_ms();
         service.process.kill();
         tokio::time::sleep(down).await;
@@ -145,10 +146,9 @@ impl Runner {
 
     async fn kill_nats(&mut self, record: &mut FaultRecord) -> anyhow::Result<()> {
         let down = Duration::from_secs_f64(self.plan.down_s);
-        record.detail = format!(
-            "kill -9 of nats-server (pid {:?}), restarted on the same store and port after {down:?}",
-            self.mesh.nats.pid()
-        );
+        let pid = self.mesh.nats.pid().map_or("?".to_owned(), |p| p.to_string());
+        record.detail =
+            format!("kill -9 of nats-server (pid {pid}), restarted on the same store and port after {down:?}");
         record.injected_ms = now_ms();
         self.mesh.nats.kill();
         tokio::time::sleep(down).await;
