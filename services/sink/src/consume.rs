@@ -10,8 +10,11 @@ use crate::row::{DeadLetterRow, ResultRow};
 use crate::store::Write;
 use crate::writer::{WriteError, Writer};
 
+/// The database is the sink's next edge: while it refuses commits (down, locked, full) results
+/// wait on their stream, held rather than naked, so an outage longer than the retry horizon
+/// does not dead-letter them.
 fn retry(e: WriteError) -> StageError {
-    StageError::transient(e.to_string(), Duration::from_secs(1))
+    StageError::Backpressure { detail: e.to_string(), delay: Duration::from_secs(1) }
 }
 
 pub struct ResultsStage {

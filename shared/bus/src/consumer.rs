@@ -50,8 +50,19 @@ pub struct Immediate<H>(pub Arc<H>);
 
 impl<H: Handler> DeferringHandler for Immediate<H> {
     async fn accept(&self, delivery: Delivery, ack: AckHandle) {
-        let result = self.0.handle(&delivery).await;
-        ack.settle(result).await;
+        loop {
+            let result = self.0.handle(&delivery).await;
+            // Held, not naked, while the next edge is full: a nak would spend a delivery.
+            // Draining hands it back instead.
+            if let Err(StageError::Backpressure { delay, .. }) = &result {
+                metrics::BACKPRESSURE_WAITS.with_label_values(&[ack.stage()]).inc();
+                tokio::select! {
+                    _ = tokio::time::sleep(*delay) => continue,
+                    _ = ack.draining.cancelled() => {}
+                }
+            }
+            return ack.settle(result).await;
+        }
     }
 }
 
@@ -136,7 +147,7 @@ impl<H: DeferringHandler> StageConsumer<H> {
                     };
                     delivered += 1;
                     let inject_panic = self.settings.fault_panic_every > 0 && delivered.is_multiple_of(self.settings.fault_panic_every);
-                    let ack = AckHandle::new(stage, message, self.publisher.clone(), &self.settings);
+                    let ack = AckHandle::new(stage, message, self.publisher.clone(), &self.settings, shutdown.clone());
                     let handler = self.handler.clone();
                     running.spawn(async move { accept(handler, ack, inject_panic).await; drop(slot); });
                 }
@@ -194,6 +205,8 @@ async fn accept<H: DeferringHandler>(handler: Arc<H>, ack: AckHandle, inject_pan
 pub struct AckHandle {
     settlement: Option<Settlement>,
     progress: tokio::task::JoinHandle<()>,
+    /// Cancelled when the consumer starts draining.
+    draining: CancellationToken,
 }
 
 /// What settling a message needs.
@@ -208,7 +221,13 @@ struct Settlement {
 }
 
 impl AckHandle {
-    fn new(stage: &'static str, message: jetstream::Message, publisher: Publisher, settings: &BusSettings) -> Self {
+    fn new(
+        stage: &'static str,
+        message: jetstream::Message,
+        publisher: Publisher,
+        settings: &BusSettings,
+        draining: CancellationToken,
+    ) -> Self {
         let delivery = Delivery::of(&message);
         let span = tracing::info_span!("stage", stage, subject = %delivery.subject, msg_id = delivery.msg_id.as_deref().unwrap_or(""));
         span.set_parent(trace::extract(delivery.headers.as_ref())).ok();
@@ -232,7 +251,7 @@ impl AckHandle {
             started: Instant::now(),
             message,
         };
-        Self { settlement: Some(settlement), progress }
+        Self { settlement: Some(settlement), progress, draining }
     }
 
     fn settlement(&self) -> &Settlement {
@@ -279,11 +298,13 @@ impl Settlement {
             Ok(()) => (AckKind::Ack, &metrics::ACKS),
             // The server will not deliver it again: dead-letter it now rather than rely on
             // the advisory (which the server does not send for a nak on the last delivery).
-            Err(StageError::Transient { detail, .. }) if self.delivery.deliveries >= self.max_deliver => {
+            Err(StageError::Transient { detail, .. } | StageError::Backpressure { detail, .. })
+                if self.delivery.deliveries >= self.max_deliver =>
+            {
                 let detail = format!("gave up after {} deliveries: {detail}", self.delivery.deliveries);
                 self.dead_letter(TerminalStatus::Failed, "max_deliveries", &detail, None).await
             }
-            Err(StageError::Transient { detail, delay }) => {
+            Err(StageError::Transient { detail, delay } | StageError::Backpressure { detail, delay }) => {
                 debug!(parent: &span, stage, %detail, ?delay, "transient failure: nak");
                 (AckKind::Nak(Some(delay)), &metrics::NAKS)
             }

@@ -54,6 +54,11 @@ pub enum StageError {
     /// It may work later: nak with this delay (the stream redelivers it).
     #[error("transient: {detail}")]
     Transient { detail: String, delay: Duration },
+    /// The next edge's stream is full: the work is sound but must wait for room. Its handler
+    /// is run again after `delay` while the message is held (in-progress acks), so a long
+    /// downstream outage does not use up the message's deliveries and dead-letter it.
+    #[error("backpressure: {detail}")]
+    Backpressure { detail: String, delay: Duration },
     /// It can never work: DLQ record + terminal result, then term.
     #[error("permanent ({reason}): {detail}")]
     /// `ctx` is boxed: a request context is large, and results carry this error often.
@@ -86,11 +91,10 @@ pub fn require_request(ctx: Option<&RequestContext>) -> Result<&RequestContext, 
 impl From<BusError> for StageError {
     /// A publish that failed is worth retrying: the stream may be full or NATS reconnecting.
     fn from(e: BusError) -> Self {
-        let delay = match e {
-            BusError::StreamFull { .. } => Duration::from_secs(2),
-            _ => Duration::from_millis(500),
-        };
-        Self::transient(e.to_string(), delay)
+        match e {
+            BusError::StreamFull { .. } => Self::Backpressure { detail: e.to_string(), delay: Duration::from_secs(1) },
+            _ => Self::transient(e.to_string(), Duration::from_millis(500)),
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream::DiscardPolicy};
 use bytes::Bytes;
 
-use crate::{BusError, BusSettings, metrics};
+use crate::{BusError, BusSettings};
 
 pub const IDEMPOTENCY_BUCKET: &str = "MR_IDEMPOTENCY";
 pub const OUTCOMES_BUCKET: &str = "MR_OUTCOMES";
@@ -100,7 +100,6 @@ impl Ledger {
                 return Ok(Decision { payload: proposed, first: true });
             }
             if let Some(payload) = self.outcome(request_id).await? {
-                metrics::OUTCOMES_OVERRULED.inc();
                 return Ok(Decision { payload, first: false });
             }
         }

@@ -38,6 +38,13 @@ pub static TERMS: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("millrace_terms_total", "Messages terminated as poison", &["stage"]));
 pub static REDELIVERIES: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("millrace_redeliveries_total", "Deliveries that were not the first", &["stage"]));
+pub static BACKPRESSURE_WAITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "millrace_backpressure_waits_total",
+        "Times a stage held a message because the next edge's stream was full",
+        &["stage"],
+    )
+});
 pub static DLQ: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter("millrace_dlq_total", "Records written to the DLQ", &["stage", "reason"]));
 pub static PUBLISH_LATENCY: LazyLock<HistogramVec> =

@@ -87,11 +87,17 @@ impl Publisher {
         }
         if let Some(request_id) = Edge::RESULTS.key_of(&out.subject) {
             // Only a readable result may become the outcome every reader follows.
-            if let Err(e) = TerminalResult::decode(out.payload.as_ref()) {
-                let context = format!("refusing an undecodable terminal result for {request_id}");
-                return Err(BusError::Other { context, source: Some(e.into()) });
+            let proposed = TerminalResult::decode(out.payload.as_ref()).map_err(|e| BusError::Other {
+                context: format!("refusing an undecodable terminal result for {request_id}"),
+                source: Some(e.into()),
+            })?;
+            let decision = self.ledger.decide(request_id, out.payload).await?;
+            // A stage retrying its own outcome (a lost PubAck, a redelivery) is not overruled.
+            let decided = TerminalResult::decode(decision.payload.as_ref()).ok();
+            if decided.is_some_and(|d| (d.status, d.stage) != (proposed.status, proposed.stage)) {
+                metrics::OUTCOMES_OVERRULED.inc();
             }
-            out.payload = self.ledger.decide(request_id, out.payload).await?.payload;
+            out.payload = decision.payload;
         }
         let permit = tokio::time::timeout(self.timeout, self.window.clone().acquire_owned())
             .await

@@ -56,16 +56,27 @@ async fn provisioning_twice_and_concurrently_is_idempotent() {
     assert!(ledger.iter().all(|l| names.iter().any(|n| n == l)), "the ledger's buckets: {names:?}");
 }
 
-/// Forwards queries to CLEAN, failing transiently on each message's first delivery.
+/// Forwards queries to CLEAN, failing transiently on each message's first delivery if `flaky`.
 struct FlakyRelay {
     publisher: Publisher,
     calls: AtomicU32,
+    flaky: bool,
+    /// The most deliveries any message had when handled.
+    most_deliveries: AtomicU32,
+}
+
+impl FlakyRelay {
+    fn new(publisher: &Publisher, flaky: bool) -> Arc<Self> {
+        let (calls, most_deliveries) = (AtomicU32::new(0), AtomicU32::new(0));
+        Arc::new(Self { publisher: publisher.clone(), calls, flaky, most_deliveries })
+    }
 }
 
 impl Handler for FlakyRelay {
     async fn handle(&self, d: &Delivery) -> Result<(), StageError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        if d.deliveries == 1 {
+        self.most_deliveries.fetch_max(d.deliveries as u32, Ordering::SeqCst);
+        if self.flaky && d.deliveries == 1 {
             return Err(StageError::transient("first try fails", Duration::from_millis(50)));
         }
         let q: Query = d.decode()?;
@@ -86,7 +97,7 @@ async fn transient_failures_are_naked_redelivered_and_acked_after_the_effect() {
     let nats = NatsServer::start().await.unwrap();
     let settings = BusSettings { nats_url: nats.url(), ..Default::default() };
     let publisher = publisher_with(&nats, settings.clone()).await;
-    let relay = Arc::new(FlakyRelay { publisher: publisher.clone(), calls: AtomicU32::new(0) });
+    let relay = FlakyRelay::new(&publisher, true);
     let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, relay.clone(), publisher.clone(), settings);
     let stop = CancellationToken::new();
     let running = tokio::spawn({
@@ -107,6 +118,45 @@ async fn transient_failures_are_naked_redelivered_and_acked_after_the_effect() {
     // Interest retention: acked inputs leave the stream.
     assert_eq!(stream_len(publisher.jetstream(), Edge::QUERIES).await, 0);
     assert_eq!(relay.calls.load(Ordering::SeqCst), 40, "each message once naked, once handled");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
+
+/// A full next edge holds the message (in-progress acks) instead of naking it, so an outage
+/// longer than the retry horizon uses up no delivery and dead-letters nothing.
+#[tokio::test]
+async fn a_full_next_edge_holds_messages_without_spending_their_deliveries() {
+    let nats = NatsServer::start().await.unwrap();
+    let settings =
+        BusSettings { nats_url: nats.url(), max_deliver: 2, ack_wait_s: 1, stream_max_msgs: 2, ..Default::default() };
+    let publisher = publisher_with(&nats, settings.clone()).await;
+    let js = publisher.jetstream().clone();
+    // CLEAN is full: its reader is not running.
+    let fillers = (0..2).map(|i| Outbound { subject: Edge::CLEAN.subject_for(""), ..query(&format!("filler{i}")) });
+    publisher.publish_all(fillers).await.unwrap();
+    let relay = FlakyRelay::new(&publisher, false);
+    let consumer = StageConsumer::new(ConsumerSpec::PREPROCESS, relay.clone(), publisher.clone(), settings);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { consumer.run(stop, || ()).await }
+    });
+    publisher.publish_all([query("held-1"), query("held-2")]).await.unwrap();
+    // Past the retry horizon of 1 + 2 s: naked, they would have been dead-lettered by now.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(stream_len(&js, Edge::QUERIES).await, 2, "held, not acked");
+    assert!(relay.calls.load(Ordering::SeqCst) > 2, "tried again while held");
+    stream(&js, Edge::CLEAN).await.purge().await.unwrap();
+    for _ in 0..100 {
+        if stream_len(&js, Edge::QUERIES).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stream_len(&js, Edge::CLEAN).await, 2, "both went through once there was room");
+    assert_eq!(stream_len(&js, Edge::QUERIES).await, 0);
+    assert_eq!(stream_len(&js, Edge::DLQ).await, 0, "nothing dead-lettered");
+    assert_eq!(relay.most_deliveries.load(Ordering::SeqCst), 1, "never redelivered");
     stop.cancel();
     running.await.unwrap().unwrap();
 }

@@ -2,6 +2,7 @@
 //! decided stands, where the stream's duplicate window has forgotten.
 use std::time::Duration;
 
+use millrace_bus::metrics::OUTCOMES_OVERRULED;
 use millrace_bus::topology::Edge;
 use millrace_bus::{BusSettings, Outbound, Publisher, terminal_result};
 use millrace_proto::v1::{RequestContext, TerminalStatus};
@@ -34,6 +35,8 @@ async fn a_decided_outcome_stands_across_a_broker_restart() {
     let js = publisher.jetstream().clone();
 
     publisher.publish(outcome("r1", TerminalStatus::RateLimited, "session")).await.unwrap();
+    publisher.publish(outcome("r1", TerminalStatus::RateLimited, "session")).await.unwrap();
+    assert_eq!(OUTCOMES_OVERRULED.get(), 0, "a stage repeating its own outcome is not overruled");
     // Every reader acked it: interest retention deletes it, and with it the stream's memory of its id.
     stream(&js, Edge::RESULTS).await.purge().await.unwrap();
     restart(&mut nats, &publisher).await;
@@ -47,6 +50,7 @@ async fn a_decided_outcome_stands_across_a_broker_restart() {
         (TerminalStatus::RateLimited, "session"),
         "the later proposal is overruled by the decided outcome"
     );
+    assert_eq!(OUTCOMES_OVERRULED.get(), 1);
 
     let decided = publisher.ledger().decide("r2", "first".into()).await.unwrap();
     assert!(decided.first);
