@@ -8,6 +8,9 @@
 //! Env: `MILLRACE_BENCH` picks sections (comma-separated; default all): `publish`, `hop`
 //! (one relay), `chain` (`MILLRACE_BENCH_HOPS` relays, default 7), `ramp` (the chain at each
 //! open-loop rate of `MILLRACE_BENCH_RAMP`, default 1000,2000,4000,8000, for 5 s each).
+//! `ledger` (the cost of the durable decisions: a terminal result's publish, decided in
+//! `MR_OUTCOMES` first, against a plain publish of the same size, and a keyed submit's
+//! accepted-key check + record, each awaited one by one).
 //! `MILLRACE_BENCH_N` scales the burst counts (default 20000).
 use std::ops::Range;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use hdrhistogram::Histogram;
 use millrace_bus::publisher::Outbound;
 use millrace_bus::topology::{ConsumerSpec, Edge, EdgeKey};
 use millrace_bus::{BusSettings, Dedup, Delivery, Handler, Publisher, StageConsumer, StageError, Topology};
-use millrace_proto::v1::{Query, RequestContext, Timings};
+use millrace_proto::v1::{Query, RequestContext, TerminalStatus, Timings};
 use millrace_proto::{Message as _, now_unix_us};
 use millrace_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +52,31 @@ fn message(i: usize, edge: Edge, sent_unix_us: i64) -> Outbound {
     }
 }
 
+/// A terminal result of request `b<i>` of the bench's message size.
+fn terminal(i: usize) -> Outbound {
+    let ctx = RequestContext { request_id: format!("b{i}"), ..Default::default() };
+    let mut result = millrace_bus::terminal_result("bench", Some(ctx), None, TerminalStatus::Completed, "", "");
+    result.completion = "x".repeat(PAYLOAD_BYTES.saturating_sub(result.encoded_len()));
+    Outbound::terminal(&result)
+}
+
+/// Runs `op(0..n)` one after another: operations per second and each one's latency (µs; the
+/// table shows ms).
+async fn timed_each<F, T, E>(n: usize, op: impl Fn(usize) -> F) -> (f64, Histogram<u64>)
+where
+    F: Future<Output = Result<T, E>>,
+    E: std::fmt::Debug,
+{
+    let mut latency = Histogram::<u64>::new(3).unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        let started = Instant::now();
+        op(i).await.unwrap();
+        latency.record(started.elapsed().as_micros() as u64).unwrap();
+    }
+    (n as f64 / t.elapsed().as_secs_f64(), latency)
+}
+
 async fn server(settings: &BusSettings) -> (NatsServer, BusSettings) {
     let nats = NatsServer::start().await.expect("nats-server");
     let settings = BusSettings { nats_url: nats.url(), ..settings.clone() };
@@ -59,14 +87,6 @@ async fn server(settings: &BusSettings) -> (NatsServer, BusSettings) {
 async fn connection(settings: &BusSettings, name: &str) -> Publisher {
     let client = millrace_bus::connect(&settings.nats_url, name, Duration::from_secs(5)).await.unwrap();
     Publisher::new(client, settings).await.unwrap()
-}
-
-async fn publish_awaiting_each(publisher: &Publisher, n: usize) -> f64 {
-    let t = Instant::now();
-    for i in 0..n {
-        publisher.publish(message(i, Edge::QUERIES, now_unix_us())).await.unwrap();
-    }
-    n as f64 / t.elapsed().as_secs_f64()
 }
 
 /// Publishes messages `ids` in chunks of 1024 PubAcks awaited together; returns msgs/s.
@@ -201,7 +221,7 @@ fn env(name: &str, default: &str) -> String {
 fn main() {
     let n: usize = env("MILLRACE_BENCH_N", "20000").parse().expect("MILLRACE_BENCH_N");
     let hops: usize = env("MILLRACE_BENCH_HOPS", "7").parse().expect("MILLRACE_BENCH_HOPS");
-    let sections = env("MILLRACE_BENCH", "publish,hop,chain,ramp");
+    let sections = env("MILLRACE_BENCH", "publish,ledger,hop,chain,ramp");
     let ramp: Vec<f64> = env("MILLRACE_BENCH_RAMP", "1000,2000,4000,8000")
         .split(',')
         .map(|r| r.trim().parse().expect("MILLRACE_BENCH_RAMP"))
@@ -222,11 +242,9 @@ fn main() {
         if runs("publish") {
             let (_nats, settings) = server(&settings).await;
             let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
-            row(
-                format!("publish, each PubAck awaited ({} msgs)", n / 10),
-                publish_awaiting_each(&publisher, n / 10).await,
-                None,
-            );
+            let count = n / 10;
+            let each = timed_each(count, |i| publisher.publish(message(i, Edge::QUERIES, now_unix_us()))).await;
+            row(format!("publish, each PubAck awaited ({count} msgs)"), each.0, Some(&each.1));
             let (_nats, settings) = server(&settings).await;
             let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
             row(
@@ -234,6 +252,21 @@ fn main() {
                 publish_pipelined(&publisher, Edge::QUERIES, 0..n).await,
                 None,
             );
+        }
+        if runs("ledger") {
+            let (_nats, settings) = server(&settings).await;
+            let publisher = millrace_bus::connect_mesh(&settings, "bench").await.unwrap();
+            let count = n / 10;
+            let terminal = timed_each(count, |i| publisher.publish(terminal(i))).await;
+            row(format!("terminal result: decide + publish ({count})"), terminal.0, Some(&terminal.1));
+            let ledger = publisher.ledger();
+            let keyed = timed_each(count, |i| async move {
+                let id = format!("k{i}");
+                ledger.was_accepted(&id).await?;
+                ledger.record_accepted(&id).await
+            })
+            .await;
+            row(format!("keyed submit: accepted check + record ({count})"), keyed.0, Some(&keyed.1));
         }
         let chains = [("hop", 1), ("chain", hops)].into_iter().filter(|&(section, _)| runs(section));
         for (_, hops) in chains {
