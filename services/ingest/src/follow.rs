@@ -4,9 +4,11 @@
 //! Two core-NATS subscriptions, opened before the query is published so nothing is missed:
 //! the raw tokens inference streams (`mr.v1.tokens.<id>`), released through a [`StreamGuard`],
 //! and the request's terminal result (`mr.v1.results.<id>`: the `RESULTS` stream keeps its copy
-//! for the sink; a core subscriber sees the same publish at once). The sink is also asked now
-//! and then: a request whose result was published before the subscriptions existed (an
-//! idempotent retry of a finished request) or a lost core message still ends.
+//! for the sink; a core subscriber sees the same publish at once). The decided outcome is also
+//! looked up now and then — in the ledger (`MR_OUTCOMES`, decided before it is published, and
+//! readable while the sink is down), then in the sink for one older than the ledger keeps: a
+//! request whose result was published before the subscriptions existed (an idempotent retry of
+//! a finished request) or a lost core message still ends.
 //!
 //! The events: released text in order, then, once the terminal result is in, whatever of its
 //! completion was not released yet, then the result itself. So for a completed request the
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use millrace_bus::topology::ephemeral;
-use millrace_bus::{BusError, Edge};
+use millrace_bus::{BusError, Edge, Ledger};
 use millrace_proto::row::ResultRow;
 use millrace_proto::v1::inference_client::InferenceClient;
 use millrace_proto::v1::moderation_client::ModerationClient;
@@ -36,8 +38,8 @@ use crate::submit::Submission;
 /// How long after the request's deadline its terminal result is still waited for (the stage
 /// that expires the request needs a moment to report it).
 const DEADLINE_GRACE: Duration = Duration::from_secs(5);
-/// How often the sink is asked, as a safety net behind the result subscription.
-const SINK_POLL: Duration = Duration::from_secs(1);
+/// How often the outcome is looked up, as a safety net behind the result subscription.
+const OUTCOME_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -84,6 +86,7 @@ pub struct Follower {
     cancel: CancelOnDrop,
     tokens: async_nats::Subscriber,
     results: async_nats::Subscriber,
+    ledger: Ledger,
     sink: ResultsClient,
     guard: StreamGuard,
     wait_until: Instant,
@@ -94,7 +97,7 @@ pub struct Follower {
     finished: Option<ResultRow>,
     ready: VecDeque<Event>,
     done: bool,
-    next_sink_poll: Instant,
+    next_outcome_poll: Instant,
 }
 
 impl Follower {
@@ -111,6 +114,7 @@ impl Follower {
             ctx,
             tokens,
             results,
+            ledger: frontend.gateway.ledger().clone(),
             sink: frontend.results.clone(),
             guard: StreamGuard::new(frontend.moderation.clone()),
             wait_until,
@@ -119,7 +123,7 @@ impl Follower {
             finished: None,
             ready: VecDeque::new(),
             done: false,
-            next_sink_poll: Instant::now() + SINK_POLL,
+            next_outcome_poll: Instant::now() + OUTCOME_POLL,
         })
     }
 
@@ -150,7 +154,7 @@ impl Follower {
                 return Some(Err(ApiError::DeadlinePassed(self.ctx.request_id.clone())));
             }
             let deadline = tokio::time::Instant::from_std(self.wait_until);
-            let sink_poll = tokio::time::Instant::from_std(self.next_sink_poll);
+            let outcome_poll = tokio::time::Instant::from_std(self.next_outcome_poll);
             let checking = self.guard.checking();
             tokio::select! {
                 message = self.tokens.next(), if !self.saw_last_token => match message {
@@ -167,7 +171,7 @@ impl Follower {
                         self.on_result(&message.payload);
                     }
                 }
-                _ = tokio::time::sleep_until(sink_poll), if self.finished.is_none() => self.poll_sink().await,
+                _ = tokio::time::sleep_until(outcome_poll), if self.finished.is_none() => self.poll_outcome().await,
                 _ = tokio::time::sleep_until(deadline) => {}
             }
         }
@@ -206,8 +210,13 @@ impl Follower {
         self.finished = Some(row);
     }
 
-    async fn poll_sink(&mut self) {
-        self.next_sink_poll = Instant::now() + SINK_POLL;
+    async fn poll_outcome(&mut self) {
+        self.next_outcome_poll = Instant::now() + OUTCOME_POLL;
+        match self.ledger.outcome(&self.ctx.request_id).await {
+            Ok(Some(payload)) => return self.on_result(&payload),
+            Ok(None) => {}
+            Err(e) => warn!(request_id = self.ctx.request_id, error = %e, "outcome not read; asking the sink"),
+        }
         match self.sink.get(&self.ctx.request_id).await {
             Ok(Some(bytes)) => match serde_json::from_slice::<ResultRow>(&bytes) {
                 Ok(row) => self.on_finished(row),

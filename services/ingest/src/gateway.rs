@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use millrace_bus::topology::ephemeral;
-use millrace_bus::{Edge, Outbound, Publisher, terminal_result};
+use millrace_bus::{Edge, Ledger, Outbound, Publisher, terminal_result};
 use millrace_proto::now_unix_us;
 use millrace_proto::v1::{Query, RequestContext, TerminalStatus, Timings};
 use tracing::{info, warn};
@@ -80,6 +80,11 @@ impl Gateway {
     /// The policy submits are checked against.
     pub fn policy(&self) -> &SubmitPolicy {
         &self.policy
+    }
+
+    /// The durable decisions (a request's outcome, for followers).
+    pub fn ledger(&self) -> &Ledger {
+        self.publisher.ledger()
     }
 
     /// The NATS connection (for core-NATS subscriptions such as a request's token stream).
