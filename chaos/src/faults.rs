@@ -15,7 +15,7 @@ use crate::config::{Fault, Plan};
 use crate::db::Db;
 use crate::load::{KeyRecord, Load};
 use crate::mesh::{ChaosMesh, READY, rss_kib};
-use crate::now_ms;
+use millrace_proto::now_unix_ms;
 
 /// What happened during one fault.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -92,7 +92,7 @@ impl Runner {
 
     /// Injects `fault`, follows the recovery, and says what happened.
     pub async fn inject(&mut self, fault: &Fault) -> FaultRecord {
-        let mut record = FaultRecord { name: fault.name(), injected_ms: now_ms(), ..Default::default() };
+        let mut record = FaultRecord { name: fault.name(), injected_ms: now_unix_ms(), ..Default::default() };
         eprintln!("[chaos] {}: injecting", record.name);
         let outcome = match fault {
             Fault::Kill { target } => self.kill(target, &mut record).await,
@@ -128,11 +128,11 @@ impl Runner {
         let service = self.mesh.service_mut(target)?;
         let pid = service.process.pid().map_or("?".to_owned(), |p| p.to_string());
         record.detail = format!("kill -9 of {target} (pid {pid}), restarted after {down:?}");
-        record.injected_ms = now_ms();
+        record.injected_ms = now_unix_ms();
         service.process.kill();
         tokio::time::sleep(down).await;
         let moved = service.process.restart_in_place(READY).await?;
-        record.ready_ms = Some(now_ms());
+        record.ready_ms = Some(now_unix_ms());
         if moved {
             record.notes.push(format!("{target} came back on fresh ports: its old ones were taken"));
             if target == "ingest" {
@@ -149,11 +149,11 @@ impl Runner {
         let pid = self.mesh.nats.pid().map_or("?".to_owned(), |p| p.to_string());
         record.detail =
             format!("kill -9 of nats-server (pid {pid}), restarted on the same store and port after {down:?}");
-        record.injected_ms = now_ms();
+        record.injected_ms = now_unix_ms();
         self.mesh.nats.kill();
         tokio::time::sleep(down).await;
         self.mesh.nats.restart().await?;
-        record.ready_ms = Some(now_ms());
+        record.ready_ms = Some(now_unix_ms());
         Ok(())
     }
 
@@ -219,11 +219,11 @@ impl Runner {
         let service = self.mesh.service(target)?;
         record.detail = format!("SIGSTOP of {target} for {secs} s (2 × ack wait), then SIGCONT");
         record.notes.push(format!("{target} was running {running} sequences when stopped"));
-        record.injected_ms = now_ms();
+        record.injected_ms = now_unix_ms();
         service.process.pause();
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         service.process.resume();
-        record.ready_ms = Some(now_ms());
+        record.ready_ms = Some(now_unix_ms());
         // What the redelivery and the late finisher came to: give the stopped replica a moment
         // to finish and publish what it held.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -292,17 +292,17 @@ impl Runner {
                 .map_err(|e| anyhow::anyhow!("poison into {}: {e}", edge.stream))?;
             self.poison.push(Poison { stream: edge.stream.to_owned(), subject, request_id, sequence: ack.sequence });
         }
-        record.ready_ms = Some(now_ms());
+        record.ready_ms = Some(now_unix_ms());
         Ok(())
     }
 
     async fn lock_db(&mut self, secs: f64, record: &mut FaultRecord) -> anyhow::Result<()> {
         record.detail = format!("BEGIN EXCLUSIVE on the sink's SQLite file held for {secs} s, then rolled back");
         let lock = self.db.lock().await?;
-        record.injected_ms = now_ms();
+        record.injected_ms = now_unix_ms();
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         lock.release().await?;
-        record.ready_ms = Some(now_ms());
+        record.ready_ms = Some(now_unix_ms());
         Ok(())
     }
 
@@ -315,7 +315,7 @@ impl Runner {
             report.rss.insert(label.clone(), Rss { before_kib: now, peak_kib: now });
         }
         let service = self.mesh.service(target)?;
-        record.injected_ms = now_ms();
+        record.injected_ms = now_unix_ms();
         service.process.pause();
         let end = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
         while tokio::time::Instant::now() < end {
@@ -336,7 +336,7 @@ impl Runner {
         }
         let service = self.mesh.service(target)?;
         service.process.resume();
-        record.ready_ms = Some(now_ms());
+        record.ready_ms = Some(now_unix_ms());
         self.outage = Some(report);
         Ok(())
     }
@@ -344,9 +344,9 @@ impl Runner {
     /// Every service ready again, then the first completion of a request sent after `ready_ms`.
     async fn recover(&mut self, record: &mut FaultRecord) {
         let timeout = Duration::from_secs_f64(self.plan.recovery_timeout_s);
-        let ready_ms = *record.ready_ms.get_or_insert_with(now_ms);
+        let ready_ms = *record.ready_ms.get_or_insert_with(now_unix_ms);
         match self.mesh.wait_all_ready(timeout).await {
-            Ok(()) => record.all_ready_ms = Some(now_ms()),
+            Ok(()) => record.all_ready_ms = Some(now_unix_ms()),
             Err(unready) => record.notes.push(format!("still not ready after {timeout:?}: {unready:?}")),
         }
         record.first_completion_ms = self.first_completion_after(ready_ms, timeout).await;

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use millrace_proto::now_unix_ms;
 
 pub mod audit;
 pub mod checks;
@@ -27,11 +28,6 @@ use config::{Config, Plan};
 use faults::Runner;
 use mesh::{ChaosMesh, Paths};
 use report::{Counters, Report, Totals};
-
-/// Unix time in milliseconds (what the sink stores, so the two can be compared).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// The service binaries the suite starts.
 pub const SERVICES: [&str; 7] = ["ingest", "preprocess", "moderation", "session", "batcher", "inference", "sink"];
@@ -73,7 +69,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             config::Schedule::Short => "short",
             config::Schedule::Full => "full",
         },
-        now_ms()
+        now_unix_ms()
     );
     let run_dir = match &config.out {
         Some(dir) => dir.clone(),
@@ -81,9 +77,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     eprintln!("[chaos] run {run_id} in {} (seed {})", run_dir.display(), plan.seed);
-    let started_ms = now_ms();
+    let started_ms = now_unix_ms();
     let mesh = ChaosMesh::start(&plan, &paths, &run_dir).await?;
-    eprintln!("[chaos] mesh ready in {:.1} s", (now_ms() - started_ms) as f64 / 1000.0);
+    eprintln!("[chaos] mesh ready in {:.1} s", (now_unix_ms() - started_ms) as f64 / 1000.0);
     let client = async_nats::ConnectOptions::new()
         .name("chaos")
         .connection_timeout(Duration::from_secs(5))
@@ -97,7 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let mut runner = Runner::new(plan.clone(), mesh, db, js.clone(), load);
 
     // Warm-up: load flows end to end before the first fault.
-    let load_started = now_ms();
+    let load_started = now_unix_ms();
     let first = runner.first_completion_after(load_started, Duration::from_secs_f64(plan.recovery_timeout_s)).await;
     let warmup_first_completion_s = first.map(|at| (at - load_started) as f64 / 1000.0);
     eprintln!("[chaos] load flowing: first completion after {warmup_first_completion_s:?} s");
@@ -130,7 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
 
     // Drain: every accepted request's row, every poison's dead letter.
     let accepted: HashSet<String> = records.iter().filter_map(|r| r.request_id().map(str::to_owned)).collect();
-    let drain_started = now_ms();
+    let drain_started = now_unix_ms();
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(plan.drain_s);
     loop {
         let rows = db.results().await.unwrap_or_default();
@@ -139,13 +135,13 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         if (missing == 0 && dead >= poison.len()) || tokio::time::Instant::now() > deadline {
             eprintln!(
                 "[chaos] drained in {:.1} s: {missing} accepted requests without a row",
-                (now_ms() - drain_started) as f64 / 1000.0
+                (now_unix_ms() - drain_started) as f64 / 1000.0
             );
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let drain_s = (now_ms() - drain_started) as f64 / 1000.0;
+    let drain_s = (now_unix_ms() - drain_started) as f64 / 1000.0;
 
     // The checks.
     let readiness = mesh.readiness().await;
@@ -210,7 +206,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         run_id,
         run_dir: run_dir.clone(),
         started_unix_ms: started_ms,
-        finished_unix_ms: now_ms(),
+        finished_unix_ms: now_unix_ms(),
         passed: checks.iter().all(|c| c.passed),
         plan,
         faults,

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Arrivals, Plan};
-use crate::now_ms;
+use millrace_proto::now_unix_ms;
 
 /// One answer to one submit attempt.
 #[derive(Debug, Clone, Serialize)]
@@ -145,7 +145,7 @@ impl Load {
     /// RATE_LIMITED (a legitimate terminal status, and the one the broker-restart defect re-ran);
     /// returns once each is answered.
     pub async fn burst(&self, n: usize) {
-        let at = now_ms();
+        let at = now_unix_ms();
         let mut tasks = JoinSet::new();
         for i in 0..n {
             let record = KeyRecord {
@@ -191,7 +191,7 @@ async fn generate(shared: Arc<Shared>, stop: CancellationToken) -> JoinSet<()> {
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mut tasks = JoinSet::new();
     let mean_gap = 1.0 / plan.rate.max(0.001);
-    let (start, start_ms) = (tokio::time::Instant::now(), now_ms());
+    let (start, start_ms) = (tokio::time::Instant::now(), now_unix_ms());
     let mut next = start;
     let mut n: usize = 0;
     loop {
@@ -272,10 +272,10 @@ async fn submit_until_accepted(shared: &Shared, record: &KeyRecord) -> Vec<Answe
                     .or_else(|| value["error"]["code"].as_str())
                     .map_or_else(|| format!("http {http}"), str::to_owned);
                 let request_id = value["request_id"].as_str().map(str::to_owned);
-                Answer { at_ms: now_ms(), http, outcome, request_id }
+                Answer { at_ms: now_unix_ms(), http, outcome, request_id }
             }
             Err(e) => Answer {
-                at_ms: now_ms(),
+                at_ms: now_unix_ms(),
                 http: 0,
                 outcome: if e.is_timeout() {
                     "timeout".into()

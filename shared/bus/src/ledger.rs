@@ -83,7 +83,12 @@ impl Ledger {
 
     /// Whether a query with this id was accepted before (and is therefore a retry).
     pub async fn was_accepted(&self, request_id: &str) -> Result<bool, BusError> {
-        Ok(self.idempotency.get(request_id).await.map_err(|e| unavailable("reading an accepted key", e))?.is_some())
+        Ok(self
+            .idempotency
+            .get(request_id)
+            .await
+            .map_err(|e| BusError::unavailable("reading an accepted key", e))?
+            .is_some())
     }
 
     /// Records that the query with this id is durably accepted. Idempotent.
@@ -108,7 +113,7 @@ impl Ledger {
 
     /// The decided outcome (an encoded `Result`), if any.
     pub async fn outcome(&self, request_id: &str) -> Result<Option<Bytes>, BusError> {
-        self.outcomes.get(request_id).await.map_err(|e| unavailable("reading an outcome", e))
+        self.outcomes.get(request_id).await.map_err(|e| BusError::unavailable("reading an outcome", e))
     }
 
     /// Records that the request's completion is durably published.
@@ -119,7 +124,7 @@ impl Ledger {
     /// Whether the request's completion is published already.
     pub async fn completion_published(&self, request_id: &str) -> Result<bool, BusError> {
         let key = format!("{request_id}{COMPLETION}");
-        Ok(self.outcomes.get(key).await.map_err(|e| unavailable("reading a completion record", e))?.is_some())
+        Ok(self.outcomes.get(key).await.map_err(|e| BusError::unavailable("reading a completion record", e))?.is_some())
     }
 }
 
@@ -128,12 +133,8 @@ async fn create_once(store: &kv::Store, key: &str, value: Bytes) -> Result<bool,
     match store.create(key, value).await {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(unavailable("writing the ledger", e)),
+        Err(e) => Err(BusError::unavailable("writing the ledger", e)),
     }
-}
-
-fn unavailable(context: &str, e: impl std::error::Error + Send + Sync + 'static) -> BusError {
-    BusError::unavailable(context, e)
 }
 
 /// Creates the bucket, or brings an existing one to this config's limits (its storage stays
@@ -142,25 +143,31 @@ fn unavailable(context: &str, e: impl std::error::Error + Send + Sync + 'static)
 async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BusError> {
     let name = config.bucket.clone();
     let what = || format!("bucket {name}");
-    for attempt in 0..3u64 {
-        let stream = match js.get_stream(format!("KV_{name}")).await {
-            Ok(stream) => stream,
-            Err(_) => match js.create_key_value(config.clone()).await {
-                Ok(_) => continue,
-                // Services starting together race to create it: the loser goes round.
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
-                    continue;
-                }
-            },
-        };
-        let mut have = stream.cached_info().config.clone();
-        let want = (config.max_age, config.max_bytes, DiscardPolicy::Old);
-        if (have.max_age, have.max_bytes, have.discard) != want {
-            (have.max_age, have.max_bytes, have.discard) = want;
-            js.update_stream(&have).await.map_err(|e| BusError::provision(what(), e))?;
+    let mut attempt = 0;
+    let stream = loop {
+        // Refused when the bucket exists (made by another service, maybe with other settings):
+        // it is then found, and only its limits are brought to this config below.
+        let created = js.create_key_value(config.clone()).await;
+        match js.get_stream(format!("KV_{name}")).await {
+            Ok(stream) => break stream,
+            // Neither made nor there: NATS is not ready yet; a few tries, then the reason.
+            Err(_) if attempt < 3 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => {
+                return Err(match created {
+                    Err(refused) => BusError::provision(what(), refused),
+                    Ok(_) => BusError::provision(what(), e),
+                });
+            }
         }
-        return js.get_key_value(&name).await.map_err(|e| BusError::provision(what(), e));
+    };
+    let mut have = stream.cached_info().config.clone();
+    let want = (config.max_age, config.max_bytes, DiscardPolicy::Old);
+    if (have.max_age, have.max_bytes, have.discard) != want {
+        (have.max_age, have.max_bytes, have.discard) = want;
+        js.update_stream(&have).await.map_err(|e| BusError::provision(what(), e))?;
     }
-    Err(BusError::Provision { context: format!("{}: it could not be created", what()), source: None })
+    js.get_key_value(&name).await.map_err(|e| BusError::provision(what(), e))
 }

@@ -93,8 +93,10 @@ impl Publisher {
             })?;
             let decision = self.ledger.decide(request_id, out.payload).await?;
             // A stage retrying its own outcome (a lost PubAck, a redelivery) is not overruled.
-            let decided = TerminalResult::decode(decision.payload.as_ref()).ok();
-            if decided.is_some_and(|d| (d.status, d.stage) != (proposed.status, proposed.stage)) {
+            let overruled = !decision.first
+                && TerminalResult::decode(decision.payload.as_ref())
+                    .is_ok_and(|d| (d.status, d.stage) != (proposed.status, proposed.stage));
+            if overruled {
                 metrics::OUTCOMES_OVERRULED.inc();
             }
             out.payload = decision.payload;
