@@ -148,6 +148,7 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
     }
 }
 
+/// The prompt published to `mr.v1.prompts.<model>` (`<request_id>/session`).
 pub fn prompt_message(query: AdmittedQuery, built: Built, received_unix_us: i64) -> Outbound {
     let mut timings = query.timings.unwrap_or_default();
     timings.record(STAGE, received_unix_us);
