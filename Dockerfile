@@ -8,7 +8,9 @@
 #
 # Stages: builder (release binaries) · models (scripts/prepare-models.sh → /models) ·
 # runtime (debian slim, non-root) · ort-gpu + runtime-gpu (optional, only built when targeted).
-# See docs/deploy.md.
+# CI builds the same runtime from host-built binaries on a local Debian base instead
+# (deploy/docker/millrace.Dockerfile, scripts/images.sh); a test keeps the two runtime stages'
+# settings identical. See docs/deploy.md.
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -52,28 +54,6 @@ RUN --mount=type=cache,id=millrace-pip,target=/root/.cache/pip \
  && ls -l models/prepared/onnxruntime/
 
 # ---------------------------------------------------------------------------------------------
-# A readiness check without curl: asks the admin server's /readyz over bash's /dev/tcp.
-# Port from MILLRACE_ADMIN_ADDR, else the service's default admin port (by PID 1's name).
-FROM scratch AS healthcheck
-COPY --chmod=0755 <<'EOF' /millrace-healthcheck
-#!/bin/bash
-# Exits 0 when this container's service answers 200 on /readyz (used by HEALTHCHECK).
-if [ -n "${MILLRACE_ADMIN_ADDR:-}" ]; then
-    port=${MILLRACE_ADMIN_ADDR##*:}
-else
-    case "$(cat /proc/1/comm 2>/dev/null)" in
-        ingest) port=9180 ;; preprocess) port=9181 ;; moderation) port=9182 ;;
-        session) port=9183 ;; batcher) port=9184 ;; inference) port=9185 ;; sink) port=9187 ;;
-        *) exit 1 ;;
-    esac
-fi
-exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 1
-printf 'GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
-IFS= read -r -t 5 status <&3 || exit 1
-[[ $status == *" 200 "* ]]
-EOF
-
-# ---------------------------------------------------------------------------------------------
 # The CPU image (default target).
 FROM ${RUNTIME_IMAGE} AS runtime
 # libstdc++6 is needed by libonnxruntime (it is in the slim image already; named to be sure).
@@ -87,7 +67,7 @@ RUN apt-get update \
  && install -d -o 10001 -g 10001 /var/lib/millrace
 COPY --from=builder /out/ /usr/local/bin/
 COPY --from=models /src/models/prepared/ /models/
-COPY --from=healthcheck /millrace-healthcheck /usr/local/bin/millrace-healthcheck
+COPY deploy/docker/millrace-healthcheck /usr/local/bin/millrace-healthcheck
 # The engine finds libonnxruntime through /models/manifest.json (a path relative to the
 # manifest), so no ORT_DYLIB_PATH is needed. The service-specific API addresses listen on all
 # interfaces; MILLRACE_ADMIN_ADDR is shared by every service, so it is set per container
@@ -138,7 +118,7 @@ RUN apt-get update \
 COPY --from=builder /out/ /usr/local/bin/
 COPY --from=models /src/models/prepared/ /models/
 COPY --from=ort-gpu /out/ /opt/onnxruntime-gpu/
-COPY --from=healthcheck /millrace-healthcheck /usr/local/bin/millrace-healthcheck
+COPY deploy/docker/millrace-healthcheck /usr/local/bin/millrace-healthcheck
 ENV MILLRACE_MODELS_DIR=/models \
     ORT_DYLIB_PATH=/opt/onnxruntime-gpu/libonnxruntime.so.1.31.1 \
     MILLRACE_INFERENCE_GRPC_ADDR=0.0.0.0:50055
