@@ -26,7 +26,8 @@ pub struct ShellArgs {
     /// Log format.
     #[arg(long, env = "MILLRACE_LOG_FORMAT", default_value = "pretty", value_parser = ["pretty", "json"])]
     pub log_format: String,
-    /// OTLP/gRPC endpoint to export traces to (e.g. http://127.0.0.1:4317); off when unset.
+    /// OTLP/gRPC endpoint to export traces to (e.g. http://127.0.0.1:4317); off when unset or
+    /// empty (compose.yaml passes an empty value unless the observability profile's Jaeger runs).
     #[arg(long, env = "MILLRACE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Restart intensity: more than this many child restarts within the window exits the process.
@@ -137,14 +138,18 @@ impl Service {
         Fut: Future<Output = anyhow::Result<Vec<ChildSpec>>>,
     {
         let args = self.args;
-        let telemetry =
-            match telemetry::init(self.name, &args.log, args.log_format == "json", args.otlp_endpoint.as_deref()) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("{}: telemetry: {e:#}", self.name);
-                    return 2;
-                }
-            };
+        let telemetry = match telemetry::init(
+            self.name,
+            &args.log,
+            args.log_format == "json",
+            args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{}: telemetry: {e:#}", self.name);
+                return 2;
+            }
+        };
         let stop_requested = CancellationToken::new();
         actix_rt::spawn(wait_for_signal(stop_requested.clone()));
 
