@@ -90,6 +90,9 @@ pub struct CommonArgs {
     /// Ingest's gRPC URL.
     #[arg(long, env = "MILLRACE_LOADTEST_GRPC_URL", default_value = "http://127.0.0.1:50051")]
     pub grpc_url: String,
+    /// API key sent as `Authorization: Bearer <key>` on every API (when ingest has keys on).
+    #[arg(long, env = "MILLRACE_LOADTEST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// The sink's HTTP base URL, for the ledger check and the per-stage breakdown.
     #[arg(long, env = "MILLRACE_LOADTEST_SINK_URL", default_value = "http://127.0.0.1:8090")]
     pub sink_url: String,

@@ -105,6 +105,7 @@ impl Runner {
             api: args.api,
             ingest_url: args.ingest_url.clone(),
             grpc_url: args.grpc_url.clone(),
+            api_key: args.api_key.clone(),
             connections: args.sockets as usize,
         };
         Ok(Self {

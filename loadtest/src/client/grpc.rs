@@ -3,6 +3,7 @@ use millrace_proto::CODE_METADATA;
 use millrace_proto::v1::generate_event::Event;
 use millrace_proto::v1::ingest_client::IngestClient;
 use millrace_proto::v1::{GenerationParams, SubmitRequest, TerminalStatus};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use super::{ClientError, Trace};
@@ -11,22 +12,26 @@ use crate::workload::Query;
 
 pub struct GrpcClient {
     channels: Vec<IngestClient<Channel>>,
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl GrpcClient {
-    pub async fn connect(url: &str, channels: usize) -> Result<Self, ClientError> {
+    pub async fn connect(url: &str, api_key: Option<&str>, channels: usize) -> Result<Self, ClientError> {
+        let authorization = api_key
+            .map(|key| MetadataValue::try_from(format!("Bearer {key}")).map_err(|_| ClientError::ApiKey))
+            .transpose()?;
         let endpoint = Endpoint::from_shared(url.to_owned())?;
         let mut connected = Vec::with_capacity(channels);
         for _ in 0..channels {
             // Each `connect` opens its own HTTP/2 connection, so streams spread over them.
             connected.push(IngestClient::new(endpoint.connect().await?));
         }
-        Ok(Self { channels: connected })
+        Ok(Self { channels: connected, authorization })
     }
 
     pub async fn execute(&self, query: &Query, trace: &mut Trace) -> Result<Ending, ClientError> {
         let mut client = self.channels[query.seq as usize % self.channels.len()].clone();
-        let request = SubmitRequest {
+        let mut request = tonic::Request::new(SubmitRequest {
             user: query.user.clone(),
             session: query.session.clone(),
             text: query.text.to_owned(),
@@ -38,7 +43,10 @@ impl GrpcClient {
             }),
             deadline_ms: query.deadline_ms.unwrap_or(0),
             ..Default::default()
-        };
+        });
+        if let Some(authorization) = &self.authorization {
+            request.metadata_mut().insert("authorization", authorization.clone());
+        }
         let mut events = match client.generate(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => return Ok(Ending::Rejected { code: error_code(&status) }),

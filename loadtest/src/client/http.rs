@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ClientError, Trace};
+use super::{ClientError, Trace, bearer};
 use millrace_proto::v1::TerminalStatus;
 
 use crate::record::{Ending, Told};
@@ -15,8 +15,12 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    pub fn new(ingest_url: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder().build()?;
+    pub fn new(ingest_url: &str, api_key: Option<&str>) -> Result<Self, ClientError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = api_key {
+            headers.insert(reqwest::header::AUTHORIZATION, bearer(key)?);
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build()?;
         Ok(Self { http, url: format!("{}/v1/chat/completions", ingest_url.trim_end_matches('/')) })
     }
 

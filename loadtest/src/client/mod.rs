@@ -31,6 +31,8 @@ pub struct Endpoints {
     pub ingest_url: String,
     /// URL of ingest's gRPC API.
     pub grpc_url: String,
+    /// Sent as `Authorization: Bearer <key>` by every client.
+    pub api_key: Option<String>,
     /// WebSocket connections (ws) or HTTP/2 channels (grpc); requests are spread over them.
     pub connections: usize,
 }
@@ -49,6 +51,16 @@ pub enum ClientError {
     Malformed(#[from] serde_json::Error),
     #[error("protocol: {0}")]
     Protocol(&'static str),
+    #[error("the API key is not a valid header value")]
+    ApiKey,
+}
+
+/// The `Authorization` header value for `api_key`.
+fn bearer(api_key: &str) -> Result<reqwest::header::HeaderValue, ClientError> {
+    let mut value =
+        reqwest::header::HeaderValue::try_from(format!("Bearer {api_key}")).map_err(|_| ClientError::ApiKey)?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// An error with its sources: reqwest and hyper put the useful part ("connection refused")
@@ -113,9 +125,13 @@ impl Client {
     pub async fn connect(endpoints: &Endpoints) -> Result<Self, ClientError> {
         let connections = endpoints.connections.max(1);
         Ok(match endpoints.api {
-            Api::Http => Self::Http(http::HttpClient::new(&endpoints.ingest_url)?),
-            Api::Ws => Self::Ws(ws::WsClient::connect(&endpoints.ingest_url, connections).await?),
-            Api::Grpc => Self::Grpc(grpc::GrpcClient::connect(&endpoints.grpc_url, connections).await?),
+            Api::Http => Self::Http(http::HttpClient::new(&endpoints.ingest_url, endpoints.api_key.as_deref())?),
+            Api::Ws => {
+                Self::Ws(ws::WsClient::connect(&endpoints.ingest_url, endpoints.api_key.as_deref(), connections).await?)
+            }
+            Api::Grpc => Self::Grpc(
+                grpc::GrpcClient::connect(&endpoints.grpc_url, endpoints.api_key.as_deref(), connections).await?,
+            ),
         })
     }
 

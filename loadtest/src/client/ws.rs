@@ -11,8 +11,11 @@ use serde_json::json;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 
-use super::{ClientError, Trace};
+use super::{ClientError, Trace, bearer};
 use millrace_proto::v1::TerminalStatus;
 
 use crate::record::{Ending, Told};
@@ -76,11 +79,12 @@ struct FrameError {
 }
 
 impl WsClient {
-    pub async fn connect(ingest_url: &str, sockets: usize) -> Result<Self, ClientError> {
+    pub async fn connect(ingest_url: &str, api_key: Option<&str>, sockets: usize) -> Result<Self, ClientError> {
         let url = ws_url(ingest_url);
+        let authorization = api_key.map(bearer).transpose()?;
         let mut connected = Vec::with_capacity(sockets);
         for _ in 0..sockets {
-            connected.push(Socket::connect(&url).await?);
+            connected.push(Socket::connect(&url, authorization.as_ref()).await?);
         }
         Ok(Self { sockets: connected })
     }
@@ -162,8 +166,12 @@ fn ws_url(ingest_url: &str) -> String {
 }
 
 impl Socket {
-    async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await?;
+    async fn connect(url: &str, authorization: Option<&HeaderValue>) -> Result<Self, ClientError> {
+        let mut request = url.into_client_request()?;
+        if let Some(value) = authorization {
+            request.headers_mut().insert(AUTHORIZATION, value.clone());
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(request).await?;
         let (mut sink, mut incoming) = stream.split();
         let (outgoing, mut to_send) = mpsc::unbounded_channel::<Message>();
         let routes = Arc::new(Mutex::new(Routes::default()));
