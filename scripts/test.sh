@@ -15,6 +15,7 @@ scripts/setup.sh
 .tools/venv/bin/python -c 'import pytest' 2>/dev/null \
     || .tools/venv/bin/pip install -q --disable-pip-version-check -r models/requirements-test.txt
 .tools/venv/bin/python -m pytest -q models/tests
+scripts/check-k8s.sh  # k8s/ rendered, schema-validated (Kubernetes, KEDA), semantic checks, nats-server -t
 
 if pg_env=$(scripts/postgres.sh start); then
     eval "$pg_env"
