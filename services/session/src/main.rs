@@ -23,7 +23,9 @@ fn main() -> ExitCode {
         let models = tokio::task::spawn_blocking(move || PromptModels::load(&dir)).await??;
         let publisher = setup.connect_bus().await?;
         let bus = config.shell.bus.clone();
-        let kv = NatsKv::open(publisher.jetstream(), &config.bucket, config.idle_ttl(), bus.storage()).await?;
+        let kv =
+            NatsKv::open(publisher.jetstream(), &config.bucket, config.idle_ttl(), bus.storage(), bus.stream_replicas)
+                .await?;
         info!(
             models = ?models.names(),
             bucket = config.bucket,

@@ -2,7 +2,8 @@
 //!
 //! - **Bucket** (`MR_SESSIONS` by default): created or brought up to this process's flags at
 //!   start-up (idempotent; with replicas started under different flags the last one's TTL
-//!   wins). One value per conversation (`history = 1`), keyed by [`SessionId::key`].
+//!   wins), with `--stream-replicas` replicas like every stream of the mesh. One value per
+//!   conversation (`history = 1`), keyed by [`SessionId::key`].
 //! - **Idle expiry**: the bucket's `max_age` is the idle TTL. Every write (a prompt's pending
 //!   turn, a stored exchange, a dropped pending turn) writes a new revision, which restarts the
 //!   key's age: a conversation untouched for the TTL disappears, and the next query starts
@@ -58,12 +59,14 @@ pub struct NatsKv {
 }
 
 impl NatsKv {
-    /// Creates the bucket, or brings an existing one to this TTL and storage.
+    /// Creates the bucket, or brings an existing one to this TTL, storage and replica count
+    /// (`--stream-replicas`: on a cluster, a conversation survives the loss of a node).
     pub async fn open(
         js: &jetstream::Context,
         bucket: &str,
         idle_ttl: Duration,
         storage: jetstream::stream::StorageType,
+        replicas: usize,
     ) -> Result<Self, KvError> {
         let config = kv::Config {
             bucket: bucket.to_owned(),
@@ -71,6 +74,7 @@ impl NatsKv {
             history: 1,
             max_age: idle_ttl,
             storage,
+            num_replicas: replicas,
             ..Default::default()
         };
         // Replicas starting together may race to create it: the loser goes round and updates.

@@ -17,8 +17,9 @@
 //!   generated again. Kept for `--outcome-retention-s` and bounded by `--outcome-max-bytes`,
 //!   oldest decisions forgotten first.
 //!
-//! Both are file-backed streams (memory under `--stream-storage=memory`), created or brought
-//! to the configured limits by whichever service starts first.
+//! Both are file-backed streams (memory under `--stream-storage=memory`) with
+//! `--stream-replicas` replicas, created or brought to the configured limits and replica count
+//! by whichever service starts first.
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream::DiscardPolicy};
@@ -56,6 +57,7 @@ impl Ledger {
             max_age: Duration::from_secs(max_age_s),
             max_bytes,
             storage: settings.storage(),
+            num_replicas: settings.stream_replicas,
             ..Default::default()
         };
         let idempotency = open_bucket(
@@ -137,9 +139,10 @@ async fn create_once(store: &kv::Store, key: &str, value: Bytes) -> Result<bool,
     }
 }
 
-/// Creates the bucket, or brings an existing one to this config's limits (its storage stays
-/// what its creator chose, as with the edge streams); either way its stream drops the oldest
-/// entries when full: forgetting the oldest decisions early beats refusing every new one.
+/// Creates the bucket, or brings an existing one to this config's limits and replica count
+/// (its storage stays what its creator chose, as with the edge streams); either way its stream
+/// drops the oldest entries when full: forgetting the oldest decisions early beats refusing
+/// every new one.
 async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BusError> {
     let name = config.bucket.clone();
     let what = || format!("bucket {name}");
@@ -164,9 +167,10 @@ async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::
         }
     };
     let mut have = stream.cached_info().config.clone();
-    let want = (config.max_age, config.max_bytes, DiscardPolicy::Old);
-    if (have.max_age, have.max_bytes, have.discard) != want {
-        (have.max_age, have.max_bytes, have.discard) = want;
+    have.num_replicas = have.num_replicas.max(1);
+    let want = (config.max_age, config.max_bytes, DiscardPolicy::Old, config.num_replicas.max(1));
+    if (have.max_age, have.max_bytes, have.discard, have.num_replicas) != want {
+        (have.max_age, have.max_bytes, have.discard, have.num_replicas) = want;
         js.update_stream(&have).await.map_err(|e| BusError::provision(what(), e))?;
     }
     js.get_key_value(&name).await.map_err(|e| BusError::provision(what(), e))

@@ -73,13 +73,18 @@ impl BusError {
     }
 }
 
-/// Connects to NATS with reconnects on, returning the client.
+/// Connects to NATS with reconnects on, returning the client. `url` is one NATS URL or several
+/// separated by commas (the nodes of a cluster): async-nats parses a string as a single URL, so
+/// the list is split here and handed over as a list of servers; the client tries them in a
+/// random order until one answers, and reconnects to any of them later.
 pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_nats::Client, BusError> {
+    let servers = settings::parse_servers(url)
+        .map_err(|e| BusError::Provision { context: format!("settings: {e}"), source: None })?;
     async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(timeout)
         .max_reconnects(None)
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|e| BusError::unavailable(format!("connect {url}"), e))
 }

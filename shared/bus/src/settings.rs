@@ -5,12 +5,23 @@ use async_nats::jetstream::stream::StorageType;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BusSettings {
-    /// NATS server URL.
+    /// NATS server URL, or several separated by commas (the nodes of a cluster:
+    /// `nats://nats-0:4222,nats://nats-1:4222,nats://nats-2:4222`). The client tries them in a
+    /// random order, connects to the first that answers and, when that connection drops,
+    /// reconnects to any of them. async-nats takes one URL per string, so the list is split
+    /// here ([`BusSettings::nats_servers`]); each entry is `nats://host:port`, `host:port` or
+    /// `host` (port 4222).
     #[arg(long, env = "MILLRACE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Stream storage: file (durable) or memory.
     #[arg(long, env = "MILLRACE_STREAM_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
     pub stream_storage: String,
+    /// Replicas of every stream the mesh creates (the edges, the dead-letter stream), of the
+    /// ledger's buckets and of session's bucket: 1 on a single server, 3 on a three-node
+    /// JetStream cluster so losing one node loses no acknowledged message. Consumers follow
+    /// their stream. Provisioning brings an existing stream to this count; 1..=5.
+    #[arg(long, env = "MILLRACE_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
     /// Per-stream message limit; past it publishes are refused (discard new) and ingest answers 429.
     #[arg(long, env = "MILLRACE_STREAM_MAX_MSGS", default_value_t = 1_000_000)]
     pub stream_max_msgs: i64,
@@ -77,6 +88,10 @@ pub enum SettingsError {
     WindowBelowHorizon { window: Duration, horizon: Duration },
     #[error("--outcome-retention-s ({outcomes:?}) is shorter than the duplicate window ({window:?})")]
     OutcomesBelowWindow { outcomes: Duration, window: Duration },
+    #[error("--stream-replicas ({0}) must be 1 to 5 (JetStream's limit; 3 for a three-node cluster)")]
+    Replicas(usize),
+    #[error("--nats-url: {entry:?} in {list:?} is not a NATS URL: {reason}")]
+    NatsUrl { list: String, entry: String, reason: String },
 }
 
 /// The defaults (and any `MILLRACE_…` env overrides), as a service would start with no flags.
@@ -124,6 +139,10 @@ impl BusSettings {
     /// Refuses settings under which a retry could outlive the broker's or the ledger's memory
     /// of what it repeats.
     pub fn validate(&self) -> Result<(), SettingsError> {
+        if !(1..=5).contains(&self.stream_replicas) {
+            return Err(SettingsError::Replicas(self.stream_replicas));
+        }
+        self.nats_servers()?;
         let (window, horizon) = (self.duplicate_window(), self.retry_horizon());
         if window < horizon {
             return Err(SettingsError::WindowBelowHorizon { window, horizon });
@@ -134,6 +153,11 @@ impl BusSettings {
         }
         Ok(())
     }
+    /// The servers of `--nats-url`: each comma-separated entry, trimmed (empty ones skipped).
+    pub fn nats_servers(&self) -> Result<Vec<async_nats::ServerAddr>, SettingsError> {
+        parse_servers(&self.nats_url)
+    }
+
     /// An empty memory of cancel notices, bounded as configured.
     pub fn cancel_memory(&self) -> crate::CancelMemory {
         crate::CancelMemory::new(Duration::from_secs(self.cancel_remember_s), self.cancel_memory)
@@ -141,6 +165,22 @@ impl BusSettings {
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
+}
+
+/// The servers of a comma-separated list of NATS URLs; an empty list is refused.
+pub fn parse_servers(list: &str) -> Result<Vec<async_nats::ServerAddr>, SettingsError> {
+    let refuse =
+        |entry: &str, reason: String| SettingsError::NatsUrl { list: list.to_owned(), entry: entry.to_owned(), reason };
+    let servers = list
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| entry.parse::<async_nats::ServerAddr>().map_err(|e| refuse(entry, e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(refuse(list, "no URL".to_owned()));
+    }
+    Ok(servers)
 }
 
 #[cfg(test)]
@@ -164,5 +204,30 @@ mod tests {
         assert_eq!(s.validate(), Ok(()), "30 + 60 + 120 + 240 + 5 = 455 s fits");
         let s = BusSettings { outcome_retention_s: 60, ..Default::default() };
         assert!(matches!(s.validate(), Err(SettingsError::OutcomesBelowWindow { .. })));
+    }
+
+    #[test]
+    fn replicas_outside_one_to_five_are_refused() {
+        assert_eq!(BusSettings::default().stream_replicas, 1);
+        for ok in 1..=5 {
+            assert_eq!(BusSettings { stream_replicas: ok, ..Default::default() }.validate(), Ok(()));
+        }
+        for bad in [0, 6, 7] {
+            let s = BusSettings { stream_replicas: bad, ..Default::default() };
+            assert_eq!(s.validate(), Err(SettingsError::Replicas(bad)));
+        }
+    }
+
+    #[test]
+    fn a_comma_separated_url_list_is_every_server_in_order() {
+        let s = BusSettings { nats_url: "nats://a:4222, b:4223 ,c,".into(), ..Default::default() };
+        let hosts: Vec<(String, u16)> =
+            s.nats_servers().unwrap().iter().map(|a| (a.host().to_owned(), a.port())).collect();
+        assert_eq!(hosts, [("a".into(), 4222), ("b".into(), 4223), ("c".into(), 4222)]);
+        assert_eq!(BusSettings::default().nats_servers().unwrap().len(), 1);
+        for bad in ["", " , ", "http://a:4222", "nats://a:4222,nats://b:notaport"] {
+            let s = BusSettings { nats_url: bad.into(), ..Default::default() };
+            assert!(matches!(s.validate(), Err(SettingsError::NatsUrl { .. })), "{bad:?} is refused");
+        }
     }
 }

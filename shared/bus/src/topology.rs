@@ -154,6 +154,7 @@ impl Topology {
                 storage: settings.storage(),
                 duplicate_window: settings.duplicate_window(),
                 allow_direct: true,
+                num_replicas: settings.stream_replicas,
                 ..Default::default()
             })
             .collect();
@@ -226,6 +227,12 @@ fn stream_matches(have: &stream::Config, want: &stream::Config) -> bool {
         && have.max_age == want.max_age
         && have.duplicate_window == want.duplicate_window
         && have.discard == want.discard
+        && replicas(have) == replicas(want)
+}
+
+/// A stream's replica count as the server means it (0, "unset", is 1).
+pub(crate) fn replicas(config: &stream::Config) -> usize {
+    config.num_replicas.max(1)
 }
 
 async fn provision_consumer(js: &jetstream::Context, stream_name: &str, config: &pull::Config) -> Result<(), BusError> {
