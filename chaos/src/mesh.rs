@@ -42,6 +42,7 @@ impl ChaosMesh {
         let nats = NatsServer::start_with(NatsOptions {
             store_dir: Some(run_dir.join("nats-store")),
             run_dir: Some(logs.clone()),
+            ..Default::default()
         })
         .await
         .context("starting nats-server")?;

@@ -214,6 +214,23 @@ async fn dispatch_reasons_priority_order_and_the_in_flight_bound() {
     assert_eq!(metric(&text, "millrace_batcher_queue_wait_seconds_count", &[("model", MODEL)]), Some(9.0));
 }
 
+/// `--nats-url` takes a comma-separated list (a cluster's nodes): the batcher starts, becomes
+/// ready and batches through the live server when the first URL is dead.
+#[tokio::test]
+async fn a_url_list_whose_first_server_is_dead_reaches_the_next() {
+    let nats = NatsServer::start().await.unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let args = [format!("--nats-url=nats://127.0.0.1:{dead},{}", nats.url()), "--max-in-flight=1".to_owned()];
+    let process = ServiceProcess::start("batcher", &args, &[], WAIT).await.expect("ready past the dead URL");
+    let batcher = Batcher { process };
+    let bus = Bus::connect(&nats, BusSettings::default()).await;
+    bus.publish_prompt(prompt("listed", 0, 10)).await;
+    let (batch, message) = bus.next_batch().await;
+    assert_eq!(members(&batch), ["listed"]);
+    message.double_ack().await.unwrap();
+    bus.wait_prompts_acked(&batcher).await;
+}
+
 /// A queued prompt holds its message's ack handle, not a consumer worker: one worker still
 /// gathers a full batch (the worker count used to cap the batch size).
 #[tokio::test]

@@ -1,8 +1,8 @@
-//! Test harness: a real `nats-server -js` on ports it picks itself, with its own store; the
-//! service binaries as child processes, restarted on fresh ports should one lose a port race;
-//! readiness waits and clean teardown; and the helpers the services' tests share: the test's
-//! side of the bus ([`bus`]), Prometheus metrics ([`metrics`]), a storing sink ([`sink`]) and
-//! the whole mesh ([`mesh`]).
+//! Test harness: a real `nats-server -js` on ports it picks itself, with its own store, or a
+//! three-node JetStream cluster of them ([`NatsCluster`]); the service binaries as child
+//! processes, restarted on fresh ports should one lose a port race; readiness waits and clean
+//! teardown; and the helpers the services' tests share: the test's side of the bus ([`bus`]),
+//! Prometheus metrics ([`metrics`]), a storing sink ([`sink`]) and the whole mesh ([`mesh`]).
 //!
 //! A test that cannot reach a real component it needs (PostgreSQL, the prepared models) says
 //! `SKIPPED` and passes, unless [`REQUIRE_REAL`] is set: then it fails (see [`skip_or_fail`]).
@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 pub mod bus;
+mod cluster;
 pub mod mesh;
 pub mod metrics;
 mod nats;
 mod service;
 pub mod sink;
 
+pub use cluster::{ClusterOptions, NatsCluster, Node};
 pub use nats::{NatsOptions, NatsServer, nats_server_binary};
 pub use service::{ServiceOptions, ServiceProcess, service_binary};
 

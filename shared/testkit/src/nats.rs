@@ -38,6 +38,10 @@ pub struct NatsServer {
     store: Folder,
     /// Holds the ports file and the server's log.
     run: Folder,
+    /// Command-line arguments after the test kit's own (a cluster node's name and routes).
+    args: Vec<String>,
+    /// A configuration file (`-c`) in the run folder, for what has no flag.
+    config: Option<PathBuf>,
 }
 
 /// A folder the server owns (removed on drop) or one it was given (kept).
@@ -62,6 +66,12 @@ pub struct NatsOptions {
     pub store_dir: Option<PathBuf>,
     /// The ports file and `nats-server.log` (appended to across restarts).
     pub run_dir: Option<PathBuf>,
+    /// More command-line arguments, after the test kit's own (`-js`, ports, store), which they
+    /// may override: a cluster node's `-n`, `--cluster`, `--routes` ([`crate::NatsCluster`]).
+    pub args: Vec<String>,
+    /// The text of a configuration file (`-c`, written to the run folder) for settings that
+    /// have no flag, such as `jetstream { sync_interval: always }`; flags override it.
+    pub config: Option<String>,
 }
 
 /// How long [`NatsServer::restart`] keeps trying to listen on its old client port.
@@ -85,7 +95,23 @@ impl NatsServer {
             })
         };
         let (store, run) = (folder(options.store_dir)?, folder(options.run_dir)?);
-        let mut server = Self { child: None, url: String::new(), monitor_url: String::new(), store, run };
+        let config = match options.config {
+            Some(text) => {
+                let path = run.path().join("nats-server.conf");
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                Some(path)
+            }
+            None => None,
+        };
+        let mut server = Self {
+            child: None,
+            url: String::new(),
+            monitor_url: String::new(),
+            store,
+            run,
+            args: options.args,
+            config,
+        };
         server.launch(None).await?;
         Ok(server)
     }
@@ -98,11 +124,16 @@ impl NatsServer {
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let port = port.map_or("-1".to_owned(), |p| p.to_string());
-        let child = Command::new(nats_server_binary()?)
+        let mut command = Command::new(nats_server_binary()?);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", "-1", "--ports_file_dir"])
             .arg(self.run.path())
             .arg("-sd")
             .arg(self.store.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
