@@ -11,6 +11,10 @@
 //! `ledger` (the cost of the durable decisions: a terminal result's publish, decided in
 //! `MR_OUTCOMES` first, against a plain publish of the same size, and a keyed submit's
 //! accepted-key check + record, each awaited one by one).
+//! `sync` (what `jetstream { sync_interval: always }` costs: the `publish` rows against a
+//! server with the default fsync interval and one that fsyncs every write, on one server at R1
+//! and on a three-node cluster of local processes at R3, `MILLRACE_BENCH_SYNC_TOPOLOGIES`
+//! picking among `r1,r3`, default both).
 //! `MILLRACE_BENCH_N` scales the burst counts (default 20000).
 use std::ops::Range;
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use millrace_bus::topology::{ConsumerSpec, Edge, EdgeKey};
 use millrace_bus::{BusSettings, Dedup, Delivery, Handler, Publisher, StageConsumer, StageError, Topology};
 use millrace_proto::v1::{Query, RequestContext, TerminalStatus, Timings};
 use millrace_proto::{Message as _, now_unix_us};
-use millrace_testkit::NatsServer;
+use millrace_testkit::{ClusterOptions, NatsCluster, NatsOptions, NatsServer};
 use tokio_util::sync::CancellationToken;
 
 const PAYLOAD_BYTES: usize = 300;
@@ -81,6 +85,32 @@ async fn server(settings: &BusSettings) -> (NatsServer, BusSettings) {
     let nats = NatsServer::start().await.expect("nats-server");
     let settings = BusSettings { nats_url: nats.url(), ..settings.clone() };
     (nats, settings)
+}
+
+/// What `jetstream { sync_interval: always }` adds to every write: an fsync before the PubAck.
+const SYNC_ALWAYS: &str = "jetstream { sync_interval: always }\n";
+
+/// A single server or a three-node cluster, kept running while measured.
+enum Broker {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+/// A fresh broker (R1: one server; R3: three nodes), fsyncing every write if `always`, and
+/// the settings to reach it with.
+async fn broker(settings: &BusSettings, replicas: usize, always: bool) -> (Broker, BusSettings) {
+    let config = always.then(|| SYNC_ALWAYS.to_owned());
+    let (broker, url) = if replicas == 1 {
+        let nats = NatsServer::start_with(NatsOptions { config, ..Default::default() }).await.expect("nats-server");
+        let url = nats.url();
+        (Broker::Single(nats), url)
+    } else {
+        let cluster =
+            NatsCluster::start_with(replicas, ClusterOptions { config, ..Default::default() }).await.expect("cluster");
+        let url = cluster.urls();
+        (Broker::Cluster(cluster), url)
+    };
+    (broker, BusSettings { nats_url: url, stream_replicas: replicas, ..settings.clone() })
 }
 
 /// A connection of its own, as each service of the mesh has (with its own publish window).
@@ -221,7 +251,7 @@ fn env(name: &str, default: &str) -> String {
 fn main() {
     let n: usize = env("MILLRACE_BENCH_N", "20000").parse().expect("MILLRACE_BENCH_N");
     let hops: usize = env("MILLRACE_BENCH_HOPS", "7").parse().expect("MILLRACE_BENCH_HOPS");
-    let sections = env("MILLRACE_BENCH", "publish,ledger,hop,chain,ramp");
+    let sections = env("MILLRACE_BENCH", "publish,ledger,sync,hop,chain,ramp");
     let ramp: Vec<f64> = env("MILLRACE_BENCH_RAMP", "1000,2000,4000,8000")
         .split(',')
         .map(|r| r.trim().parse().expect("MILLRACE_BENCH_RAMP"))
@@ -267,6 +297,28 @@ fn main() {
             })
             .await;
             row(format!("keyed submit: accepted check + record ({count})"), keyed.0, Some(&keyed.1));
+        }
+        if runs("sync") {
+            let topologies = env("MILLRACE_BENCH_SYNC_TOPOLOGIES", "r1,r3");
+            for replicas in [1, 3].into_iter().filter(|r| topologies.split(',').any(|t| t.trim() == format!("r{r}"))) {
+                for always in [false, true] {
+                    let sync = if always { "sync always" } else { "sync 2 min" };
+                    let count = n / 10;
+                    // A fresh broker for each row, stopped before the next starts.
+                    let each = {
+                        let (_broker, on) = broker(&settings, replicas, always).await;
+                        let publisher = millrace_bus::connect_mesh(&on, "bench").await.unwrap();
+                        timed_each(count, |i| publisher.publish(message(i, Edge::QUERIES, now_unix_us()))).await
+                    };
+                    row(format!("R{replicas}, {sync}: publish, each PubAck awaited ({count})"), each.0, Some(&each.1));
+                    let pipelined = {
+                        let (_broker, on) = broker(&settings, replicas, always).await;
+                        let publisher = millrace_bus::connect_mesh(&on, "bench").await.unwrap();
+                        publish_pipelined(&publisher, Edge::QUERIES, 0..n).await
+                    };
+                    row(format!("R{replicas}, {sync}: publish, PubAcks pipelined ({n})"), pipelined, None);
+                }
+            }
         }
         let chains = [("hop", 1), ("chain", hops)].into_iter().filter(|&(section, _)| runs(section));
         for (_, hops) in chains {
