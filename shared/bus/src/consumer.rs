@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::delivery::{Delivery, StageError};
+use crate::lag::{self, LagExport};
 use crate::topology::{self, ConsumerSpec};
 use crate::{BusError, BusSettings, Publisher, dlq, metrics, trace};
 
@@ -73,6 +74,8 @@ pub struct StageConsumer<H> {
     pub handler: Arc<H>,
     pub publisher: Publisher,
     pub settings: BusSettings,
+    /// How often the consumer's lag is read for its gauges ([`lag`]).
+    pub lag_poll: Duration,
 }
 
 impl<H: Handler> StageConsumer<Immediate<H>> {
@@ -83,7 +86,7 @@ impl<H: Handler> StageConsumer<Immediate<H>> {
 
 impl<H: DeferringHandler> StageConsumer<H> {
     pub fn deferring(spec: ConsumerSpec, handler: H, publisher: Publisher, settings: BusSettings) -> Self {
-        Self { spec, handler: Arc::new(handler), publisher, settings }
+        Self { spec, handler: Arc::new(handler), publisher, settings, lag_poll: lag::LAG_POLL_PERIOD }
     }
 
     /// The stage's name: the consumer's durable name.
@@ -105,6 +108,9 @@ impl<H: DeferringHandler> StageConsumer<H> {
             .create_consumer(topology::consumer_config(&self.settings, self.spec.durable))
             .await
             .map_err(|e| BusError::unavailable(context(), e))?;
+        // Exported while this runs, whichever way it ends (drain, error, panic).
+        let _lag = LagExport::spawn(consumer.clone(), self.spec, self.lag_poll);
+        metrics::show_stage(stage);
         let workers = self.settings.workers.max(1);
         // A pull of one message only re-pulls once it is fully consumed, and then at times not
         // until the pull expired (seen: 35 s stalls with one worker): pull at least two, and
@@ -302,7 +308,7 @@ impl Settlement {
                 if self.delivery.deliveries >= self.max_deliver =>
             {
                 let detail = format!("gave up after {} deliveries: {detail}", self.delivery.deliveries);
-                self.dead_letter(TerminalStatus::Failed, "max_deliveries", &detail, None).await
+                self.dead_letter(TerminalStatus::Failed, dlq::MAX_DELIVERIES, &detail, None).await
             }
             Err(StageError::Transient { detail, delay } | StageError::Backpressure { detail, delay }) => {
                 debug!(parent: &span, stage, %detail, ?delay, "transient failure: nak");

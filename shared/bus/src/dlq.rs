@@ -14,6 +14,9 @@ use crate::publisher::Outbound;
 use crate::topology::{ConsumerSpec, Edge};
 use crate::{BusError, Publisher, metrics};
 
+/// The reason of a dead letter whose message ran out of deliveries.
+pub const MAX_DELIVERIES: &str = "max_deliveries";
+
 /// Publishes the DLQ record of `delivery` and a terminal result for every request it stands
 /// for (pipelined, all deduplicated, so a retry after a crash adds nothing): its own request,
 /// or — for a batch — each member, so no accepted request is left without a terminal row.
@@ -146,7 +149,6 @@ impl MaxDeliveriesListener {
         };
         let detail = format!("gave up after {} deliveries", advisory.deliveries);
         info!(stage = self.stage, seq = advisory.stream_seq, %detail, "dead-lettering");
-        dead_letter(&self.publisher, self.stage, &delivery, TerminalStatus::Failed, "max_deliveries", &detail, None)
-            .await
+        dead_letter(&self.publisher, self.stage, &delivery, TerminalStatus::Failed, MAX_DELIVERIES, &detail, None).await
     }
 }

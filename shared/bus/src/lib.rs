@@ -13,6 +13,7 @@ pub mod cancels;
 pub mod consumer;
 pub mod delivery;
 pub mod dlq;
+pub mod lag;
 pub mod ledger;
 pub mod metrics;
 pub mod outbound;

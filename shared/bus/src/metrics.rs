@@ -3,11 +3,16 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    HistogramVec, IntCounter, IntCounterVec, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, register_histogram_vec, register_int_counter,
+    register_int_counter_vec, register_int_gauge_vec,
 };
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register_int_counter_vec!(name, help, labels).expect("metric registers once")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register_int_gauge_vec!(name, help, labels).expect("metric registers once")
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -59,3 +64,30 @@ pub static OUTCOMES_OVERRULED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+/// A consumer's lag as JetStream last reported it ([`crate::lag`]); absent while unknown.
+pub static CONSUMER_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "millrace_consumer_pending_messages",
+        "Messages stored for a durable consumer and not yet delivered to it (JetStream num_pending)",
+        &["stream", "consumer"],
+    )
+});
+pub static CONSUMER_ACK_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "millrace_consumer_ack_pending_messages",
+        "Messages delivered to a durable consumer and not yet acked (JetStream num_ack_pending)",
+        &["stream", "consumer"],
+    )
+});
+
+/// Shows a stage's series at zero from its start, so the first nak, term or dead letter is an
+/// increase Prometheus sees (a series born at 1 has no increase) and every name is exported
+/// before anything goes wrong. Dead letters of other reasons appear with their first record.
+pub fn show_stage(stage: &str) {
+    for counter in [&MESSAGES_IN, &ACKS, &NAKS, &TERMS, &REDELIVERIES, &BACKPRESSURE_WAITS] {
+        counter.with_label_values(&[stage]);
+    }
+    DLQ.with_label_values(&[stage, crate::dlq::MAX_DELIVERIES]);
+    STAGE_LATENCY.with_label_values(&[stage]);
+}
