@@ -9,6 +9,7 @@
 //! ```
 
 mod admin;
+mod metrics;
 pub mod servers;
 mod shell;
 pub mod supervisor;

@@ -16,6 +16,8 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::metrics;
+
 /// Restart policy and drain bound.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -47,10 +49,12 @@ impl Readiness {
             children.values().all(|up| *up)
         };
         self.changes.send_replace(ready);
+        metrics::READY.set(ready.into());
     }
 
     fn draining(&self) {
         self.changes.send_replace(false);
+        metrics::READY.set(0);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -146,6 +150,8 @@ impl RootSupervisor {
         let (done, exited) = oneshot::channel();
         for spec in &specs {
             readiness.set(spec.name, false);
+            // Shown at 0 from the start, so the first restart is an increase Prometheus sees.
+            metrics::SUPERVISOR_RESTARTS.with_label_values(&[spec.name]);
         }
         let children = specs
             .into_iter()
@@ -291,6 +297,7 @@ impl Handler<ChildExited> for RootSupervisor {
             return;
         }
         warn!(child = name, %reason, ?backoff, "child failed; restarting");
+        metrics::SUPERVISOR_RESTARTS.with_label_values(&[name]).inc();
         let index = msg.index;
         ctx.run_later(backoff, move |sup, ctx| sup.spawn_child(index, ctx));
     }
@@ -401,6 +408,8 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r)).await.unwrap().unwrap();
         // 20 + 40 + 80 + 160 ms of backoff before the fifth start.
         assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
+        // No other test names a child "erroring": the process-wide counter is this test's.
+        assert_eq!(metrics::SUPERVISOR_RESTARTS.with_label_values(&["erroring"]).get(), 4);
         sup.do_send(Drain);
         assert_eq!(exited.await.unwrap(), 0);
     }
