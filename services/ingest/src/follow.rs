@@ -32,6 +32,7 @@ use crate::auth::ApiKeys;
 use crate::error::ApiError;
 use crate::gateway::{Accepted, CancelOnDrop, Gateway};
 use crate::guard::StreamGuard;
+use crate::metrics;
 use crate::results::ResultsClient;
 use crate::submit::Submission;
 
@@ -98,6 +99,10 @@ pub struct Follower {
     ready: VecDeque<Event>,
     done: bool,
     next_outcome_poll: Instant,
+    /// When following began (just before the query is published), for the client's latencies.
+    started: Instant,
+    /// Whether the first text was timed (TTFT).
+    first_text_timed: bool,
 }
 
 impl Follower {
@@ -124,6 +129,8 @@ impl Follower {
             ready: VecDeque::new(),
             done: false,
             next_outcome_poll: Instant::now() + OUTCOME_POLL,
+            started: Instant::now(),
+            first_text_timed: false,
         })
     }
 
@@ -140,6 +147,7 @@ impl Follower {
     pub async fn next(&mut self) -> Option<Result<Event, ApiError>> {
         loop {
             if let Some(event) = self.ready.pop_front() {
+                self.time(&event);
                 return Some(Ok(event));
             }
             if self.done {
@@ -174,6 +182,21 @@ impl Follower {
                 _ = tokio::time::sleep_until(outcome_poll), if self.finished.is_none() => self.poll_outcome().await,
                 _ = tokio::time::sleep_until(deadline) => {}
             }
+        }
+    }
+
+    /// Times what the client is handed: its first text, and the terminal result.
+    fn time(&mut self, event: &Event) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        match event {
+            Event::Text(text) if !self.first_text_timed && !text.is_empty() => {
+                self.first_text_timed = true;
+                metrics::TTFT.with_label_values(&[&self.ctx.model]).observe(elapsed);
+            }
+            Event::Finished(row) => {
+                metrics::E2E.with_label_values(&[&self.ctx.model, row.status.name()]).observe(elapsed);
+            }
+            Event::Text(_) => {}
         }
     }
 

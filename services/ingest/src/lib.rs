@@ -31,7 +31,7 @@
 //! - [`http`]: the HTTP APIs, one module each (`queries`, the OpenAI-compatible chat `openai`, the WebSocket
 //!   `ws`); [`grpc`]: the gRPC API; [`results`]: status reads from the sink.
 //! - [`error`]: the one mapping of failures to codes, HTTP statuses and gRPC codes;
-//!   [`config`]: flags.
+//!   [`config`]: flags; [`metrics`]: end-to-end and time-to-first-token histograms.
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -41,5 +41,6 @@ pub mod grpc;
 pub mod guard;
 pub mod http;
 pub mod json;
+pub mod metrics;
 pub mod results;
 pub mod submit;

@@ -90,25 +90,19 @@ async fn server(settings: &BusSettings) -> (NatsServer, BusSettings) {
 /// What `jetstream { sync_interval: always }` adds to every write: an fsync before the PubAck.
 const SYNC_ALWAYS: &str = "jetstream { sync_interval: always }\n";
 
-/// A single server or a three-node cluster, kept running while measured.
-enum Broker {
-    Single(NatsServer),
-    Cluster(NatsCluster),
-}
-
 /// A fresh broker (R1: one server; R3: three nodes), fsyncing every write if `always`, and
-/// the settings to reach it with.
-async fn broker(settings: &BusSettings, replicas: usize, always: bool) -> (Broker, BusSettings) {
+/// the settings to reach it with. The broker runs until the box is dropped.
+async fn broker(settings: &BusSettings, replicas: usize, always: bool) -> (Box<dyn std::any::Any>, BusSettings) {
     let config = always.then(|| SYNC_ALWAYS.to_owned());
     let (broker, url) = if replicas == 1 {
         let nats = NatsServer::start_with(NatsOptions { config, ..Default::default() }).await.expect("nats-server");
         let url = nats.url();
-        (Broker::Single(nats), url)
+        (Box::new(nats) as Box<dyn std::any::Any>, url)
     } else {
         let cluster =
             NatsCluster::start_with(replicas, ClusterOptions { config, ..Default::default() }).await.expect("cluster");
         let url = cluster.urls();
-        (Broker::Cluster(cluster), url)
+        (Box::new(cluster) as Box<dyn std::any::Any>, url)
     };
     (broker, BusSettings { nats_url: url, stream_replicas: replicas, ..settings.clone() })
 }
