@@ -31,6 +31,12 @@ mkdir -p "$CACHE"
 
 digest() { sha256sum | cut -c1-12; }
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+# Older tags of the image just built go: an image is rebuilt on every change of the binaries.
+# One still used by a container (or by a derived image) stays until the next build.
+drop_older() { # drop_older <repository:tag>
+    docker images --format '{{.Repository}}:{{.Tag}}' "${1%%:*}" | grep -vxF "$1" \
+        | xargs -r docker rmi >/dev/null 2>&1 || true
+}
 
 # Legacy builder: this engine (Debian's docker.io 20.10) has no buildx, so the CI images use
 # only instructions the classic builder knows (no cache mounts, no heredocs).
@@ -40,18 +46,24 @@ build() { # build <tag> <dockerfile> <context> [--build-arg …]
     if have_image "$tag"; then say "$tag: present"; return; fi
     say "$tag: building"
     DOCKER_BUILDKIT=0 docker build -q -f "$file" -t "$tag" "$@" "$context" >/dev/null
+    drop_older "$tag"
 }
 
 base_tag() {
     printf '%s\n' "$SUITE" "${BASE_PACKAGES[*]}" "$(declare -f bootstrap_base)" | digest | sed 's/^/millrace-ci\/base:/'
 }
 
+install_debootstrap() {
+    command -v debootstrap >/dev/null && return
+    say "installing debootstrap (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q debootstrap >/dev/null \
+        || { apt-get update -q >/dev/null && apt-get install -y -q debootstrap >/dev/null; }
+}
+
+# The recipe of the base; its text is part of the base's digest.
 bootstrap_base() { # bootstrap_base <rootfs folder>
     local rootfs=$1
-    command -v debootstrap >/dev/null || {
-        say "installing debootstrap (Debian package)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
-    }
     rm -rf "$rootfs"
     # minbase first, then the packages through apt inside it with services kept from starting
     # (policy-rc.d), so the installers' postinst scripts do not start PostgreSQL in the chroot.
@@ -74,6 +86,7 @@ ensure_base() {
     if [[ ! -s $tar ]]; then
         say "$BASE: debootstrap $SUITE (a few minutes, once)"
         local rootfs="$CACHE/rootfs"
+        install_debootstrap
         bootstrap_base "$rootfs"
         tar -C "$rootfs" --numeric-owner -cf "$tar.partial" .
         mv "$tar.partial" "$tar"
@@ -82,6 +95,7 @@ ensure_base() {
     fi
     say "$BASE: docker import"
     docker import -c 'CMD ["bash"]' "$tar" "$BASE" >/dev/null
+    drop_older "$BASE"
 }
 
 # A tag from the Dockerfile, the base and every file the image copies.
