@@ -1,12 +1,15 @@
 //! The batcher's Prometheus metrics, in the process-wide default registry that the admin
 //! server's `/metrics` exposes (next to the bus metrics).
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use millrace_proto::v1::ReplicaCapacity;
 use prometheus::{
     GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, register_gauge_vec, register_histogram_vec,
     register_int_counter, register_int_counter_vec, register_int_gauge_vec,
 };
+
+use crate::queue::{DropReason, Overload};
 
 fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
     register_histogram_vec!(name, help, labels, buckets).expect("metric registers once")
@@ -174,5 +177,17 @@ pub fn forget_replica(model: &str, replica: &str) {
     for gauge in replica_gauges() {
         // Absent already (never shown by this process): nothing to remove.
         let _ = gauge.remove_label_values(&[model, replica]);
+    }
+}
+
+/// Shows a model's drop and refusal counters at 0, so the first drop is an increase Prometheus
+/// sees and the dashboard's series exist before anything is dropped.
+pub fn show_model(model: &str) {
+    let overloaded = DropReason::Overloaded { cause: Overload::QueueFull, retry_after: Duration::ZERO };
+    for reason in [DropReason::Expired, DropReason::Cancelled, overloaded] {
+        DROPPED.with_label_values(&[model, reason.as_str()]);
+    }
+    for cause in [Overload::QueueFull, Overload::DeadlineUnreachable] {
+        REFUSED.with_label_values(&[model, cause.as_str()]);
     }
 }

@@ -296,6 +296,7 @@ pub async fn run(
         }
         depth_series.show(&queues);
         for model in queues.models() {
+            metrics::show_model(model);
             metrics::IN_FLIGHT.with_label_values(&[model]).set(queues.in_flight(model) as i64);
             match queues.free_slots(model) {
                 Some(free) => metrics::FREE_SLOTS.with_label_values(&[model]).set(free as i64),

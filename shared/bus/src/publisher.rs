@@ -50,6 +50,10 @@ impl Publisher {
     pub async fn new(client: async_nats::Client, settings: &BusSettings) -> Result<Self, BusError> {
         let js = jetstream::ContextBuilder::new().timeout(settings.publish_timeout()).build(client);
         let ledger = Ledger::open(&js, settings).await?;
+        // Shown at 0, so the first failure is an increase Prometheus sees.
+        for kind in publish_error::ALL {
+            metrics::PUBLISH_ERRORS.with_label_values(&[kind]);
+        }
         Ok(Self {
             js,
             window: Arc::new(Semaphore::new(settings.publish_window.max(1))),
@@ -82,7 +86,7 @@ impl Publisher {
         mut out: Outbound,
     ) -> Result<impl Future<Output = Result<Published, BusError>> + Send + 'static, BusError> {
         if self.js.client().connection_state() != State::Connected {
-            metrics::PUBLISH_ERRORS.with_label_values(&["unavailable"]).inc();
+            metrics::PUBLISH_ERRORS.with_label_values(&[publish_error::UNAVAILABLE]).inc();
             return Err(BusError::gone("not connected to NATS"));
         }
         if let Some(request_id) = Edge::RESULTS.key_of(&out.subject) {
@@ -117,11 +121,9 @@ impl Publisher {
             drop(permit);
             let ack = ack?;
             metrics::PUBLISH_LATENCY.with_label_values(&[&ack.stream]).observe(started.elapsed().as_secs_f64());
-            if ack.duplicate {
-                metrics::DUPLICATES.with_label_values(&[&ack.stream]).inc();
-            } else {
-                metrics::MESSAGES_OUT.with_label_values(&[&ack.stream]).inc();
-            }
+            // Both counted (one by 0), so a stream's duplicates show at 0 from its first publish.
+            metrics::DUPLICATES.with_label_values(&[&ack.stream]).inc_by(u64::from(ack.duplicate));
+            metrics::MESSAGES_OUT.with_label_values(&[&ack.stream]).inc_by(u64::from(!ack.duplicate));
             Ok(Published { stream: ack.stream, sequence: ack.sequence, duplicate: ack.duplicate })
         });
         Ok(async move {
@@ -144,14 +146,27 @@ impl Publisher {
     }
 }
 
+/// The `kind` label of `millrace_publish_errors_total`.
+mod publish_error {
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const NO_STREAM: &str = "no_stream";
+    pub const STREAM_FULL: &str = "stream_full";
+    pub const OTHER: &str = "other";
+    pub const ALL: [&str; 4] = [UNAVAILABLE, NO_STREAM, STREAM_FULL, OTHER];
+}
+
 fn map_publish_error(e: jetstream::context::PublishError) -> BusError {
     let (kind, variant): (_, fn(String, Option<NatsError>) -> BusError) = match e.kind() {
         PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
-            ("unavailable", |context, source| BusError::Unavailable { context, source })
+            (publish_error::UNAVAILABLE, |context, source| BusError::Unavailable { context, source })
         }
-        PublishErrorKind::StreamNotFound => ("no_stream", |context, source| BusError::Unavailable { context, source }),
-        _ if is_stream_full(&e) => ("stream_full", |context, source| BusError::StreamFull { context, source }),
-        _ => ("other", |context, source| BusError::Other { context, source }),
+        PublishErrorKind::StreamNotFound => {
+            (publish_error::NO_STREAM, |context, source| BusError::Unavailable { context, source })
+        }
+        _ if is_stream_full(&e) => {
+            (publish_error::STREAM_FULL, |context, source| BusError::StreamFull { context, source })
+        }
+        _ => (publish_error::OTHER, |context, source| BusError::Other { context, source }),
     };
     metrics::PUBLISH_ERRORS.with_label_values(&[kind]).inc();
     variant("publish".into(), Some(e.into()))
