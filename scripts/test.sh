@@ -16,6 +16,7 @@ scripts/setup.sh
     || .tools/venv/bin/pip install -q --disable-pip-version-check -r models/requirements-test.txt
 .tools/venv/bin/python -m pytest -q models/tests
 scripts/check-k8s.sh  # k8s/ rendered, schema-validated (Kubernetes, KEDA), semantic checks, nats-server -t
+scripts/check-observability.sh  # promtool: prometheus.yml, alert rules and their unit tests; dashboard and rule metric names
 
 if pg_env=$(scripts/postgres.sh start); then
     eval "$pg_env"
