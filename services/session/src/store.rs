@@ -78,9 +78,16 @@ impl NatsKv {
             ..Default::default()
         };
         // Replicas starting together may race to create it: the loser goes round and updates.
+        // Created with the provisioning timeout (a cluster's meta group can be slow to answer),
+        // then opened on `js`, whose timeout its reads and writes keep.
+        let provisioning = millrace_bus::topology::provisioning(js);
         let mut attempt = 0;
         loop {
-            match js.create_or_update_key_value(config.clone()).await {
+            let created = match provisioning.create_or_update_key_value(config.clone()).await {
+                Ok(_) => js.get_key_value(bucket).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match created {
                 Ok(store) => return Ok(Self { store }),
                 Err(e) if attempt < 3 => {
                     attempt += 1;

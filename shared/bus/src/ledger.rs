@@ -20,11 +20,14 @@
 //! Both are file-backed streams (memory under `--stream-storage=memory`) with
 //! `--stream-replicas` replicas, created or brought to the configured limits and replica count
 //! by whichever service starts first.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{CreateKeyValueErrorKind, CreateStreamErrorKind};
 use async_nats::jetstream::{self, kv, stream::DiscardPolicy};
 use bytes::Bytes;
+use tracing::warn;
 
+use crate::topology::PROVISION_DEADLINE;
 use crate::{BusError, BusSettings};
 
 pub const IDEMPOTENCY_BUCKET: &str = "MR_IDEMPOTENCY";
@@ -144,34 +147,55 @@ async fn create_once(store: &kv::Store, key: &str, value: Bytes) -> Result<bool,
 /// drops the oldest entries when full: forgetting the oldest decisions early beats refusing
 /// every new one.
 async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, BusError> {
+    // Created and updated with the provisioning timeout; the store is opened on `js`, whose
+    // timeout its reads and writes keep.
+    let (store_js, js) = (js, &crate::topology::provisioning(js));
     let name = config.bucket.clone();
     let what = || format!("bucket {name}");
+    let deadline = Instant::now() + PROVISION_DEADLINE;
     let mut attempt = 0;
-    let stream = loop {
+    loop {
+        attempt += 1;
         // Refused when the bucket exists (made by another service, maybe with other settings):
         // it is then found, and only its limits are brought to this config below.
         let created = js.create_key_value(config.clone()).await;
-        match js.get_stream(format!("KV_{name}")).await {
-            Ok(stream) => break stream,
-            // Neither made nor there: NATS is not ready yet; a few tries, then the reason.
-            Err(_) if attempt < 3 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+        let unanswered = match js.get_stream(format!("KV_{name}")).await {
+            Ok(stream) => {
+                let mut have = stream.cached_info().config.clone();
+                have.num_replicas = have.num_replicas.max(1);
+                let want = (config.max_age, config.max_bytes, DiscardPolicy::Old, config.num_replicas.max(1));
+                let updated = if (have.max_age, have.max_bytes, have.discard, have.num_replicas) != want {
+                    (have.max_age, have.max_bytes, have.discard, have.num_replicas) = want;
+                    js.update_stream(&have).await.map(drop)
+                } else {
+                    Ok(())
+                };
+                match updated {
+                    Ok(()) => match store_js.get_key_value(&name).await {
+                        Ok(store) => return Ok(store),
+                        Err(e) => BusError::provision(what(), e),
+                    },
+                    Err(e) if matches!(e.kind(), CreateStreamErrorKind::JetStream(_)) => {
+                        return Err(BusError::provision(what(), e));
+                    }
+                    Err(e) => BusError::provision(what(), e),
+                }
             }
-            Err(e) => {
-                return Err(match created {
-                    Err(refused) => BusError::provision(what(), refused),
-                    Ok(_) => BusError::provision(what(), e),
-                });
-            }
+            // Neither made nor there. The server refused to make it (a config it cannot hold,
+            // such as more replicas than it has nodes): that is the reason. Otherwise NATS has
+            // not answered (not ready yet, a cluster electing its leader): try again.
+            Err(e) => match created {
+                Err(refused) if refused.kind() == CreateKeyValueErrorKind::BucketCreate => {
+                    return Err(BusError::provision(what(), refused));
+                }
+                Err(unanswered) => BusError::provision(what(), unanswered),
+                Ok(_) => BusError::provision(what(), e),
+            },
+        };
+        if Instant::now() > deadline {
+            return Err(unanswered);
         }
-    };
-    let mut have = stream.cached_info().config.clone();
-    have.num_replicas = have.num_replicas.max(1);
-    let want = (config.max_age, config.max_bytes, DiscardPolicy::Old, config.num_replicas.max(1));
-    if (have.max_age, have.max_bytes, have.discard, have.num_replicas) != want {
-        (have.max_age, have.max_bytes, have.discard, have.num_replicas) = want;
-        js.update_stream(&have).await.map_err(|e| BusError::provision(what(), e))?;
+        warn!(bucket = name, error = %unanswered, attempt, "opening the bucket: no answer yet, trying again");
+        tokio::time::sleep(Duration::from_millis(100 * attempt.min(5))).await;
     }
-    js.get_key_value(&name).await.map_err(|e| BusError::provision(what(), e))
 }

@@ -6,13 +6,15 @@
 //! (discard new) turn overload into a refusal at the publisher rather than unbounded memory.
 //! All consumers of the whole mesh are declared here, not by the service that reads them, so a
 //! message published before its reader first starts is kept, whatever the start-up order.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, pull},
     stream::{self, DiscardPolicy, RetentionPolicy},
 };
+
+use tracing::warn;
 
 use crate::{BusError, BusSettings};
 
@@ -168,6 +170,7 @@ impl Topology {
     /// Creates what is missing and brings what exists up to the declared config. Safe to run
     /// concurrently from several services: a lost creation race is resolved by updating.
     pub async fn provision(&self, js: &jetstream::Context) -> Result<(), BusError> {
+        let js = &provisioning(js);
         for config in &self.streams {
             provision_stream(js, config).await?;
         }
@@ -176,6 +179,22 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// How long one provisioning request (creating or updating a stream, a bucket, a consumer)
+/// waits for its answer. On a cluster each is a round of the JetStream meta group (and of the
+/// new stream's own group); with seven services creating the mesh at once on a three-node
+/// cluster some requests were never answered (the chaos suite's `cluster` schedule: two
+/// services failed start-up with `jetstream request timed out` after 30 s while the others
+/// had provisioned in 3 s), so an unanswered request is sent again, until
+/// [`PROVISION_DEADLINE`].
+pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long provisioning keeps asking again when unanswered.
+pub const PROVISION_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A JetStream context on `js`'s connection whose requests wait [`PROVISION_TIMEOUT`].
+pub fn provisioning(js: &jetstream::Context) -> jetstream::Context {
+    jetstream::ContextBuilder::new().timeout(PROVISION_TIMEOUT).build(js.client())
 }
 
 pub(crate) fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Config {
@@ -195,24 +214,40 @@ pub(crate) fn consumer_config(settings: &BusSettings, durable: &str) -> pull::Co
 
 async fn provision_stream(js: &jetstream::Context, config: &stream::Config) -> Result<(), BusError> {
     let what = || format!("stream {}", config.name);
-    for _ in 0..3 {
-        match js.get_stream(&config.name).await {
-            Ok(mut existing) => {
-                let info = existing.info().await.map_err(|e| BusError::provision(what(), e))?;
-                if !stream_matches(&info.config, config) {
-                    js.update_stream(config).await.map_err(|e| BusError::provision(what(), e))?;
-                }
-                return Ok(());
-            }
+    let deadline = Instant::now() + PROVISION_DEADLINE;
+    loop {
+        // What went unanswered this round (a refusal the server answered returns at once).
+        let unanswered = match js.get_stream(&config.name).await {
+            Ok(mut existing) => match existing.info().await {
+                Ok(info) if stream_matches(&info.config, config) => return Ok(()),
+                Ok(_) => match js.update_stream(config).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if refused(&e) => return Err(BusError::provision(what(), e)),
+                    Err(e) => BusError::provision(what(), e),
+                },
+                Err(e) => BusError::provision(what(), e),
+            },
             Err(_) => match js.create_stream(config.clone()).await {
                 Ok(_) => return Ok(()),
                 // Another service created it between our get and create: go round and update.
                 Err(e) if is_name_taken(&e) => continue,
-                Err(e) => return Err(BusError::provision(what(), e)),
+                Err(e) if refused(&e) => return Err(BusError::provision(what(), e)),
+                Err(e) => BusError::provision(what(), e),
             },
+        };
+        if Instant::now() > deadline {
+            return Err(unanswered);
         }
+        warn!(stream = config.name, error = %unanswered, "provisioning: no answer yet, trying again");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(BusError::Provision { context: format!("{}: it kept changing while provisioning", what()), source: None })
+}
+
+/// The server answered the create or update with an error (a conflicting config, a replica
+/// count it cannot place): trying again would not help. Anything else (no answer in time, no
+/// responders while a cluster elects its leader) is tried again until [`PROVISION_DEADLINE`].
+fn refused(e: &jetstream::context::CreateStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(_))
 }
 
 /// The server's answer when a stream of that name exists already (by its JetStream error code).
