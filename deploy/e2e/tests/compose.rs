@@ -77,6 +77,11 @@ async fn scenario(root: &Path, run_dir: &Path, report: &mut Report) -> anyhow::R
     report.compose = format!("{tool:?}");
     report.project = project;
 
+    // The observability profile (Jaeger, Grafana, the NATS exporter) is not started here — none
+    // of its images can be built without a registry — but the file must render with it.
+    stack.compose(&["--profile", "observability", "config", "-q"]).await?;
+    report.checks.push("compose.yaml renders with the observability profile too (config -q)".into());
+
     // 1. Up, every container healthy.
     report.up_s = stack.up(UP).await?.as_secs_f64();
     eprintln!("[deploy-e2e] {} containers healthy in {:.1} s", all_services().len(), report.up_s);
@@ -101,6 +106,10 @@ async fn scenario(root: &Path, run_dir: &Path, report: &mut Report) -> anyhow::R
     let names_file = run_dir.join("metric-names.txt");
     std::fs::write(&names_file, names.join("\n") + "\n")?;
     report.checks.push(format!("Prometheus scraped all seven services ({} metric names)", names.len()));
+    let rules = prometheus_rules_loaded(&http, &stack.ports).await?;
+    report.checks.push(format!("Prometheus loaded the {rules} alert rules, every one evaluating"));
+    dashboard_and_rules_use_exported_names(root, &names_file).await?;
+    report.checks.push("every metric of the dashboard and the alert rules is exported".into());
 
     // 3. Each service restarted, then killed, under load.
     // Sized to outlast the fourteen faults on the CI machine; a fault after its end is reported
@@ -360,6 +369,43 @@ async fn prometheus_scraped_every_service(http: &reqwest::Client, ports: &Ports)
     let names: Value =
         http.get(format!("{}/api/v1/label/__name__/values", ports.prometheus_url())).send().await?.json().await?;
     Ok(names["data"].as_array().context("metric names")?.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+}
+
+/// Prometheus (the CI image, Debian's 2.42) loaded `deploy/prometheus/alerts.yml` through
+/// compose's mount and has evaluated every rule without error; returns how many rules.
+async fn prometheus_rules_loaded(http: &reqwest::Client, ports: &Ports) -> anyhow::Result<usize> {
+    // Rules are evaluated every 15 s (evaluation_interval); until then their health is unknown.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer: Value = http.get(format!("{}/api/v1/rules", ports.prometheus_url())).send().await?.json().await?;
+        let rules: Vec<&Value> = answer["data"]["groups"]
+            .as_array()
+            .context("rule groups")?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        ensure!(!rules.is_empty(), "Prometheus loaded no rules: {answer}");
+        let not_ok: Vec<String> = rules.iter().filter(|r| r["health"] != "ok").map(|r| r.to_string()).collect();
+        if not_ok.is_empty() {
+            return Ok(rules.len());
+        }
+        ensure!(Instant::now() < deadline, "rules not evaluating: {not_ok:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `scripts/check-observability.sh --metric-names`: no panel or rule names a metric the
+/// running stack does not export.
+async fn dashboard_and_rules_use_exported_names(root: &Path, names_file: &Path) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("bash")
+        .arg(root.join("scripts/check-observability.sh"))
+        .arg("--metric-names")
+        .arg(names_file)
+        .current_dir(root)
+        .status()
+        .await?;
+    ensure!(status.success(), "scripts/check-observability.sh --metric-names {} failed", names_file.display());
+    Ok(())
 }
 
 fn write_report(run_dir: &Path, report: &Report) -> anyhow::Result<()> {
