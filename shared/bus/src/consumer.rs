@@ -104,7 +104,7 @@ impl<H: DeferringHandler> StageConsumer<H> {
         let context = || format!("consumer {}", self.spec.durable);
         let stream = js.get_stream(self.spec.edge.stream).await.map_err(|e| BusError::unavailable(context(), e))?;
         // The reader owns its consumer's settings: create-or-update to this process's flags.
-        let consumer: jetstream::consumer::PullConsumer = stream
+        let mut consumer: jetstream::consumer::PullConsumer = stream
             .create_consumer(topology::consumer_config(&self.settings, self.spec.durable))
             .await
             .map_err(|e| BusError::unavailable(context(), e))?;
@@ -112,17 +112,7 @@ impl<H: DeferringHandler> StageConsumer<H> {
         let _lag = LagExport::spawn(consumer.clone(), self.spec, self.lag_poll);
         metrics::show_stage(stage);
         let workers = self.settings.workers.max(1);
-        // A pull of one message only re-pulls once it is fully consumed, and then at times not
-        // until the pull expired (seen: 35 s stalls with one worker): pull at least two, and
-        // let pulls expire soon so any lost one costs seconds, not half a minute.
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(workers.max(2))
-            .heartbeat(Duration::from_secs(2))
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .map_err(|e| BusError::unavailable(context(), e))?;
+        let mut messages = pull(&consumer, workers).await.map_err(|e| BusError::unavailable(context(), e))?;
         let advisories = dlq::MaxDeliveriesListener::new(self.spec, self.publisher.clone());
         let mut advisories = std::pin::pin!(advisories.run(shutdown.clone()));
         let slots = Arc::new(Semaphore::new(workers));
@@ -140,7 +130,15 @@ impl<H: DeferringHandler> StageConsumer<H> {
                     let slot = slot.expect("worker slots are never closed");
                     let next = tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        next = messages.next() => next,
+                        next = tokio::time::timeout(STALL_CHECK, messages.next()) => next,
+                    };
+                    let Ok(next) = next else {
+                        // Nothing for a while: idle, or our pulls are gone (see STALL_CHECK).
+                        if pulls_lost(&mut consumer).await {
+                            warn!(stage, "the server holds no pull of this consumer: pulling afresh");
+                            messages = pull(&consumer, workers).await.map_err(|e| BusError::unavailable(context(), e))?;
+                        }
+                        continue;
                     };
                     let message = match next {
                         Some(Ok(m)) => m,
@@ -171,6 +169,39 @@ impl<H: DeferringHandler> StageConsumer<H> {
         }
         info!(stage, finished_in_flight = drained, "drained");
         Ok(())
+    }
+}
+
+/// How long a consumer waits for a message before asking the server whether it still holds a
+/// pull of this consumer. When a cluster node dies, pull requests registered with the
+/// consumer's leader there die with it; the client's pull stream is meant to notice missed
+/// heartbeats and pull again, but the chaos suite's `cluster` schedule saw a batcher whose
+/// stream did neither after `kill` of the leader's node: no error, no pull waiting at the
+/// server, every prompt held unacked and the whole mesh backed up behind it.
+const STALL_CHECK: Duration = Duration::from_secs(10);
+
+/// A pull stream on `consumer`. A pull of one message only re-pulls once it is fully consumed,
+/// and then at times not until the pull expired (seen: 35 s stalls with one worker): pull at
+/// least two, and let pulls expire soon so any lost one costs seconds, not half a minute.
+async fn pull(
+    consumer: &jetstream::consumer::PullConsumer,
+    workers: usize,
+) -> Result<jetstream::consumer::pull::Stream, jetstream::consumer::StreamError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(workers.max(2))
+        .heartbeat(Duration::from_secs(2))
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+}
+
+/// The server says no pull of this consumer is waiting, while this process believes it has
+/// one out (its stream re-pulls at least every 5 s). An unanswered question counts as no.
+async fn pulls_lost(consumer: &mut jetstream::consumer::PullConsumer) -> bool {
+    match consumer.info().await {
+        Ok(info) => info.num_waiting == 0,
+        Err(_) => false,
     }
 }
 
