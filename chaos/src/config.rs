@@ -12,7 +12,9 @@ use clap::ValueEnum;
     about = "Millrace chaos suite: the mesh under load and faults, then the ledger and duplicate-effect checks"
 )]
 pub struct Config {
-    /// Fault schedule: `short` (CI, a few minutes) or `full` (longer gaps, higher rate, 60 s outage).
+    /// Fault schedule: `short` (CI, a few minutes), `full` (longer gaps, higher rate, 60 s
+    /// outage) or `cluster` (NATS as three Docker containers with R3 streams: `docker kill` of
+    /// the node leading the most streams, then a network partition of one node, then healed).
     #[arg(long, env = "MILLRACE_CHAOS_SCHEDULE", value_enum, default_value_t = Schedule::Short)]
     pub schedule: Schedule,
     /// The model inference serves (prepared under the models folder): `tiny-llama` or `smollm2-135m`.
@@ -54,6 +56,9 @@ pub struct Config {
     /// How long a killed process stays down before its restart, seconds.
     #[arg(long, env = "MILLRACE_CHAOS_DOWN_S")]
     pub down_s: Option<f64>,
+    /// How long the `cluster` schedule keeps one NATS node cut off the network, seconds.
+    #[arg(long, env = "MILLRACE_CHAOS_PARTITION_S", default_value_t = 15.0)]
+    pub partition_s: f64,
     /// How long the sink's database stays locked, seconds (default: the schedule's).
     #[arg(long, env = "MILLRACE_CHAOS_DB_LOCK_S")]
     pub db_lock_s: Option<f64>,
@@ -87,7 +92,8 @@ pub struct Config {
     pub drain_s: f64,
     /// Only these faults, in schedule order (comma-separated: kill-sink, kill-inference,
     /// kill-batcher, kill-session, kill-moderation, kill-preprocess, kill-ingest, kill-nats,
-    /// sigstop-inference, poison, db-lock, outage).
+    /// sigstop-inference, poison, db-lock, outage; in the `cluster` schedule: kill-stream-leader,
+    /// partition).
     #[arg(long, env = "MILLRACE_CHAOS_ONLY", value_delimiter = ',')]
     pub only: Vec<String>,
     /// Folder of the service binaries (default: beside this binary, or target/debug for tests).
@@ -103,6 +109,8 @@ pub struct Config {
 pub enum Schedule {
     Short,
     Full,
+    /// NATS as a three-node cluster of containers; the faults are a node's.
+    Cluster,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -129,6 +137,12 @@ pub enum Fault {
     DbLock { secs: f64 },
     /// A stage stopped (SIGSTOP) for `secs` while load goes on; RSS sampled throughout.
     Outage { target: String, secs: f64 },
+    /// `docker kill` of the NATS container leading the most streams, `docker start` after
+    /// `down_s`; then keys accepted before it are submitted again (`cluster` schedule).
+    KillLeader,
+    /// `docker network disconnect` of one NATS container (the one leading the most streams) for
+    /// `secs`, then `docker network connect` (`cluster` schedule).
+    Partition { secs: f64 },
 }
 
 impl Fault {
@@ -143,6 +157,8 @@ impl Fault {
             Fault::Poison => "poison".into(),
             Fault::DbLock { .. } => "db-lock".into(),
             Fault::Outage { .. } => "outage".into(),
+            Fault::KillLeader => "kill-stream-leader".into(),
+            Fault::Partition { .. } => "partition".into(),
         }
     }
 }
@@ -183,6 +199,7 @@ impl Plan {
         let ack_wait_s = config.ack_wait_s.max(1);
         let outage_stage =
             config.outage_stage.clone().unwrap_or_else(|| (if full { "sink" } else { "preprocess" }).into());
+        let cluster = config.schedule == Schedule::Cluster;
         let mut faults: Vec<Fault> = KILLED.iter().map(|t| Fault::Kill { target: (*t).into() }).collect();
         faults.extend([
             Fault::KillNats,
@@ -191,6 +208,9 @@ impl Plan {
             Fault::DbLock { secs: pick(config.db_lock_s, 6.0, 20.0) },
             Fault::Outage { target: outage_stage, secs: pick(config.outage_s, 10.0, 60.0) },
         ]);
+        if cluster {
+            faults = vec![Fault::KillLeader, Fault::Partition { secs: config.partition_s }];
+        }
         if !config.only.is_empty() {
             let known: Vec<String> = faults.iter().map(Fault::name).collect();
             if let Some(unknown) = config.only.iter().find(|name| !known.contains(name)) {
@@ -213,7 +233,14 @@ impl Plan {
             ack_wait_s,
             stream_max_msgs: config.stream_max_msgs.unwrap_or(if full { 64 } else { 32 }),
             gap_s: pick(config.gap_s, 2.0, 10.0),
-            down_s: pick(config.down_s, 1.0, 3.0),
+            // A cluster node stays down long enough for its streams to elect other leaders.
+            down_s: config.down_s.unwrap_or(if cluster {
+                10.0
+            } else if full {
+                3.0
+            } else {
+                1.0
+            }),
             warmup_s: if full { 10.0 } else { 3.0 },
             tail_s: if full { 10.0 } else { 3.0 },
             resubmit: config.resubmit.unwrap_or(if full { 50 } else { 12 }),
@@ -268,5 +295,14 @@ mod tests {
         assert_eq!(plan.faults, [Fault::KillNats, Fault::Poison]);
         assert_eq!(plan.rate, 10.0);
         assert!(Plan::new(&Config::parse_from(["chaos", "--only=kill-everything"])).is_err());
+    }
+
+    #[test]
+    fn the_cluster_schedule_kills_the_leader_then_partitions_a_node() {
+        let plan = Plan::new(&Config::parse_from(["chaos", "--schedule=cluster"])).unwrap();
+        assert_eq!(plan.faults, [Fault::KillLeader, Fault::Partition { secs: 15.0 }]);
+        assert_eq!(plan.down_s, 10.0);
+        let plan = Plan::new(&Config::parse_from(["chaos", "--schedule=cluster", "--only=partition"])).unwrap();
+        assert_eq!(plan.faults, [Fault::Partition { secs: 15.0 }]);
     }
 }

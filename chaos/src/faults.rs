@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::cluster;
 use crate::config::{Fault, Plan};
 use crate::db::Db;
 use crate::load::{KeyRecord, Load};
@@ -40,6 +41,19 @@ pub struct FaultRecord {
     pub window_failed_attempts: BTreeMap<String, usize>,
     pub notes: Vec<String>,
     pub error: Option<String>,
+    /// When the fault's injection ended (a killed node started again, a partition healed, and
+    /// the cluster's streams current again), for the cluster faults.
+    pub ended_ms: Option<i64>,
+    /// Cluster faults: from the injection until every replicated stream had a leader on a node
+    /// other than the one killed or cut off, seconds.
+    pub leaders_moved_s: Option<f64>,
+    /// Cluster faults: from the node's restart (or the partition's heal) until every replicated
+    /// stream had all its replicas current again, seconds.
+    pub rejoined_s: Option<f64>,
+    /// Cluster faults: the longest stretch in [injected, ended] without an accepted submit, s.
+    pub accept_stall_s: Option<f64>,
+    /// Cluster faults: the longest stretch in [injected, ended] without a COMPLETED row, s.
+    pub completion_stall_s: Option<f64>,
 }
 
 /// An injected undecodable message.
@@ -101,12 +115,14 @@ impl Runner {
             Fault::Poison => self.inject_poison(&mut record).await,
             Fault::DbLock { secs } => self.lock_db(*secs, &mut record).await,
             Fault::Outage { target, secs } => self.outage(target, *secs, &mut record).await,
+            Fault::KillLeader => self.kill_leader(&mut record).await,
+            Fault::Partition { secs } => self.partition(*secs, &mut record).await,
         };
         if let Err(e) = outcome {
             record.error = Some(format!("{e:#}"));
         }
         self.recover(&mut record).await;
-        if matches!(fault, Fault::KillNats) && record.error.is_none() {
+        if matches!(fault, Fault::KillNats | Fault::KillLeader) && record.error.is_none() {
             self.resubmit_after_restart(&mut record).await;
         }
         eprintln!(
@@ -146,15 +162,136 @@ impl Runner {
 
     async fn kill_nats(&mut self, record: &mut FaultRecord) -> anyhow::Result<()> {
         let down = Duration::from_secs_f64(self.plan.down_s);
-        let pid = self.mesh.nats.pid().map_or("?".to_owned(), |p| p.to_string());
+        let nats = self.mesh.nats.process_mut()?;
+        let pid = nats.pid().map_or("?".to_owned(), |p| p.to_string());
         record.detail =
             format!("kill -9 of nats-server (pid {pid}), restarted on the same store and port after {down:?}");
         record.injected_ms = now_unix_ms();
-        self.mesh.nats.kill();
+        nats.kill();
         tokio::time::sleep(down).await;
-        self.mesh.nats.restart().await?;
+        nats.restart().await?;
         record.ready_ms = Some(now_unix_ms());
         Ok(())
+    }
+
+    /// The NATS node leading the most replicated streams now, and the streams it leads.
+    async fn busiest_leader(&self) -> anyhow::Result<(String, Vec<String>)> {
+        let leaders = cluster::stream_leaders(&self.js, &replicated_streams()).await;
+        let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (stream, leader) in leaders {
+            by_node.entry(leader.unwrap_or_else(|| "none".into())).or_default().push(stream);
+        }
+        by_node.remove("none");
+        by_node
+            .into_iter()
+            .max_by_key(|(_, streams)| streams.len())
+            .ok_or_else(|| anyhow::anyhow!("no stream reports a leader"))
+    }
+
+    /// Waits until every replicated stream has a leader other than `node`; seconds since
+    /// `since_ms`, `None` within the recovery timeout.
+    async fn leaders_moved_from(&self, node: &str, since_ms: i64) -> Option<f64> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(self.plan.recovery_timeout_s);
+        let streams = replicated_streams();
+        loop {
+            let leaders = cluster::stream_leaders(&self.js, &streams).await;
+            if leaders.iter().all(|(_, leader)| leader.as_deref().is_some_and(|l| l != node)) {
+                return Some((now_unix_ms() - since_ms) as f64 / 1000.0);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every replicated stream has all its replicas current; seconds since
+    /// `since_ms`, `None` within the recovery timeout.
+    async fn streams_current(&self, since_ms: i64) -> Option<f64> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(self.plan.recovery_timeout_s);
+        let streams = replicated_streams();
+        loop {
+            if cluster::all_current(&self.js, &streams).await {
+                return Some((now_unix_ms() - since_ms) as f64 / 1000.0);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `docker kill` of the node leading the most streams; `ready_ms` is when every stream
+    /// has a leader among the survivors (the mesh can go on); `docker start` after `down_s`,
+    /// then its replicas catch up.
+    async fn kill_leader(&mut self, record: &mut FaultRecord) -> anyhow::Result<()> {
+        let down = Duration::from_secs_f64(self.plan.down_s);
+        let (node, led) = self.busiest_leader().await?;
+        record.detail = format!(
+            "docker kill of NATS node {node}, leader of {} of {} replicated streams ({}), docker start after {down:?}",
+            led.len(),
+            replicated_streams().len(),
+            led.join(", ")
+        );
+        record.injected_ms = now_unix_ms();
+        self.mesh.nats.cluster()?.kill(&node).await?;
+        record.leaders_moved_s = self.leaders_moved_from(&node, record.injected_ms).await;
+        let moved_ms = record.leaders_moved_s.map(|s| record.injected_ms + (s * 1000.0) as i64);
+        record.ready_ms = Some(moved_ms.unwrap_or_else(now_unix_ms));
+        if record.leaders_moved_s.is_none() {
+            record.notes.push(format!("the streams led by {node} found no other leader in time"));
+        }
+        let since_kill = Duration::from_millis((now_unix_ms() - record.injected_ms).max(0) as u64);
+        tokio::time::sleep(down.saturating_sub(since_kill)).await;
+        self.mesh.nats.cluster()?.start_node(&node).await?;
+        let started_ms = now_unix_ms();
+        record.rejoined_s = self.streams_current(started_ms).await;
+        record.notes.push(format!(
+            "{node} started again {:.1} s after the kill; every replica current {} s after that",
+            (started_ms - record.injected_ms) as f64 / 1000.0,
+            record.rejoined_s.map_or("(not in time)".to_owned(), |s| format!("{s:.1}")),
+        ));
+        record.ended_ms = Some(now_unix_ms());
+        Ok(())
+    }
+
+    /// `docker network disconnect` of the node leading the most streams for `secs` (cut off
+    /// from the other nodes and from the services alike), then `docker network connect`.
+    async fn partition(&mut self, secs: f64, record: &mut FaultRecord) -> anyhow::Result<()> {
+        let (node, led) = self.busiest_leader().await?;
+        record.detail = format!(
+            "docker network disconnect of NATS node {node} (leader of {} streams: {}) for {secs} s, then connect",
+            led.len(),
+            led.join(", ")
+        );
+        record.injected_ms = now_unix_ms();
+        self.mesh.nats.cluster()?.disconnect(&node).await?;
+        record.leaders_moved_s = self.leaders_moved_from(&node, record.injected_ms).await;
+        let moved_ms = record.leaders_moved_s.map(|s| record.injected_ms + (s * 1000.0) as i64);
+        record.ready_ms = Some(moved_ms.unwrap_or_else(now_unix_ms));
+        let since = Duration::from_millis((now_unix_ms() - record.injected_ms).max(0) as u64);
+        tokio::time::sleep(Duration::from_secs_f64(secs).saturating_sub(since)).await;
+        self.mesh.nats.cluster()?.connect(&node).await?;
+        let healed_ms = now_unix_ms();
+        record.rejoined_s = self.streams_current(healed_ms).await;
+        record.notes.push(format!(
+            "healed {:.1} s after the cut; every replica current {} s after that",
+            (healed_ms - record.injected_ms) as f64 / 1000.0,
+            record.rejoined_s.map_or("(not in time)".to_owned(), |s| format!("{s:.1}")),
+        ));
+        record.ended_ms = Some(now_unix_ms());
+        Ok(())
+    }
+
+    /// The cluster faults' stalls, from the final records and rows: the longest stretch in
+    /// [injected, ended] without an accepted submit, and without a COMPLETED row.
+    pub fn stall_figures(records: &[KeyRecord], completed_ms: &[i64], fault: &mut FaultRecord) {
+        let Some(end) = fault.ended_ms else { return };
+        let start = fault.injected_ms;
+        let accepted: Vec<i64> =
+            records.iter().flat_map(|r| &r.answers).filter(|a| a.accepted()).map(|a| a.at_ms).collect();
+        fault.accept_stall_s = Some(longest_gap(start, end, &accepted));
+        fault.completion_stall_s = Some(longest_gap(start, end, completed_ms));
     }
 
     /// Keys accepted before the broker restart, submitted again: each must be answered 200
@@ -410,5 +547,39 @@ impl Runner {
                 .or_default() += 1;
         }
         answers
+    }
+}
+
+/// Every stream the mesh replicates: the edges, the ledger's buckets and session's bucket.
+pub fn replicated_streams() -> Vec<String> {
+    let mut streams: Vec<String> = Edge::ALL.iter().map(|e| e.stream.to_owned()).collect();
+    for bucket in [millrace_bus::ledger::IDEMPOTENCY_BUCKET, millrace_bus::ledger::OUTCOMES_BUCKET, "MR_SESSIONS"] {
+        streams.push(format!("KV_{bucket}"));
+    }
+    streams
+}
+
+/// The longest stretch of [start, end] holding none of `times`, seconds.
+pub fn longest_gap(start: i64, end: i64, times: &[i64]) -> f64 {
+    let mut inside: Vec<i64> = times.iter().copied().filter(|&t| t >= start && t <= end).collect();
+    inside.sort_unstable();
+    let mut previous = start;
+    let mut longest = 0;
+    for t in inside.into_iter().chain([end]) {
+        longest = longest.max(t - previous);
+        previous = t;
+    }
+    longest as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_gap_counts_the_window_edges() {
+        assert_eq!(longest_gap(0, 10_000, &[]), 10.0);
+        assert_eq!(longest_gap(1_000, 10_000, &[500, 2_000, 3_000, 9_000, 11_000]), 6.0);
+        assert_eq!(longest_gap(0, 1_000, &[0, 500, 1_000]), 0.5);
     }
 }

@@ -17,6 +17,7 @@ use millrace_proto::now_unix_ms;
 
 pub mod audit;
 pub mod checks;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod faults;
@@ -32,10 +33,17 @@ use report::{Counters, Report, Totals};
 /// The service binaries the suite starts.
 pub const SERVICES: [&str; 7] = ["ingest", "preprocess", "moderation", "session", "batcher", "inference", "sink"];
 
-/// Checks that everything real the run needs is there: nats-server, the seven service
-/// binaries, the prepared model. `Err` says what is missing (the test skips or fails on it).
+/// Checks that everything real the run needs is there: nats-server (for the `cluster`
+/// schedule a Docker engine and the NATS image instead), the seven service binaries, the
+/// prepared model. `Err` says what is missing (the test skips or fails on it).
 pub fn preflight(config: &Config) -> Result<Paths, String> {
-    millrace_testkit::nats_server_binary().map_err(|e| format!("{e:#}"))?;
+    let nats_image = if config.schedule == config::Schedule::Cluster {
+        cluster::docker_available()?;
+        Some(cluster::nats_image()?)
+    } else {
+        millrace_testkit::nats_server_binary().map_err(|e| format!("{e:#}"))?;
+        None
+    };
     for name in SERVICES {
         match &config.bin_dir {
             Some(dir) if !dir.join(name).exists() => {
@@ -55,7 +63,7 @@ pub fn preflight(config: &Config) -> Result<Paths, String> {
             models_dir.display()
         ));
     }
-    Ok(Paths { bin_dir: config.bin_dir.clone(), models_dir })
+    Ok(Paths { bin_dir: config.bin_dir.clone(), models_dir, nats_image })
 }
 
 /// Runs the schedule and writes the report; `Err` only when the run could not be carried out
@@ -68,6 +76,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         match plan.schedule {
             config::Schedule::Short => "short",
             config::Schedule::Full => "full",
+            config::Schedule::Cluster => "cluster",
         },
         now_unix_ms()
     );
@@ -78,12 +87,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     eprintln!("[chaos] run {run_id} in {} (seed {})", run_dir.display(), plan.seed);
     let started_ms = now_unix_ms();
-    let mesh = ChaosMesh::start(&plan, &paths, &run_dir).await?;
+    let mesh = ChaosMesh::start(&plan, &paths, &run_id, &run_dir).await?;
     eprintln!("[chaos] mesh ready in {:.1} s", (now_unix_ms() - started_ms) as f64 / 1000.0);
-    let client = async_nats::ConnectOptions::new()
-        .name("chaos")
-        .connection_timeout(Duration::from_secs(5))
-        .connect(mesh.nats.url())
+    let client = millrace_bus::connect(&mesh.nats.url(), "chaos", Duration::from_secs(5))
         .await
         .context("connecting to nats-server")?;
     let js = async_nats::jetstream::new(client);
@@ -146,6 +152,10 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     // The checks.
     let readiness = mesh.readiness().await;
     let rows = db.results().await?;
+    let completed_ms: Vec<i64> = rows.values().filter(|r| r.status == "COMPLETED").map(|r| r.stored_unix_ms).collect();
+    for fault in &mut faults {
+        Runner::stall_figures(&records, &completed_ms, fault);
+    }
     let dead_letters = db.dead_letters().await?;
     let counts = audit.count(&js, Duration::from_secs(15)).await?;
     let conversations = checks::conversations(&js).await?;
@@ -164,11 +174,11 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         checks::conversations_agree(&conversations, &rows),
         checks::one_id_per_key(&records, &resubmits),
     ];
-    if plan.faults.contains(&config::Fault::KillNats) {
+    if plan.faults.iter().any(|f| matches!(f, config::Fault::KillNats | config::Fault::KillLeader)) {
         checks.push(checks::resubmits_held(&resubmits, Some(&queries)));
     }
     checks.push(checks::all_ready(&readiness));
-    checks.push(checks::no_panics(&mesh.logs()));
+    checks.push(checks::no_panics(&mesh.logs().await));
     checks.push(checks::dead_letters(&dead_letters, &poison));
 
     let counters = Counters::collect(&mesh, &killed_metrics).await;

@@ -1,6 +1,8 @@
 //! The mesh as the suite runs it: nats-server on a store in the run folder (file storage, so a
-//! broker restart keeps the streams), the seven services as processes with every log kept in
-//! the run folder across restarts, two inference replicas, a SQLite sink in the run folder.
+//! broker restart keeps the streams), or for the `cluster` schedule three nats-server
+//! containers with R3 streams ([`crate::cluster`]); the seven services as processes with every
+//! log kept in the run folder across restarts, two inference replicas, a SQLite sink in the run
+//! folder.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use millrace_testkit::{NatsOptions, NatsServer, ServiceOptions, ServiceProcess};
 
-use crate::config::Plan;
+use crate::cluster::DockerCluster;
+use crate::config::{Plan, Schedule};
 
 /// How long a service may take to become ready (a debug build loading its models).
 pub const READY: Duration = Duration::from_secs(120);
@@ -22,34 +25,78 @@ pub struct Service {
 /// NATS and the services; services are declared first so they stop before NATS.
 pub struct ChaosMesh {
     pub services: Vec<Service>,
-    pub nats: NatsServer,
+    pub nats: Broker,
     pub run_dir: PathBuf,
 }
 
-/// Where things are: binaries and models.
+/// The mesh's NATS: one server process, or three containers.
+pub enum Broker {
+    Process(NatsServer),
+    Cluster(DockerCluster),
+}
+
+impl Broker {
+    /// What the services' `--nats-url` is: one URL, or the three nodes' comma-separated.
+    pub fn url(&self) -> String {
+        match self {
+            Broker::Process(nats) => nats.url(),
+            Broker::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// The server process (the single-server schedules).
+    pub fn process_mut(&mut self) -> anyhow::Result<&mut NatsServer> {
+        match self {
+            Broker::Process(nats) => Ok(nats),
+            Broker::Cluster(_) => anyhow::bail!("NATS runs as a cluster of containers in this schedule"),
+        }
+    }
+
+    /// The containers (the `cluster` schedule).
+    pub fn cluster(&self) -> anyhow::Result<&DockerCluster> {
+        match self {
+            Broker::Cluster(cluster) => Ok(cluster),
+            Broker::Process(_) => anyhow::bail!("NATS is a single server in this schedule"),
+        }
+    }
+}
+
+/// Where things are: binaries, models, and for the `cluster` schedule the NATS image.
 #[derive(Debug, Clone)]
 pub struct Paths {
     pub bin_dir: Option<PathBuf>,
     pub models_dir: PathBuf,
+    pub nats_image: Option<String>,
 }
 
 impl ChaosMesh {
     /// Starts NATS, then every service but ingest side by side, then ingest (told where the
     /// sink, moderation and inference listen).
-    pub async fn start(plan: &Plan, paths: &Paths, run_dir: &Path) -> anyhow::Result<ChaosMesh> {
+    pub async fn start(plan: &Plan, paths: &Paths, run_id: &str, run_dir: &Path) -> anyhow::Result<ChaosMesh> {
         let logs = run_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
-        let nats = NatsServer::start_with(NatsOptions {
-            store_dir: Some(run_dir.join("nats-store")),
-            run_dir: Some(logs.clone()),
-            ..Default::default()
-        })
-        .await
-        .context("starting nats-server")?;
-        // Every service shares the bus flags: file streams, the short ack wait, small streams.
+        let (nats, replicas) = if plan.schedule == Schedule::Cluster {
+            let image = paths.nats_image.as_deref().context("the cluster schedule needs a NATS image")?;
+            let cluster = DockerCluster::start(&format!("millrace-chaos-{run_id}"), image)
+                .await
+                .context("starting the NATS containers")?;
+            (Broker::Cluster(cluster), 3)
+        } else {
+            let nats = NatsServer::start_with(NatsOptions {
+                store_dir: Some(run_dir.join("nats-store")),
+                run_dir: Some(logs.clone()),
+                ..Default::default()
+            })
+            .await
+            .context("starting nats-server")?;
+            (Broker::Process(nats), 1)
+        };
+        // Every service shares the bus flags: file streams (replicated on the cluster), the
+        // short ack wait, small streams.
         let bus = vec![
             format!("--nats-url={}", nats.url()),
             "--stream-storage=file".to_owned(),
+            format!("--stream-replicas={replicas}"),
             format!("--ack-wait-s={}", plan.ack_wait_s),
             format!("--stream-max-msgs={}", plan.stream_max_msgs),
         ];
@@ -144,17 +191,28 @@ impl ChaosMesh {
     pub fn pids(&self) -> Vec<(String, u32)> {
         let mut pids: Vec<(String, u32)> =
             self.services.iter().filter_map(|s| Some((s.label.clone(), s.process.pid()?))).collect();
-        if let Some(pid) = self.nats.pid() {
+        if let Broker::Process(nats) = &self.nats
+            && let Some(pid) = nats.pid()
+        {
             pids.push(("nats-server".into(), pid));
         }
         pids
     }
 
-    /// Every log: each service's (all its starts) and the server's.
-    pub fn logs(&self) -> Vec<(String, String)> {
+    /// Every log: each service's (all its starts) and the server's, or each container's (also
+    /// written to the run folder's `logs/`).
+    pub async fn logs(&self) -> Vec<(String, String)> {
         let mut logs: Vec<(String, String)> =
             self.services.iter().map(|s| (s.label.clone(), s.process.logs())).collect();
-        logs.push(("nats-server".into(), self.nats.log()));
+        match &self.nats {
+            Broker::Process(nats) => logs.push(("nats-server".into(), nats.log())),
+            Broker::Cluster(cluster) => {
+                for (label, text) in cluster.logs().await {
+                    let _ = std::fs::write(self.run_dir.join("logs").join(format!("{label}.log")), &text);
+                    logs.push((label, text));
+                }
+            }
+        }
         logs
     }
 }

@@ -125,6 +125,24 @@ impl Report {
             md,
             "\nRecovery: from the restarted process being ready (or the fault's end) to the first COMPLETED row of a request sent after it; target {target} s."
         );
+        let cluster: Vec<&FaultRecord> = self.faults.iter().filter(|f| f.ended_ms.is_some()).collect();
+        if !cluster.is_empty() {
+            md.push_str("\n| NATS fault | leaders moved (s) | node back → replicas current (s) | longest stretch without an accepted submit (s) | … without a COMPLETED row (s) |\n");
+            md.push_str("|---|---:|---:|---:|---:|\n");
+            let secs = |v: Option<f64>| v.map_or("—".to_owned(), |s| format!("{s:.1}"));
+            for f in cluster {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    f.name,
+                    secs(f.leaders_moved_s),
+                    secs(f.rejoined_s),
+                    secs(f.accept_stall_s),
+                    secs(f.completion_stall_s)
+                );
+            }
+            md.push_str("\nFor the NATS faults \"ready again\" is when every replicated stream had a leader on another node; the stalls are measured from the injection to the end of the fault (the node started again or the partition healed, and every replica current).\n");
+        }
         md
     }
 
