@@ -185,7 +185,7 @@ async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::
             // such as more replicas than it has nodes): that is the reason. Otherwise NATS has
             // not answered (not ready yet, a cluster electing its leader): try again.
             Err(e) => match created {
-                Err(refused) if refused.kind() == CreateKeyValueErrorKind::BucketCreate => {
+                Err(refused) if server_refused(&refused) => {
                     return Err(BusError::provision(what(), refused));
                 }
                 Err(unanswered) => BusError::provision(what(), unanswered),
@@ -198,4 +198,13 @@ async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::
         warn!(bucket = name, error = %unanswered, attempt, "opening the bucket: no answer yet, trying again");
         tokio::time::sleep(Duration::from_millis(100 * attempt.min(5))).await;
     }
+}
+
+/// The server answered the bucket's creation with an error (a config it cannot hold): asking
+/// again would not help. A timeout, or JetStream not ready yet, is worth another try.
+fn server_refused(e: &jetstream::context::CreateKeyValueError) -> bool {
+    e.kind() == CreateKeyValueErrorKind::BucketCreate
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::context::CreateStreamError>())
+            .is_some_and(|s| matches!(s.kind(), CreateStreamErrorKind::JetStream(_)))
 }
