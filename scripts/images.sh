@@ -15,6 +15,8 @@
 # prints swap only the image names (docs/deploy.md, "CI").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Set below to the images this call built or found; never taken from the caller's environment.
+unset NATS_IMAGE POSTGRES_IMAGE PROMETHEUS_IMAGE MILLRACE_IMAGE
 root=$PWD
 
 say() { echo "[images] $*" >&2; }
@@ -172,8 +174,12 @@ done
 
 if $print_env; then
     echo "export MILLRACE_BASE_IMAGE=$BASE"
-    [[ -n ${NATS_IMAGE:-} ]] && echo "export MILLRACE_NATS_IMAGE=$NATS_IMAGE"
-    [[ -n ${POSTGRES_IMAGE:-} ]] && echo "export MILLRACE_POSTGRES_IMAGE=$POSTGRES_IMAGE"
-    [[ -n ${PROMETHEUS_IMAGE:-} ]] && echo "export MILLRACE_PROMETHEUS_IMAGE=$PROMETHEUS_IMAGE"
-    [[ -n ${MILLRACE_IMAGE:-} ]] && echo "export MILLRACE_IMAGE=$MILLRACE_IMAGE"
+    for var in NATS_IMAGE POSTGRES_IMAGE PROMETHEUS_IMAGE MILLRACE_IMAGE; do
+        # Only the images built by this call; MILLRACE_IMAGE keeps its name, the rest get the prefix.
+        if [[ -n ${!var:-} ]]; then
+            name=$var
+            [[ $var == MILLRACE_IMAGE ]] || name=MILLRACE_$var
+            echo "export $name=${!var}"
+        fi
+    done
 fi
