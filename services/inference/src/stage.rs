@@ -81,13 +81,12 @@ impl BatchStage {
     /// Why a member needs no generation: its completion is already published (a batch
     /// redelivered after its first owner died or stalled past the ack wait) or its request has
     /// already ended (cancelled, expired, or a copy run again after a broker restart).
+    /// A decided outcome is published again (`Publisher::republish_outcome`): its decider may
+    /// have lost its publish.
     async fn done_before(&self, request_id: &str) -> Result<Option<&'static str>, StageError> {
-        let ledger = self.publisher.ledger();
-        let (published, decided) =
-            tokio::try_join!(ledger.completion_published(request_id), ledger.outcome(request_id))?;
-        Ok(if published {
+        Ok(if self.publisher.ledger().completion_published(request_id).await? {
             Some("completion_published")
-        } else if decided.is_some() {
+        } else if self.publisher.republish_outcome(request_id).await? {
             Some("outcome_decided")
         } else {
             None

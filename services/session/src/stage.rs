@@ -92,8 +92,8 @@ impl<B: KvBackend> Handler for AdmittedStage<B> {
             let loaded = self.core.store.load(&id).await.map_err(store_error)?;
             passed_before = loaded.conversation.is_some_and(|c| c.knows(request_id));
         }
-        if !passed_before && self.publisher.ledger().outcome(request_id).await?.is_some() {
-            debug!(request_id, "the query's request has already ended");
+        if !passed_before && self.publisher.republish_outcome(request_id).await? {
+            debug!(request_id, "the query's request has already ended: its outcome is published again");
             return Ok(());
         }
         if !passed_before && let Decision::Limited { retry_after } = self.core.limiter.check(&ctx.tenant, &ctx.user) {

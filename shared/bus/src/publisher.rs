@@ -136,6 +136,23 @@ impl Publisher {
         self.send(out).await?.await
     }
 
+    /// Publishes the request's decided outcome again, if one is decided, and says whether one
+    /// is. The ledger decides before RESULTS is written, so a stage that decided and then lost
+    /// its publish (a stream leader killed before the PubAck) leaves a decision no reader has
+    /// seen; a stage meeting a decided request on redelivery must therefore publish it, not just
+    /// skip it. The outcome's dedup id drops the copy when RESULTS holds it already.
+    pub async fn republish_outcome(&self, request_id: &str) -> Result<bool, BusError> {
+        let Some(payload) = self.ledger.outcome(request_id).await? else {
+            return Ok(false);
+        };
+        let decided = TerminalResult::decode(payload.as_ref()).map_err(|e| BusError::Other {
+            context: format!("the decided outcome of {request_id} is unreadable"),
+            source: Some(e.into()),
+        })?;
+        self.publish(Outbound::terminal(&decided)).await?;
+        Ok(true)
+    }
+
     /// Sends every message, then awaits all PubAcks together.
     pub async fn publish_all(&self, outs: impl IntoIterator<Item = Outbound>) -> Result<Vec<Published>, BusError> {
         let mut pending = Vec::new();

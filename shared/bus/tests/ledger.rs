@@ -82,3 +82,35 @@ async fn a_window_shorter_than_the_retry_horizon_is_refused_at_start_up() {
     let refused = millrace_bus::connect_mesh(&settings, "test").await.err().expect("refused");
     assert!(refused.to_string().contains("retry horizon"), "{refused}");
 }
+
+#[tokio::test]
+async fn a_decided_outcome_whose_publish_was_lost_is_published_by_whoever_meets_it_again() {
+    let nats = NatsServer::start().await.unwrap();
+    let publisher = publisher_with(&nats, BusSettings::default()).await;
+    let js = publisher.jetstream().clone();
+
+    // A stage decided r3's outcome, then lost its publish (the results leader died before the
+    // PubAck): the ledger holds it, RESULTS does not.
+    let lost = terminal_result(
+        "session",
+        Some(RequestContext { request_id: "r3".into(), ..Default::default() }),
+        None,
+        TerminalStatus::RateLimited,
+        "rate_limited",
+        "over the limit",
+    );
+    publisher.ledger().decide("r3", millrace_proto::Message::encode_to_vec(&lost).into()).await.unwrap();
+    assert!(result(&js, "r3").await.is_none(), "decided, not published");
+
+    assert!(publisher.republish_outcome("r3").await.unwrap(), "r3's outcome is decided");
+    let (msg_id, stored) = result(&js, "r3").await.expect("the decided outcome is in RESULTS now");
+    assert_eq!(
+        (msg_id.as_str(), stored.status(), stored.stage.as_str()),
+        ("r3/outcome", TerminalStatus::RateLimited, "session")
+    );
+
+    assert!(publisher.republish_outcome("r3").await.unwrap());
+    assert_eq!(stream_len(&js, Edge::RESULTS).await, 1, "a second copy is dropped by its dedup id");
+    assert!(!publisher.republish_outcome("r4").await.unwrap(), "nothing decided for r4: nothing published");
+    assert_eq!(stream_len(&js, Edge::RESULTS).await, 1);
+}
