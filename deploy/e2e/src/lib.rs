@@ -3,7 +3,6 @@
 //! its host ports moved to free ones through its `MILLRACE_*_PORT` variables. [`Stack`] drives
 //! the Compose tool this machine has (v2's `docker compose`, else Debian's `docker-compose`
 //! 1.29) and is torn down (`down -v`) when dropped; `tests/compose.rs` is the scenario.
-use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -166,10 +165,6 @@ impl Stack {
         }
     }
 
-    pub fn project(&self) -> &str {
-        &self.project
-    }
-
     fn command(&self, args: &[&str]) -> Command {
         let mut command = match self.tool {
             Tool::V2 => {
@@ -218,18 +213,6 @@ impl Stack {
     /// Brings `service` back after it was stopped or killed (`up -d` of that one service).
     pub async fn up_service(&self, service: &str) -> anyhow::Result<()> {
         self.compose(&["up", "-d", "--no-build", "--no-deps", service]).await.map(drop)
-    }
-
-    /// Each service's container id.
-    pub async fn containers(&self) -> anyhow::Result<BTreeMap<String, String>> {
-        let mut ids = BTreeMap::new();
-        for service in all_services() {
-            let id = self.compose(&["ps", "-q", service]).await?.trim().to_owned();
-            if !id.is_empty() {
-                ids.insert(service.to_owned(), id);
-            }
-        }
-        Ok(ids)
     }
 
     /// The health of `service`'s container (`healthy`, `starting`, `unhealthy`, or the state
